@@ -31,8 +31,13 @@ if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; 
   echo "setting up $venv with $py" >&2
   rm -rf "$venv"
   "$py" -m venv "$venv"
-  "$venv/bin/python" -m pip install -q --upgrade pip >&2
-  "$venv/bin/python" -m pip install -q -e "$root[test]" >&2
+  log="$venv/install.log"
+  if ! { "$venv/bin/python" -m pip install -q --upgrade pip &&
+         "$venv/bin/python" -m pip install -q -e "$root[test]"; } >"$log" 2>&1; then
+    cat "$log" >&2
+    echo "error: installing the package failed (log above)" >&2
+    exit 1
+  fi
   echo "$want" > "$stamp"
 fi
 cd "$root"

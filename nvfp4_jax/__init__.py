@@ -1,7 +1,13 @@
 """nvfp4-jax: NVIDIA's NVFP4 format (E2M1 codes, per-16 E4M3 block scales, a float32
 tensor scale) for JAX, with Pallas Mosaic GPU kernels for Hopper."""
 
-from nvfp4_jax.api import dequantize, quant_dequant, quantize
+from nvfp4_jax.api import (
+    dequantize,
+    dequantize_to_dtype,
+    quant_dequant,
+    quantize,
+    scaled_fp4_quant,
+)
 from nvfp4_jax.array import NVFP4Array
 from nvfp4_jax.formats import (
     BLOCK_SIZE,
@@ -32,6 +38,7 @@ __all__ = [
     "BLOCK_SIZE",
     "NVFP4Array",
     "dequantize",
+    "dequantize_to_dtype",
     "e2m1_to_float",
     "float_to_e2m1",
     "global_scale_from_tensor_scale",
@@ -44,6 +51,7 @@ __all__ = [
     "pad_weight_for_cutlass",
     "quant_dequant",
     "quantize",
+    "scaled_fp4_quant",
     "slice_output",
     "swizzle_scales",
     "tensor_scale_from_global_scale",

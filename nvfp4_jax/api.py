@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -10,6 +11,8 @@ import jax.numpy as jnp
 from nvfp4_jax import _checks, backends, reference
 from nvfp4_jax.array import NVFP4Array
 from nvfp4_jax.backends import Backend
+from nvfp4_jax.formats import E2M1_E4M3_MAX
+from nvfp4_jax.layouts import swizzled_shape
 
 backends.register("quantize", Backend.XLA)(reference.quantize)
 backends.register("dequantize", Backend.XLA)(reference.dequantize)
@@ -97,9 +100,92 @@ def quant_dequant(
 
     Bit-identical to ``dequantize(quantize(x, ...), x.dtype)``; see
     ``reference.quant_dequant`` for how it relates to vLLM's ``ref_nvfp4_quant_dequant``.
-    Arguments as in :func:`quantize`.
+    Differentiable with a straight-through gradient: the cotangent passes unchanged where
+    ``|x| <= 6·448·tensor_scale`` (the representable range) and is zero where the value
+    saturates. Arguments as in :func:`quantize`.
     """
     xs, ax = _prepare(x, axis, "quant_dequant")
     gs, ts = _scales(xs, tensor_scale, global_scale)
+    return jnp.moveaxis(_fake_quant(xs, gs, ts, backend), -1, ax)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _fake_quant(xs: jax.Array, gs: jax.Array, ts: jax.Array, backend: str | None) -> jax.Array:
     _, impl = backends.implementation("quant_dequant", backend)
-    return jnp.moveaxis(impl(xs, gs, ts), -1, ax)
+    return impl(xs, gs, ts)
+
+
+def _fake_quant_fwd(xs, gs, ts, backend):
+    return _fake_quant(xs, gs, ts, backend), (xs, gs, ts)
+
+
+def _fake_quant_bwd(backend, residuals, g):
+    xs, gs, ts = residuals
+    limit = reference.batch_broadcast(ts * jnp.float32(E2M1_E4M3_MAX), xs.ndim)
+    inside = jnp.abs(xs.astype(jnp.float32)) <= limit
+    return jnp.where(inside, g, jnp.zeros_like(g)), jnp.zeros_like(gs), jnp.zeros_like(ts)
+
+
+_fake_quant.defvjp(_fake_quant_fwd, _fake_quant_bwd)
+
+
+def scaled_fp4_quant(
+    x: jax.Array,
+    global_scale: jax.Array | float,
+    *,
+    swizzled: bool = True,
+    backend: str | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """vLLM's ``scaled_fp4_quant``: quantize the last axis of ``x [..., K]`` with a
+    quantize-direction ``global_scale`` (``448·6/amax``) and return raw tensors.
+
+    Returns ``(data uint8 [M, K/2], scales float8_e4m3fn)`` with ``M = prod(x.shape[:-1])``;
+    the scales are ``[M, K/16]``, or with ``swizzled=True`` (vLLM's
+    ``is_sf_swizzled_layout``) the zero-padded 128x4 layout ``[round_up(M, 128),
+    round_up(K/16, 4)]``.
+    """
+    x = _checks.quantizable(x, "x")
+    if x.ndim == 0:
+        raise ValueError("x must have at least one dimension")
+    _checks.block_multiple(x.shape[-1], f"scaled_fp4_quant(x of shape {x.shape})", "last axis")
+    gs = _checks.positive_finite_scale(global_scale, "global_scale", ())
+    x2 = x.reshape(-1, x.shape[-1])
+    _, impl = backends.implementation("quantize", backend)
+    return impl(x2, gs, swizzled=bool(swizzled))
+
+
+def dequantize_to_dtype(
+    data: jax.Array,
+    scales: jax.Array,
+    tensor_scale: jax.Array | float,
+    dtype: Any = jnp.bfloat16,
+    *,
+    swizzled: bool = False,
+    backend: str | None = None,
+) -> jax.Array:
+    """Dequantize raw tensors (vLLM's ``dequantize_to_dtype``, post-2026 convention).
+
+    Args:
+      data: ``uint8 [M, K/2]`` or ``[B, M, K/2]``.
+      scales: ``float8_e4m3fn`` ``[.., M, K/16]``, or with ``swizzled=True`` the padded 128x4
+        layout ``[.., round_up(M, 128), round_up(K/16, 4)]``.
+      tensor_scale: the dequantize-direction multiplier (``1/global_scale``): a scalar, or
+        ``[B]`` for 3-D data (one per batch entry, vLLM's ``has_batch_global_scale``).
+      dtype: bf16, fp16 or fp32 output.
+    """
+    data = _checks.dtype_is(data, "data", jnp.uint8)
+    if data.ndim not in (2, 3):
+        raise ValueError(f"data must be 2-D [M, K/2] or 3-D [B, M, K/2], got shape {data.shape}")
+    scales = _checks.as_array(scales, "scales")
+    if scales.dtype != jnp.dtype(jnp.float8_e4m3fn):
+        raise TypeError(f"scales must have dtype float8_e4m3fn, got {scales.dtype}")
+    plain = data.shape[:-1] + (2 * data.shape[-1] // 16,)
+    _checks.block_multiple(2 * data.shape[-1], "data", "unpacked last axis (2 * data.shape[-1])")
+    want = swizzled_shape(plain) if swizzled else plain
+    if scales.shape != want:
+        layout = "swizzled 128x4" if swizzled else "plain"
+        raise ValueError(f"{layout} scales for data {data.shape} must have shape {want}, got {scales.shape}")
+    ts = _checks.positive_finite_scale(tensor_scale, "tensor_scale", data.shape[:-2])
+    dtype = _checks.output_dtype(dtype)
+    _, impl = backends.implementation("dequantize", backend)
+    return impl(data, scales, ts, dtype, swizzled=bool(swizzled))

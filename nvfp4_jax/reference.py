@@ -22,6 +22,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from nvfp4_jax.layouts import swizzle_scales, unswizzle_scales
 from nvfp4_jax.formats import (
     BLOCK_SIZE,
     E2M1_E4M3_MAX,
@@ -69,7 +70,9 @@ def _blocks_to_codes(x: jax.Array, gs: jax.Array) -> tuple[jax.Array, jax.Array]
     return codes, scale
 
 
-def quantize(x: jax.Array, global_scale: jax.Array) -> tuple[jax.Array, jax.Array]:
+def quantize(
+    x: jax.Array, global_scale: jax.Array, *, swizzled: bool = False
+) -> tuple[jax.Array, jax.Array]:
     """Quantize ``x [..., K]`` (bf16/fp16/fp32) with a quantize-direction global scale.
 
     Args:
@@ -77,24 +80,35 @@ def quantize(x: jax.Array, global_scale: jax.Array) -> tuple[jax.Array, jax.Arra
       global_scale: float32 scalar, or one value per leading batch entry (a prefix of
         ``x.shape[:-1]``): the multiplier ``448*6/amax`` (vLLM's convention).
 
+      swizzled: return the scales in the padded 128x4 layout (``layouts.swizzle_scales``);
+        ``x`` must then be 2-D or 3-D.
+
     Returns:
       ``(data uint8 [..., K/2], scales float8_e4m3fn [..., K/16])``.
     """
     codes, scales = _blocks_to_codes(x, global_scale)
-    return pack_codes(codes), scales
+    return pack_codes(codes), swizzle_scales(scales) if swizzled else scales
 
 
 def dequantize(
-    data: jax.Array, scales: jax.Array, tensor_scale: jax.Array, dtype: jnp.dtype
+    data: jax.Array,
+    scales: jax.Array,
+    tensor_scale: jax.Array,
+    dtype: jnp.dtype,
+    *,
+    swizzled: bool = False,
 ) -> jax.Array:
     """``data uint8 [..., K/2]``, ``scales e4m3 [..., K/16]`` -> ``dtype [..., K]``.
 
+    With ``swizzled=True`` the scales are in the padded 128x4 layout (2-D or 3-D data).
     ``out = e2m1 * (f32(scale) * tensor_scale)`` in float32, then one cast to ``dtype``
     (vLLM's ``dequantize_to_dtype`` order). ``tensor_scale`` is a scalar or one value per
     leading batch entry.
     """
     values = decode_e2m1(unpack_codes(data))
     *lead, k = values.shape
+    if swizzled:
+        scales = unswizzle_scales(scales, (*lead, k // BLOCK_SIZE))
     ts = batch_broadcast(tensor_scale.astype(jnp.float32), len(lead) + 1)
     block_scale = scales.astype(jnp.float32) * ts
     out = values.reshape(*lead, k // BLOCK_SIZE, BLOCK_SIZE) * block_scale[..., None]

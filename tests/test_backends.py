@@ -1,0 +1,58 @@
+"""The dispatch point: selection order, errors, and a record of what ran."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import nvfp4_jax as nv
+from nvfp4_jax import backends
+
+
+def test_default_on_cpu_is_xla_and_recorded(monkeypatch):
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    if backends.device_info().platform == "gpu":
+        pytest.skip("CPU-only expectation")
+    with backends.record() as log:
+        nv.quantize(jnp.ones((2, 16)))
+    assert log == [backends.Dispatch("quantize", "xla", "")]
+
+
+def test_argument_beats_environment(monkeypatch):
+    monkeypatch.setenv(backends.ENV_VAR, "no-such-backend")
+    with backends.record() as log:
+        nv.dequantize(nv.quantize(jnp.ones((2, 16)), backend="xla"), backend="xla")
+    assert [d.backend for d in log] == ["xla", "xla"]
+    with pytest.raises(ValueError, match=r"unknown NVFP4 backend 'no-such-backend' \(from \$NVFP4_JAX_BACKEND\)"):
+        nv.quantize(jnp.ones((2, 16)))
+
+
+def test_environment_selects(monkeypatch):
+    monkeypatch.setenv(backends.ENV_VAR, "XLA")
+    with backends.record() as log:
+        nv.quant_dequant(jnp.ones((2, 16)))
+    assert log[0].backend == "xla"
+
+
+def test_unknown_backend_lists_available():
+    with pytest.raises(ValueError, match=r"unknown NVFP4 backend 'cuda'.*available for 'quantize': \['xla'"):
+        nv.quantize(jnp.ones((2, 16)), backend="cuda")
+
+
+def test_pallas_unavailable_on_old_gpu_is_an_error():
+    old = backends.DeviceInfo("gpu", "NVIDIA A100", (8, 0), 108)
+    reason = backends.unavailable_reason("quantize", backends.Backend.PALLAS, old)
+    assert reason is None or "compute capability >= 9.0" in reason
+    if ("quantize", backends.Backend.PALLAS) in backends._IMPLS:
+        assert "compute capability >= 9.0" in reason
+
+
+def test_device_info_honours_abstract_mesh():
+    from jax.sharding import AbstractDevice, AbstractMesh
+
+    mesh = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(
+        device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="cuda"))
+    with jax.sharding.use_abstract_mesh(mesh):
+        info = backends.device_info()
+    assert info == backends.DeviceInfo("gpu", "NVIDIA H100 80GB HBM3", (9, 0), 132)
+    assert info.is_hopper_or_newer
+    assert backends.device_info().platform == jax.devices()[0].platform
