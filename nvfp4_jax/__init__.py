@@ -9,6 +9,7 @@ from nvfp4_jax.api import (
     scaled_fp4_quant,
 )
 from nvfp4_jax.array import NVFP4Array
+from nvfp4_jax.matmul import linear, matmul
 from nvfp4_jax.formats import (
     BLOCK_SIZE,
     e2m1_to_float,
@@ -42,10 +43,12 @@ __all__ = [
     "e2m1_to_float",
     "float_to_e2m1",
     "global_scale_from_tensor_scale",
+    "linear",
     "marlin_compute_scale_factor",
     "marlin_decode_scales",
     "marlin_process_global_scale",
     "marlin_process_scales",
+    "matmul",
     "pack_fp4",
     "pad_activation_for_cutlass",
     "pad_weight_for_cutlass",

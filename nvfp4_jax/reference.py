@@ -12,6 +12,12 @@ this exact order (``gs`` is the quantize-direction global scale, ``448*6/amax`` 
     inv    = 1 / (f32(s) * (1/gs))          (0 where the denominator is 0)
     q      = e2m1_rne(clip(x * inv, -6, 6))
 
+Bit-exactness holds where float32 division is IEEE: XLA:CPU, the Pallas kernels. XLA:GPU
+lowers f32 division to ``div.full`` (up to 2 ulp), so this reference compiled for a GPU can
+move a code that sits on a rounding tie (~0.2% of codes, the same class of difference as
+vLLM's own CUDA quantizer with ``rcp.approx``); tests compare GPU results with the numpy
+oracle instead.
+
 Non-finite input: a scale block holding NaN or +-inf gets the NaN block scale (E4M3 ``0x7F``)
 and all-zero codes, so it dequantizes to NaN; other blocks are unaffected, and the default
 global scale is computed from the finite elements only.

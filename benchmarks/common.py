@@ -1,0 +1,77 @@
+"""Shared benchmark helpers: device-side timing, the HBM roofline, result tables.
+
+Timing uses CUPTI (``jax.experimental.mosaic.gpu.profiler.measure``): the summed GPU time of
+every kernel a call launches, so host overhead is excluded. To keep weights out of the 50 MB
+L2, a timed function runs the operation once on each of several input copies (``copies``)
+and the time per call is the median total divided by the number of copies.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import statistics
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+L2_BYTES = 50 * 2**20
+
+
+def copies_for(bytes_per_copy: int, minimum: int = 2) -> int:
+    """Copies needed so one rotation touches more than 2x the L2."""
+    return max(minimum, -(-2 * L2_BYTES // max(bytes_per_copy, 1)) + 1)
+
+
+def time_per_call(fn: Callable, arg_sets: Sequence[tuple], iterations: int = 20) -> float:
+    """Median GPU time in microseconds of ``fn(*args)``, rotating over ``arg_sets``."""
+    from jax.experimental.mosaic.gpu import profiler
+
+    run_all = jax.jit(lambda sets: [fn(*a) for a in sets])
+    jax.block_until_ready(run_all(arg_sets))  # compile + warm up
+    _, times = profiler.measure(run_all, iterations=iterations)(arg_sets)
+    if times is None:
+        raise RuntimeError("no kernel was launched")
+    return statistics.median(times) * 1e3 / len(arg_sets)
+
+
+def hbm_copy_bandwidth(nbytes: int = 2**30) -> float:
+    """Measured device-memory bandwidth in GB/s (bytes read + written) of a large copy."""
+    x = [jnp.arange(nbytes // 4, dtype=jnp.uint32) + i for i in range(2)]
+    us = time_per_call(lambda v: v ^ jnp.uint32(0x5A5A5A5A), [(v,) for v in x], iterations=10)
+    return 2 * nbytes / (us * 1e-6) / 1e9
+
+
+def device_line() -> str:
+    d = jax.devices()[0]
+    return (f"device: {d.device_kind} ({d.platform}), jax {jax.__version__}, "
+            f"date {datetime.date.today().isoformat()}, host {platform.node() or 'unknown'}")
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
+    cells = [[str(h) for h in headers]] + [[_fmt(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["| " + " | ".join(c.rjust(w) for c, w in zip(r, widths)) + " |" for r in cells]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def _fmt(c) -> str:
+    if isinstance(c, float):
+        return f"{c:.3g}" if abs(c) < 1000 else f"{c:.0f}"
+    return str(c)
+
+
+def save(name: str, text: str, out_dir: str | None = None) -> str:
+    """Write a result file ``<name>-<date>.md`` (also copied to ``$OUT`` when set)."""
+    out_dir = out_dir or os.path.join(os.path.dirname(__file__), "results")
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{name}-{datetime.date.today().isoformat()}.md")
+    with open(path, "w") as f:
+        f.write(text + "\n")
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], os.path.basename(path)), "w") as f:
+            f.write(text + "\n")
+    return path

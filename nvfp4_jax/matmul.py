@@ -1,0 +1,146 @@
+"""``matmul`` / ``linear``: activations times an NVFP4 weight (weight-only, W4A16).
+
+``matmul(x, w)`` computes ``x @ dequantize(w)`` for ``x: [..., K]`` (bf16/fp16) and an
+``NVFP4Array`` ``w`` of logical shape ``[K, N]`` quantized along K (stored ``[N, K/2]``),
+accumulating in float32: ``y = (x @ (e2m1 · scale)) · tensor_scale (+ bias)``, one rounding
+to the output dtype. ``linear(x, w)`` is the same product for a weight of logical shape
+``[N, K]`` (PyTorch's ``F.linear`` convention) -- the same storage, no copy.
+
+Backends (see ``backends.py``): ``"pallas"`` runs the Mosaic GPU kernel of
+``kernels/gemm.py`` on its prepared weight layout; ``"xla"`` dequantizes ``e2m1 · scale``
+to the activation dtype (exact: at most 5 significant bits) and calls ``dot_general``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from nvfp4_jax import _checks, backends, reference
+from nvfp4_jax.array import NVFP4Array
+from nvfp4_jax.backends import Backend
+
+ACTIVATION_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def _xla_matmul(x2d, w: NVFP4Array, bias, out_dtype, config=None) -> jax.Array:
+    """XLA path: ``x2d [M, K]`` times the dequantized ``[N, K]`` weight, f32 accumulation."""
+    del config
+    wt = reference.dequantize(w.data, w.scales, jnp.float32(1.0), x2d.dtype)  # [N, K]
+    acc = lax.dot_general(x2d, wt, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    acc = acc * w.tensor_scale.astype(jnp.float32)
+    if bias is not None:
+        acc = acc + bias.astype(jnp.float32)
+    return acc.astype(out_dtype)
+
+
+backends.register("matmul", Backend.XLA)(_xla_matmul)
+
+
+def _validate(x: Any, w: Any, bias: Any, out_dtype: Any, fn: str, axis: int):
+    if not isinstance(w, NVFP4Array):
+        raise TypeError(f"{fn}: w must be an NVFP4Array (use nvfp4_jax.quantize), got {type(w).__name__}")
+    x = _checks.as_array(x, "x")
+    if x.dtype not in ACTIVATION_DTYPES:
+        raise TypeError(f"{fn}: x must be bfloat16 or float16, got {x.dtype}")
+    if w.data.ndim != 2:
+        raise ValueError(
+            f"{fn}: w must be a 2-D weight, got logical shape {w.shape} "
+            f"(use vmap or grouped_matmul for stacked weights)"
+        )
+    if w.axis != axis:
+        want = "[K, N] quantized along K (quantize(w, axis=0))" if axis == -2 else \
+            "[N, K] quantized along K (quantize(w, axis=-1))"
+        raise ValueError(f"{fn}: w must be {want}; got logical shape {w.shape} blocked on axis {w.axis + 2}")
+    n, k = w.data.shape[0], 2 * w.data.shape[1]
+    if x.ndim == 0 or x.shape[-1] != k:
+        raise ValueError(f"{fn}: x must have shape [..., {k}] to match w {w.shape}, got {x.shape}")
+    if jnp.ndim(w.tensor_scale) != 0:
+        raise ValueError(f"{fn}: w.tensor_scale must be a scalar, got shape {jnp.shape(w.tensor_scale)}")
+    if bias is not None:
+        bias = _checks.float_array(bias, "bias")
+        if bias.shape != (n,):
+            raise ValueError(f"{fn}: bias must have shape ({n},), got {bias.shape}")
+    out_dtype = x.dtype if out_dtype is None else _checks.output_dtype(out_dtype, "out_dtype")
+    return x, n, k, bias, out_dtype
+
+
+def _matmul_2d(x2d, w, bias, out_dtype, backend, config):
+    """Dispatch one 2-D product; ``vmap`` over ``x`` folds its batch into M."""
+
+    @jax.custom_batching.custom_vmap
+    def run(x2d, w, bias):
+        _, impl = backends.implementation("matmul", backend)
+        return impl(x2d, w, bias, out_dtype, config)
+
+    @run.def_vmap
+    def run_vmap(axis_size, in_batched, x2d, w, bias):
+        x_b, w_b, b_b = in_batched
+        if any(jax.tree_util.tree_leaves(w_b)) or any(jax.tree_util.tree_leaves(b_b)):
+            # A batch of weights: one product per weight, in sequence.
+            x_in = x2d if x_b else jnp.broadcast_to(x2d, (axis_size,) + x2d.shape)
+            w_in = jax.tree_util.tree_map(
+                lambda v, b: v if b else jnp.broadcast_to(v, (axis_size,) + v.shape), w, w_b)
+            b_in = None
+            if bias is not None:
+                b_in = bias if any(jax.tree_util.tree_leaves(b_b)) else jnp.broadcast_to(bias, (axis_size,) + bias.shape)
+            out = lax.map(lambda a: _matmul_2d(a[0], a[1], a[2], out_dtype, backend, config),
+                          (x_in, w_in, b_in))
+            return out, True
+        b, m, k = x2d.shape
+        out = run(x2d.reshape(b * m, k), w, bias)
+        return out.reshape(b, m, -1), True
+
+    return run(x2d, w, bias)
+
+
+def matmul(
+    x: jax.Array,
+    w: NVFP4Array,
+    *,
+    bias: jax.Array | None = None,
+    out_dtype: Any = None,
+    backend: str | None = None,
+    config: Any = None,
+) -> jax.Array:
+    """``x @ dequantize(w)`` (+ ``bias``) with float32 accumulation.
+
+    Args:
+      x: ``[..., K]`` bf16 or fp16 activations; any leading dims.
+      w: ``NVFP4Array`` of logical shape ``[K, N]`` quantized along K
+        (``quantize(w_kn, axis=0)``; stored ``[N, K/2]``), scalar tensor scale. Any N, any K
+        that is a multiple of 16: the kernel pads and masks inside.
+      bias: optional ``[N]``, added in float32.
+      out_dtype: bf16, fp16 or fp32; default ``x.dtype``.
+      backend: ``"pallas"`` or ``"xla"`` (see :mod:`nvfp4_jax.backends`).
+      config: a ``kernels.gemm.GemmConfig`` to override the Pallas kernel's tiling.
+
+    Returns:
+      ``[..., N]`` in ``out_dtype``.
+    """
+    x, n, k, bias, out_dtype = _validate(x, w, bias, out_dtype, "matmul", axis=-2)
+    lead = x.shape[:-1]
+    out = _matmul_2d(x.reshape(-1, k), w, bias, out_dtype, backend, config)
+    return out.reshape(*lead, n)
+
+
+def linear(
+    x: jax.Array,
+    w: NVFP4Array,
+    bias: jax.Array | None = None,
+    *,
+    out_dtype: Any = None,
+    backend: str | None = None,
+    config: Any = None,
+) -> jax.Array:
+    """``F.linear``: ``x @ dequantize(w).T`` (+ ``bias``) for ``w`` of logical shape
+    ``[N, K]`` quantized along K (``quantize(w_nk)``). Same storage and kernel as
+    :func:`matmul`."""
+    x, n, k, bias, out_dtype = _validate(x, w, bias, out_dtype, "linear", axis=-1)
+    lead = x.shape[:-1]
+    out = _matmul_2d(x.reshape(-1, k), w, bias, out_dtype, backend, config)
+    return out.reshape(*lead, n)
