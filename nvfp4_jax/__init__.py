@@ -9,7 +9,7 @@ from nvfp4_jax.api import (
     scaled_fp4_quant,
 )
 from nvfp4_jax.array import NVFP4Array
-from nvfp4_jax.matmul import linear, matmul
+from nvfp4_jax.matmul import linear, matmul, prepare
 from nvfp4_jax.formats import (
     BLOCK_SIZE,
     e2m1_to_float,
@@ -52,6 +52,7 @@ __all__ = [
     "pack_fp4",
     "pad_activation_for_cutlass",
     "pad_weight_for_cutlass",
+    "prepare",
     "quant_dequant",
     "quantize",
     "scaled_fp4_quant",

@@ -34,10 +34,12 @@ class NVFP4Array:
 
     The logical shape is the storage shape ``(*lead, L)`` with ``L`` moved to ``axis``.
     ``jit``, ``vmap`` over leading dims and ``tree_map`` see ``data``, ``scales`` and
-    ``tensor_scale`` as leaves.
+    ``tensor_scale`` as leaves, plus ``prepared`` when present: the GEMM kernel's layout
+    of the same weight (``kernels.gemm.PreparedWeight``, built once by
+    ``nvfp4_jax.prepare``), carried along so a jitted ``matmul`` never rebuilds it.
     """
 
-    __slots__ = ("data", "scales", "tensor_scale", "axis", "dtype")
+    __slots__ = ("data", "scales", "tensor_scale", "axis", "dtype", "prepared")
 
     def __init__(
         self,
@@ -47,6 +49,7 @@ class NVFP4Array:
         *,
         axis: int = -1,
         dtype: Any = jnp.bfloat16,
+        prepared: Any = None,
     ):
         data = _checks.dtype_is(data, "data", jnp.uint8)
         scales = _checks.as_array(scales, "scales")
@@ -68,16 +71,17 @@ class NVFP4Array:
         self.tensor_scale = tensor_scale
         self.axis = _checks.axis(axis, data.ndim)
         self.dtype = _checks.output_dtype(dtype, "dtype")
+        self.prepared = prepared
 
     # -- pytree ---------------------------------------------------------------------------
     def tree_flatten(self):
-        return (self.data, self.scales, self.tensor_scale), (self.axis, self.dtype)
+        return (self.data, self.scales, self.tensor_scale, self.prepared), (self.axis, self.dtype)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
         # Leaves may be tracers, ShapeDtypeStructs, None or sentinels here: never validate.
         obj = object.__new__(cls)
-        obj.data, obj.scales, obj.tensor_scale = children
+        obj.data, obj.scales, obj.tensor_scale, obj.prepared = children
         obj.axis, obj.dtype = aux
         return obj
 
@@ -124,5 +128,7 @@ class NVFP4Array:
         return (
             f"NVFP4Array(shape={self.shape}, dtype={jnp.dtype(self.dtype).name}, "
             f"axis={self.axis + self.ndim}, data={leaf(self.data)}, "
-            f"scales={leaf(self.scales)}, tensor_scale={ts})"
+            f"scales={leaf(self.scales)}, tensor_scale={ts}"
+            + (f", prepared for {jnp.dtype(self.prepared.scales.dtype).name}" if self.prepared is not None else "")
+            + ")"
         )

@@ -23,6 +23,7 @@ import dataclasses
 import enum
 import os
 import re
+import warnings
 from typing import Callable, Iterator
 
 import jax
@@ -132,9 +133,17 @@ def select(op: str, backend: str | Backend | None = None) -> Backend:
             )
         return chosen
     info = device_info()
-    if info.platform == "gpu" and unavailable_reason(op, Backend.PALLAS, info) is None:
-        return Backend.PALLAS
+    if info.platform == "gpu":
+        reason = unavailable_reason(op, Backend.PALLAS, info)
+        if reason is None:
+            return Backend.PALLAS
+        if (op, Backend.PALLAS) in _IMPLS and op not in _WARNED:
+            _WARNED.add(op)
+            warnings.warn(f"nvfp4_jax: {op} falls back to the 'xla' backend: {reason}", stacklevel=3)
     return Backend.XLA
+
+
+_WARNED: set[str] = set()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,3 +177,21 @@ def implementation(op: str, backend: str | Backend | None = None) -> tuple[Backe
     chosen = select(op, backend)
     note(op, chosen, "interpret" if chosen is Backend.PALLAS and interpret_pallas() else "")
     return chosen, _IMPLS[(op, chosen)]
+
+
+def call(op: str, backend: str | Backend | None, *args, **kwargs):
+    """Run ``op`` on the selected backend.
+
+    An implementation raises ``NotImplementedError`` for valid input it does not support
+    (e.g. an output dtype a kernel cannot write). If the backend was chosen automatically the
+    call then falls back to ``"xla"`` (recorded with the reason); a backend named by the
+    caller or ``$NVFP4_JAX_BACKEND`` re-raises.
+    """
+    chosen, fn = implementation(op, backend)
+    try:
+        return fn(*args, **kwargs)
+    except NotImplementedError as e:
+        if chosen is Backend.XLA or backend is not None or os.environ.get(ENV_VAR):
+            raise
+        note(op, Backend.XLA, f"fallback: {e}")
+        return _IMPLS[(op, Backend.XLA)](*args, **kwargs)

@@ -13,7 +13,7 @@ to the activation dtype (exact: at most 5 significant bits) and calls ``dot_gene
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 from typing import Any
 
 import jax
@@ -23,6 +23,7 @@ from jax import lax
 from nvfp4_jax import _checks, backends, reference
 from nvfp4_jax.array import NVFP4Array
 from nvfp4_jax.backends import Backend
+from nvfp4_jax.kernels import gemm
 
 ACTIVATION_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
@@ -38,7 +39,52 @@ def _xla_matmul(x2d, w: NVFP4Array, bias, out_dtype, config=None) -> jax.Array:
     return acc.astype(out_dtype)
 
 
+def _pallas_matmul(x2d, w: NVFP4Array, bias, out_dtype, config=None) -> jax.Array:
+    """Pallas path: the Mosaic GPU kernel on the prepared layout (built here if ``w`` has
+    none for ``x2d.dtype``; ``prepare`` once to avoid that)."""
+    if jnp.dtype(out_dtype) not in ACTIVATION_DTYPES:
+        raise NotImplementedError(f"the Pallas GEMM writes bfloat16/float16, not {jnp.dtype(out_dtype)}")
+    n, k = w.data.shape[0], 2 * w.data.shape[1]
+    prepared = w.prepared
+    if prepared is None or prepared.scales.dtype != x2d.dtype:
+        prepared = _prepare_layout(w, x2d.dtype)
+    interpret = backends.interpret_pallas()
+    if config is None:
+        config = gemm.default_config(x2d.shape[0], n, k, dtype=x2d.dtype,
+                                     num_sms=backends.device_info().num_sms)
+        if interpret:  # the interpreter runs only the SMEM-operand variant
+            config = dataclasses.replace(config, a_operand="smem")
+    return gemm.nvfp4_matmul(x2d, prepared, n=n, k=k, bias=bias, out_dtype=out_dtype,
+                             config=config, interpret=interpret)
+
+
 backends.register("matmul", Backend.XLA)(_xla_matmul)
+backends.register("matmul", Backend.PALLAS)(_pallas_matmul)
+
+
+def _prepare_layout(w: NVFP4Array, dtype) -> gemm.PreparedWeight:
+    return gemm.prepare_weight(w.data, w.scales, w.tensor_scale, dtype=dtype)
+
+
+def prepare(w: NVFP4Array, dtype: Any = jnp.bfloat16) -> NVFP4Array:
+    """Return ``w`` with the GEMM kernel's layout for ``dtype`` activations attached.
+
+    The layout (documented in ``kernels.gemm.prepare_weight``: 64-wide K groups of codes
+    interleaved into uint16 lanes, block scales transposed to ``[K/16, N]`` and pre-widened
+    to ``dtype`` with the decode's power of two folded in, N and K zero-padded) is built
+    once here and travels with the array through ``jit``/``vmap``, so ``matmul``/``linear``
+    never rebuild it. ``w`` is a 2-D weight quantized along K (either logical orientation).
+    """
+    if not isinstance(w, NVFP4Array):
+        raise TypeError(f"w must be an NVFP4Array, got {type(w).__name__}")
+    if w.data.ndim != 2 or jnp.ndim(w.tensor_scale) != 0:
+        raise ValueError(f"prepare: w must be a 2-D weight with a scalar tensor scale, got logical shape {w.shape}")
+    dtype = jnp.dtype(dtype)
+    if dtype not in ACTIVATION_DTYPES:
+        raise TypeError(f"prepare: dtype must be bfloat16 or float16 (the activation dtype), got {dtype}")
+    out = jax.tree_util.tree_map(lambda v: v, w)
+    out.prepared = _prepare_layout(w, dtype)
+    return out
 
 
 def _validate(x: Any, w: Any, bias: Any, out_dtype: Any, fn: str, axis: int):
@@ -74,8 +120,7 @@ def _matmul_2d(x2d, w, bias, out_dtype, backend, config):
 
     @jax.custom_batching.custom_vmap
     def run(x2d, w, bias):
-        _, impl = backends.implementation("matmul", backend)
-        return impl(x2d, w, bias, out_dtype, config)
+        return backends.call("matmul", backend, x2d, w, bias, out_dtype, config)
 
     @run.def_vmap
     def run_vmap(axis_size, in_batched, x2d, w, bias):

@@ -22,7 +22,7 @@ def test_layout_of_a_weight(rng):
 def test_pytree_tree_map_and_jit(rng):
     a = _arr(rng)
     leaves, tree = jax.tree_util.tree_flatten(a)
-    assert len(leaves) == 3
+    assert len(leaves) == 3  # no prepared layout yet
     b = jax.tree_util.tree_unflatten(tree, leaves)
     assert isinstance(b, nv.NVFP4Array) and b.shape == a.shape
     c = jax.tree_util.tree_map(lambda v: v, a)

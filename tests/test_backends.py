@@ -40,7 +40,7 @@ def test_unknown_backend_lists_available():
 
 def test_pallas_unavailable_on_old_gpu_is_an_error():
     old = backends.DeviceInfo("gpu", "NVIDIA A100", (8, 0), 108)
-    reason = backends.unavailable_reason("quantize", backends.Backend.PALLAS, old)
+    reason = backends.unavailable_reason("matmul", backends.Backend.PALLAS, old)
     assert "compute capability >= 9.0" in reason
 
 
@@ -54,3 +54,18 @@ def test_device_info_honours_abstract_mesh():
     assert info == backends.DeviceInfo("gpu", "NVIDIA H100 80GB HBM3", (9, 0), 132)
     assert info.is_hopper_or_newer
     assert backends.device_info().platform == jax.devices()[0].platform
+
+
+def test_old_gpu_falls_back_to_xla_with_one_warning(monkeypatch):
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    monkeypatch.setattr(backends, "device_info",
+                        lambda: backends.DeviceInfo("gpu", "NVIDIA A100", (8, 0), 108))
+    monkeypatch.setattr(backends, "_WARNED", set())
+    with pytest.warns(UserWarning, match="falls back to the 'xla' backend.*compute capability >= 9.0"):
+        assert backends.select("matmul") is backends.Backend.XLA
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert backends.select("matmul") is backends.Backend.XLA  # warned once only
+    with pytest.raises(ValueError, match="cannot run 'matmul'.*compute capability >= 9.0"):
+        backends.select("matmul", "pallas")

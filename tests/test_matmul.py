@@ -1,0 +1,133 @@
+"""nvfp4_jax.matmul / linear / prepare through the public API, both backends.
+
+Tolerance policy: relative Frobenius error vs a float64 product of the dequantized operands
+<= 1e-2, plus an element-wise bound so an unwritten output element cannot hide.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import nvfp4_jax as nv
+from nvfp4_jax import backends
+
+
+def _weight(rng, k, n, dtype=jnp.bfloat16):
+    w = rng.standard_normal((k, n)) * 10.0 ** rng.uniform(-3, 1)
+    return nv.quantize(jnp.asarray(w, dtype), axis=0)
+
+
+def _check(y, x, w, bias=None, transpose=False):
+    wd = np.asarray(nv.dequantize(w, jnp.float32), np.float64)
+    ref = np.asarray(x.astype(jnp.float32), np.float64) @ (wd.T if transpose else wd)
+    if bias is not None:
+        ref = ref + np.asarray(bias, np.float64)
+    y = np.asarray(y.astype(jnp.float32), np.float64)
+    assert y.shape == ref.shape
+    assert np.isfinite(y).all()
+    err = np.linalg.norm(y - ref) / np.linalg.norm(ref)
+    assert err <= 1e-2, err
+    np.testing.assert_allclose(y, ref, atol=0.05 * np.abs(ref).max(), rtol=0.05)
+
+
+@pytest.mark.parametrize("backend", ["xla", "pallas"])
+@pytest.mark.parametrize("m,n,k", [(1, 64, 48), (3, 200, 48), (16, 64, 256), (70, 200, 208)])
+def test_matmul_small_grid(rng, backend, m, n, k):
+    w = _weight(rng, k, n)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    bias = jnp.asarray(rng.standard_normal(n), jnp.float32)
+    with backends.record() as log:
+        y = nv.matmul(x, w, bias=bias, backend=backend)
+    assert log[0].backend == backend
+    _check(y, x, w, bias)
+
+
+@pytest.mark.parametrize("backend", ["xla", "pallas"])
+def test_leading_dims_fp16_linear_prepared_jit_vmap(rng, backend):
+    k, n = 80, 64
+    w_nk = nv.quantize(jnp.asarray(rng.standard_normal((n, k)), jnp.float16))  # F.linear layout
+    x = jnp.asarray(rng.standard_normal((2, 3, k)), jnp.float16)
+    y = nv.linear(x, w_nk, backend=backend)
+    assert y.shape == (2, 3, n) and y.dtype == jnp.float16
+    _check(y.reshape(6, n), x.reshape(6, k), w_nk, transpose=True)
+    w_kn = _weight(rng, k, n, jnp.float16)
+    prepared = nv.prepare(w_kn, jnp.float16)
+    f = jax.jit(lambda x, w: nv.matmul(x, w, backend=backend))
+    y = f(x, prepared)
+    _check(y.reshape(6, n), x.reshape(6, k), w_kn)
+    yv = jax.vmap(lambda xi: nv.matmul(xi, prepared, backend=backend))(x)
+    _check(yv.reshape(6, n), x.reshape(6, k), w_kn)
+    ws = jax.vmap(lambda e: nv.quantize(e, axis=0))(jnp.asarray(rng.standard_normal((2, k, n)), jnp.float16))
+    yw = jax.vmap(lambda wi: nv.matmul(x[0], wi, backend=backend))(ws)
+    for i in range(2):
+        _check(yw[i], x[0], jax.tree_util.tree_map(lambda v: v[i], ws))
+
+
+def test_float32_output_falls_back_to_xla_unless_pallas_is_named(rng, monkeypatch):
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    w = _weight(rng, 32, 64)
+    x = jnp.asarray(rng.standard_normal((2, 32)), jnp.bfloat16)
+    with pytest.raises(NotImplementedError, match="writes bfloat16/float16"):
+        nv.matmul(x, w, out_dtype=jnp.float32, backend="pallas")
+    real_select = backends.select
+    monkeypatch.setattr(backends, "select", lambda op, backend=None: (
+        backends.Backend.PALLAS if op == "matmul" else real_select(op, backend)))
+    with backends.record() as log:
+        y = nv.matmul(x, w, out_dtype=jnp.float32)
+    assert y.dtype == jnp.float32
+    assert [d.backend for d in log] == ["pallas", "xla"] and "fallback" in log[1].detail
+    _check(y, x, w)
+
+
+def test_closed_over_weight_and_prepared_cache(rng):
+    w = nv.prepare(_weight(rng, 64, 64))
+    x = jnp.asarray(rng.standard_normal((4, 64)), jnp.bfloat16)
+    f = jax.jit(lambda x: nv.matmul(x, w, backend="pallas"))
+    _check(f(x), x, w)
+    assert "prepared for bfloat16" in repr(w)
+
+
+def test_bad_inputs(rng):
+    w = _weight(rng, 32, 16)
+    x = jnp.ones((2, 32), jnp.bfloat16)
+    with pytest.raises(TypeError, match="w must be an NVFP4Array"):
+        nv.matmul(x, jnp.ones((32, 16)))
+    with pytest.raises(TypeError, match="x must be bfloat16 or float16, got float32"):
+        nv.matmul(x.astype(jnp.float32), w)
+    with pytest.raises(ValueError, match=r"x must have shape \[\.\.\., 32\]"):
+        nv.matmul(jnp.ones((2, 48), jnp.bfloat16), w)
+    with pytest.raises(ValueError, match="quantized along K"):
+        nv.linear(x, w)
+    with pytest.raises(ValueError, match=r"bias must have shape \(16,\)"):
+        nv.matmul(x, w, bias=jnp.ones(17))
+    with pytest.raises(ValueError, match="2-D weight"):
+        nv.matmul(x, jax.vmap(lambda e: nv.quantize(e, axis=0))(jnp.ones((2, 32, 16))))
+    with pytest.raises(TypeError, match="out_dtype must be one of"):
+        nv.matmul(x, w, out_dtype=jnp.int8)
+    with pytest.raises(ValueError, match="unknown NVFP4 backend"):
+        nv.matmul(x, w, backend="marlin")
+    with pytest.raises(TypeError, match="activation dtype"):
+        nv.prepare(w, jnp.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 3, 16, 64, 200, 1024])
+@pytest.mark.parametrize("n", [64, 200, 4096])
+@pytest.mark.parametrize("k", [16 * 25, 4096])
+def test_matmul_grid_gpu(rng, m, n, k):
+    w = nv.prepare(_weight(rng, k, n))
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    bias = jnp.asarray(rng.standard_normal(n), jnp.bfloat16)
+    with backends.record() as log:
+        y = jax.jit(lambda x, w, b: nv.matmul(x, w, bias=b))(x, w, bias)
+    assert log[0] == backends.Dispatch("matmul", "pallas", "")
+    _check(y, x, w, bias)
+
+
+@pytest.mark.gpu
+def test_matmul_fp16_batch_gpu(rng):
+    w = _weight(rng, 4096, 4096, jnp.float16)
+    x = jnp.asarray(rng.standard_normal((2, 7, 4096)), jnp.float16)
+    y = nv.matmul(x, w)
+    _check(y.reshape(14, 4096), x.reshape(14, 4096), w)
