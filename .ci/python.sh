@@ -2,7 +2,8 @@
 # Run the project's Python 3.12 environment, creating it first if needed:
 #   bash .ci/python.sh [python args...]
 # Finds a Python >= 3.12 (python3.12/python3.13 on PATH, then pyenv's versions), makes
-# .venv in the repository root and installs the package with its test extra. The venv is
+# .venv in the repository root and installs the package with its test and example extras
+# (PyTorch, compressed-tensors, the MiniLM model). The venv is
 # rebuilt when pyproject.toml changes.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -33,7 +34,7 @@ if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; 
   "$py" -m venv "$venv"
   log="$venv/install.log"
   if ! { "$venv/bin/python" -m pip install -q --upgrade pip &&
-         "$venv/bin/python" -m pip install -q -e "$root[test]"; } >"$log" 2>&1; then
+         "$venv/bin/python" -m pip install -q -e "$root[test,example]"; } >"$log" 2>&1; then
     cat "$log" >&2
     echo "error: installing the package failed (log above)" >&2
     exit 1

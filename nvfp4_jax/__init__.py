@@ -33,17 +33,23 @@ from nvfp4_jax.scales import (
     tensor_scale_from_global_scale,
 )
 
+from nvfp4_jax import checkpoint, schemes
+from nvfp4_jax.checkpoint import CheckpointReader, load_checkpoint, save_checkpoint
+
 __version__ = "0.1.0"
 
 __all__ = [
     "BLOCK_SIZE",
+    "CheckpointReader",
     "NVFP4Array",
+    "checkpoint",
     "dequantize",
     "dequantize_to_dtype",
     "e2m1_to_float",
     "float_to_e2m1",
     "global_scale_from_tensor_scale",
     "linear",
+    "load_checkpoint",
     "marlin_compute_scale_factor",
     "marlin_decode_scales",
     "marlin_process_global_scale",
@@ -55,7 +61,9 @@ __all__ = [
     "prepare",
     "quant_dequant",
     "quantize",
+    "save_checkpoint",
     "scaled_fp4_quant",
+    "schemes",
     "slice_output",
     "swizzle_scales",
     "tensor_scale_from_global_scale",

@@ -9,14 +9,35 @@ import jax
 import jax.numpy as jnp
 
 from nvfp4_jax import _checks, backends, reference
+from nvfp4_jax._exact import div_rn
 from nvfp4_jax.array import NVFP4Array
 from nvfp4_jax.backends import Backend
 from nvfp4_jax.formats import E2M1_E4M3_MAX
+from nvfp4_jax.kernels import dequantize as dequantize_kernels
+from nvfp4_jax.kernels import quantize as quantize_kernels
 from nvfp4_jax.layouts import swizzled_shape
 
 backends.register("quantize", Backend.XLA)(reference.quantize)
 backends.register("dequantize", Backend.XLA)(reference.dequantize)
 backends.register("quant_dequant", Backend.XLA)(reference.quant_dequant)
+
+
+@backends.register("quantize", Backend.PALLAS)
+def _pallas_quantize(x, global_scale, *, swizzled=False):
+    return quantize_kernels.quantize(x, global_scale, swizzled=swizzled,
+                                     interpret=backends.interpret_pallas())
+
+
+@backends.register("dequantize", Backend.PALLAS)
+def _pallas_dequantize(data, scales, tensor_scale, dtype, *, swizzled=False):
+    return dequantize_kernels.dequantize(data, scales, tensor_scale, out_dtype=dtype,
+                                         swizzled=swizzled, interpret=backends.interpret_pallas())
+
+
+@backends.register("quant_dequant", Backend.PALLAS)
+def _pallas_quant_dequant(x, global_scale, tensor_scale):
+    return quantize_kernels.quant_dequant(x, global_scale, tensor_scale,
+                                          interpret=backends.interpret_pallas())
 
 
 def _prepare(x: Any, axis: int, fn: str) -> tuple[jax.Array, int]:
@@ -33,10 +54,10 @@ def _scales(xs: jax.Array, tensor_scale: Any, global_scale: Any) -> tuple[jax.Ar
     batch = xs.shape[:-2]
     if tensor_scale is not None:
         ts = _checks.positive_finite_scale(tensor_scale, "tensor_scale", batch)
-        return jnp.float32(1.0) / ts, ts
+        return div_rn(jnp.float32(1.0), ts), ts
     if global_scale is not None:
         gs = _checks.positive_finite_scale(global_scale, "global_scale", batch)
-        return gs, jnp.float32(1.0) / gs
+        return gs, div_rn(jnp.float32(1.0), gs)
     return reference.default_scales(xs)
 
 
@@ -72,8 +93,7 @@ def quantize(
     """
     xs, ax = _prepare(x, axis, "quantize")
     gs, ts = _scales(xs, tensor_scale, global_scale)
-    _, impl = backends.implementation("quantize", backend)
-    data, scales = impl(xs, gs)
+    data, scales = backends.call("quantize", backend, xs, gs)
     return NVFP4Array(data, scales, ts, axis=ax, dtype=xs.dtype)
 
 
@@ -83,8 +103,7 @@ def dequantize(a: NVFP4Array, dtype: Any = jnp.bfloat16, *, backend: str | None 
     if not isinstance(a, NVFP4Array):
         raise TypeError(f"a must be an NVFP4Array, got {type(a).__name__}")
     dtype = _checks.output_dtype(dtype)
-    _, impl = backends.implementation("dequantize", backend)
-    out = impl(a.data, a.scales, a.tensor_scale, dtype)
+    out = backends.call("dequantize", backend, a.data, a.scales, a.tensor_scale, dtype)
     return jnp.moveaxis(out, -1, a.axis)
 
 
@@ -111,8 +130,7 @@ def quant_dequant(
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _fake_quant(xs: jax.Array, gs: jax.Array, ts: jax.Array, backend: str | None) -> jax.Array:
-    _, impl = backends.implementation("quant_dequant", backend)
-    return impl(xs, gs, ts)
+    return backends.call("quant_dequant", backend, xs, gs, ts)
 
 
 def _fake_quant_fwd(xs, gs, ts, backend):
@@ -150,8 +168,7 @@ def scaled_fp4_quant(
     _checks.block_multiple(x.shape[-1], f"scaled_fp4_quant(x of shape {x.shape})", "last axis")
     gs = _checks.positive_finite_scale(global_scale, "global_scale", ())
     x2 = x.reshape(-1, x.shape[-1])
-    _, impl = backends.implementation("quantize", backend)
-    return impl(x2, gs, swizzled=bool(swizzled))
+    return backends.call("quantize", backend, x2, gs, swizzled=bool(swizzled))
 
 
 def dequantize_to_dtype(
@@ -187,5 +204,4 @@ def dequantize_to_dtype(
         raise ValueError(f"{layout} scales for data {data.shape} must have shape {want}, got {scales.shape}")
     ts = _checks.positive_finite_scale(tensor_scale, "tensor_scale", data.shape[:-2])
     dtype = _checks.output_dtype(dtype)
-    _, impl = backends.implementation("dequantize", backend)
-    return impl(data, scales, ts, dtype, swizzled=bool(swizzled))
+    return backends.call("dequantize", backend, data, scales, ts, dtype, swizzled=bool(swizzled))

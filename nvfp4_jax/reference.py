@@ -12,11 +12,8 @@ this exact order (``gs`` is the quantize-direction global scale, ``448*6/amax`` 
     inv    = 1 / (f32(s) * (1/gs))          (0 where the denominator is 0)
     q      = e2m1_rne(clip(x * inv, -6, 6))
 
-Bit-exactness holds where float32 division is IEEE: XLA:CPU, the Pallas kernels. XLA:GPU
-lowers f32 division to ``div.full`` (up to 2 ulp), so this reference compiled for a GPU can
-move a code that sits on a rounding tie (~0.2% of codes, the same class of difference as
-vLLM's own CUDA quantizer with ``rcp.approx``); tests compare GPU results with the numpy
-oracle instead.
+The three divisions go through ``_exact.div_rn`` (integer long division): XLA:GPU's own f32
+division is ``div.full`` (up to 2 ulp off), which would move codes that sit on rounding ties.
 
 Non-finite input: a scale block holding NaN or +-inf gets the NaN block scale (E4M3 ``0x7F``)
 and all-zero codes, so it dequantizes to NaN; other blocks are unaffected, and the default
@@ -25,9 +22,12 @@ global scale is computed from the finite elements only.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
+from nvfp4_jax._exact import div_rn
 from nvfp4_jax.layouts import swizzle_scales, unswizzle_scales
 from nvfp4_jax.formats import (
     BLOCK_SIZE,
@@ -45,6 +45,7 @@ def batch_broadcast(v: jax.Array, ndim: int) -> jax.Array:
     return v.reshape(v.shape + (1,) * (ndim - v.ndim))
 
 
+@jax.jit
 def default_scales(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Default ``(global_scale, tensor_scale)`` of ``x``: ``gs = 448*6/amax``, ``ts = 1/gs``.
 
@@ -56,9 +57,9 @@ def default_scales(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     mag = jnp.abs(x.astype(jnp.float32))
     amax = jnp.max(jnp.where(jnp.isfinite(mag), mag, 0.0))
     ok = amax > 0
-    gs = jnp.where(ok, jnp.float32(E2M1_E4M3_MAX) / jnp.where(ok, amax, 1.0), 1.0)
+    gs = jnp.where(ok, div_rn(jnp.float32(E2M1_E4M3_MAX), jnp.where(ok, amax, 1.0)), 1.0)
     gs = gs.astype(jnp.float32)
-    return gs, jnp.float32(1.0) / gs
+    return gs, div_rn(jnp.float32(1.0), gs)
 
 
 def _blocks_to_codes(x: jax.Array, gs: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -67,15 +68,17 @@ def _blocks_to_codes(x: jax.Array, gs: jax.Array) -> tuple[jax.Array, jax.Array]
     blocks = x.astype(jnp.float32).reshape(*lead, k // BLOCK_SIZE, BLOCK_SIZE)
     gs = batch_broadcast(gs.astype(jnp.float32), blocks.ndim - 1)
     amax = jnp.max(jnp.abs(blocks), axis=-1)
-    scale = round_to_e4m3(gs * (amax * jnp.float32(1.0 / 6.0)))
+    # The barrier keeps XLA from reassociating gs * (amax * (1/6)) into amax * (gs * (1/6)).
+    scale = round_to_e4m3(gs * jax.lax.optimization_barrier(amax * jnp.float32(1.0 / 6.0)))
     scale = jnp.where(jnp.isfinite(amax), scale, jnp.nan).astype(jnp.float8_e4m3fn)
-    denom = scale.astype(jnp.float32) * (jnp.float32(1.0) / gs)
-    inv = jnp.where(denom == 0, 0.0, jnp.float32(1.0) / jnp.where(denom == 0, 1.0, denom))
+    denom = scale.astype(jnp.float32) * div_rn(jnp.float32(1.0), gs)
+    inv = jnp.where(denom == 0, 0.0, div_rn(jnp.float32(1.0), jnp.where(denom == 0, 1.0, denom)))
     scaled = jnp.clip(blocks * inv[..., None], -6.0, 6.0)
     codes = encode_e2m1(scaled).reshape(*lead, k)
     return codes, scale
 
 
+@functools.partial(jax.jit, static_argnames=("swizzled",))
 def quantize(
     x: jax.Array, global_scale: jax.Array, *, swizzled: bool = False
 ) -> tuple[jax.Array, jax.Array]:
@@ -96,6 +99,7 @@ def quantize(
     return pack_codes(codes), swizzle_scales(scales) if swizzled else scales
 
 
+@functools.partial(jax.jit, static_argnames=("dtype", "swizzled"))
 def dequantize(
     data: jax.Array,
     scales: jax.Array,
@@ -121,6 +125,7 @@ def dequantize(
     return out.reshape(*lead, k).astype(dtype)
 
 
+@jax.jit
 def quant_dequant(x: jax.Array, global_scale: jax.Array, tensor_scale: jax.Array) -> jax.Array:
     """Fake quantization: exactly ``dequantize(quantize(x, global_scale), tensor_scale)`` in
     ``x.dtype``, fused.

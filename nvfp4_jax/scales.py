@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from nvfp4_jax import _checks
+from nvfp4_jax._exact import div_rn
 
 MARLIN_SCALE_SHIFT = 7  # the 2^7 folded into Marlin's S0E5M3 block scales
 
@@ -31,13 +32,13 @@ MARLIN_SCALE_SHIFT = 7  # the 2^7 folded into Marlin's S0E5M3 block scales
 def tensor_scale_from_global_scale(global_scale: jax.Array) -> jax.Array:
     """vLLM/compressed-tensors ``global_scale`` (``448·6/amax``) -> our ``tensor_scale``."""
     gs = _checks.positive_finite_scale(global_scale, "global_scale", None)
-    return jnp.float32(1.0) / gs
+    return div_rn(jnp.float32(1.0), gs)
 
 
 def global_scale_from_tensor_scale(tensor_scale: jax.Array) -> jax.Array:
     """Our ``tensor_scale`` (``amax/(448·6)``) -> vLLM's quantize-direction ``global_scale``."""
     ts = _checks.positive_finite_scale(tensor_scale, "tensor_scale", None)
-    return jnp.float32(1.0) / ts
+    return div_rn(jnp.float32(1.0), ts)
 
 
 def _marlin_input(scales: jax.Array) -> jax.Array:

@@ -1,0 +1,90 @@
+"""Quantize a PyTorch MLP and transformer layer to NVFP4 and compare with the original.
+
+Builds (random weights) a 2-layer MLP 1024 -> 4096 -> 1024 and an nn.TransformerEncoderLayer
+(d_model 1024, 16 heads, feed-forward 4096), bf16, runs them on CUDA when available (else CPU),
+replaces their nn.Linear layers with interop.NVFP4Linear (weight-only NVFP4, run by
+nvfp4_jax) and prints relative output error, weight memory and time per forward.
+
+Run (needs torch: pip install -e '.[torch]'):  python examples/torch_mlp.py [--tokens 256]
+"""
+
+import argparse
+import copy
+import os
+import time
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # share the GPU with torch
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import interop  # noqa: E402
+
+
+def mlp(d=1024, hidden=4096):
+    return nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, d))
+
+
+def encoder_layer(d=1024, hidden=4096, heads=16):
+    return nn.TransformerEncoderLayer(d, heads, dim_feedforward=hidden, dropout=0.0, batch_first=True)
+
+
+def weight_mib(model):
+    tensors = list(model.parameters()) + list(model.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+
+
+def time_forward(model, x, iters, cuda):
+    with torch.no_grad():
+        for _ in range(3):
+            model(x)
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(iters):
+                model(x)
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / iters
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            model(x)
+        return (time.perf_counter() - t0) / iters * 1e3
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tokens", type=int, default=128, help="batch 4 x tokens/4 sequence")
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    args = p.parse_args()
+    cuda = torch.cuda.is_available() if args.device == "auto" else args.device == "cuda"
+    device = torch.device("cuda" if cuda else "cpu")
+    print(f"torch {torch.__version__} on {torch.cuda.get_device_name() if cuda else 'CPU'}")
+
+    torch.manual_seed(0)
+    x = torch.randn(4, args.tokens // 4, 1024, dtype=torch.bfloat16, device=device)
+    rows = []
+    for name, build in [("MLP 1024-4096-1024", mlp), ("TransformerEncoderLayer", encoder_layer)]:
+        dense = build().to(device=device, dtype=torch.bfloat16).eval()
+        quant = copy.deepcopy(dense)
+        report = interop.quantize_model_(quant)
+        print(f"{name}: {report}")
+        with torch.no_grad():
+            ref, out = dense(x).float(), quant(x).float()
+        err = ((out - ref).norm() / ref.norm()).item()
+        t_dense = time_forward(dense, x, args.iters, cuda)
+        t_quant = time_forward(quant, x, args.iters, cuda)
+        rows.append((name, weight_mib(dense), weight_mib(quant), err, t_dense, t_quant))
+
+    print()
+    print(f"{'model':26s} {'bf16 MiB':>9s} {'nvfp4 MiB':>10s} {'rel err':>8s} "
+          f"{'bf16 ms':>8s} {'nvfp4 ms':>9s} {'speedup':>8s}")
+    for name, mib_d, mib_q, err, t_d, t_q in rows:
+        print(f"{name:26s} {mib_d:9.1f} {mib_q:10.1f} {err:8.4f} {t_d:8.3f} {t_q:9.3f} {t_d / t_q:7.2f}x")
+    print("(rel err = ||y_nvfp4 - y_bf16|| / ||y_bf16||: NVFP4 weight rounding, ~0.1 per layer "
+          "on Gaussian weights; the attention projections stay bf16)")
+
+
+if __name__ == "__main__":
+    main()
