@@ -68,7 +68,9 @@ def main(argv: list[str] | None = None) -> dict[str, tuple]:
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--backend", default=None, help="nvfp4_jax backend: xla or pallas (default: auto)")
+    p.add_argument(
+        "--backend", default=None, help="nvfp4_jax backend: xla or pallas (default: auto)"
+    )
     args = p.parse_args(argv)
     # Share the GPU with torch: no JAX preallocation (read when JAX's GPU client starts).
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -101,18 +103,28 @@ def main(argv: list[str] | None = None) -> dict[str, tuple]:
 
     rows = {}
     with torch.no_grad():
-        rows["NVFP4Linear.forward"] = _timeit(lambda: layer(x), torch_sync, args.iters,
-                                              args.warmup, args.repeats, events=cuda)
-        rows["direct jitted JAX"] = _timeit(lambda: fn(xj, *jargs), jax_sync, args.iters,
-                                            args.warmup, args.repeats)
-        rows["direct JAX + block"] = _timeit(lambda: fn(xj, *jargs).block_until_ready(), jax_sync,
-                                             args.iters, args.warmup, args.repeats)
-        rows["torch F.linear bf16"] = _timeit(lambda: F.linear(x, w), torch_sync, args.iters,
-                                              args.warmup, args.repeats, events=cuda)
+        rows["NVFP4Linear.forward"] = _timeit(
+            lambda: layer(x), torch_sync, args.iters, args.warmup, args.repeats, events=cuda
+        )
+        rows["direct jitted JAX"] = _timeit(
+            lambda: fn(xj, *jargs), jax_sync, args.iters, args.warmup, args.repeats
+        )
+        rows["direct JAX + block"] = _timeit(
+            lambda: fn(xj, *jargs).block_until_ready(),
+            jax_sync,
+            args.iters,
+            args.warmup,
+            args.repeats,
+        )
+        rows["torch F.linear bf16"] = _timeit(
+            lambda: F.linear(x, w), torch_sync, args.iters, args.warmup, args.repeats, events=cuda
+        )
 
     dev_name = torch.cuda.get_device_name(device) if cuda else "CPU"
-    print(f"torch {torch.__version__}, jax {jax.__version__}, {dev_name}; "
-          f"x [{args.m}, {args.k}] bf16, W [{args.n}, {args.k}], {args.iters} calls x {args.repeats}")
+    print(
+        f"torch {torch.__version__}, jax {jax.__version__}, {dev_name}; "
+        f"x [{args.m}, {args.k}] bf16, W [{args.n}, {args.k}], {args.iters} calls x {args.repeats}"
+    )
     print(f"{'':22s} {'call us':>9s} {'wall us':>9s} {'events us':>10s}")
     for name, (call, wall, ev) in rows.items():
         evs = f"{ev:10.2f}" if ev is not None else f"{'-':>10s}"
@@ -121,8 +133,10 @@ def main(argv: list[str] | None = None) -> dict[str, tuple]:
     # no streams: forward must wait for its result, so its baseline is "+ block".
     base = "direct jitted JAX" if cuda else "direct JAX + block"
     fwd, direct = rows["NVFP4Linear.forward"], rows[base]
-    print(f"added by interop per call (vs {base}): {fwd[0] - direct[0]:+.2f} us (call), "
-          f"{fwd[1] - direct[1]:+.2f} us (wall)  [goal: <= 15 us]")
+    print(
+        f"added by interop per call (vs {base}): {fwd[0] - direct[0]:+.2f} us (call), "
+        f"{fwd[1] - direct[1]:+.2f} us (wall)  [goal: <= 15 us]"
+    )
     return rows
 
 

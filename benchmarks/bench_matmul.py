@@ -34,11 +34,15 @@ def sweep(m: int, n: int, k: int):
     if m <= 64:
         grid = itertools.product((128, 256), (128, 256, 512), (2, 4), (1, 2, 4, 8))
         for tile_n, tile_k, stages, split_k in grid:
-            yield dataclasses.replace(base, tile_n=tile_n, tile_k=tile_k, stages=stages, split_k=split_k)
+            yield dataclasses.replace(
+                base, tile_n=tile_n, tile_k=tile_k, stages=stages, split_k=split_k
+            )
     else:
         grid = itertools.product((128, 256), (128, 256), (64, 128), (2, 3, 4))
         for tile_n, tile_m, tile_k, stages in grid:
-            yield dataclasses.replace(base, tile_n=tile_n, tile_m=tile_m, tile_k=tile_k, stages=stages)
+            yield dataclasses.replace(
+                base, tile_n=tile_n, tile_m=tile_m, tile_k=tile_k, stages=stages
+            )
 
 
 def main() -> None:
@@ -54,22 +58,30 @@ def main() -> None:
     for nk in args.nk:
         n, k = (int(v) for v in nk.split("x"))
         bf16_copies = common.copies_for(n * k * 2)
-        w_bf16 = [jax.random.normal(jax.random.key(i), (n, k), jnp.bfloat16) for i in range(bf16_copies)]
+        w_bf16 = [
+            jax.random.normal(jax.random.key(i), (n, k), jnp.bfloat16) for i in range(bf16_copies)
+        ]
         wq = nv.quantize(w_bf16[0].T, axis=0)
         prepared = nv.prepare(wq)
         fp4_bytes = prepared.prepared.data.nbytes + prepared.prepared.scales.nbytes
-        fp4_copies = [jax.tree_util.tree_map(lambda a: a + 0 if a.dtype != jnp.float8_e4m3fn else a, prepared)
-                      for _ in range(common.copies_for(fp4_bytes))]
+        fp4_copies = [
+            jax.tree_util.tree_map(lambda a: a + 0 if a.dtype != jnp.float8_e4m3fn else a, prepared)
+            for _ in range(common.copies_for(fp4_bytes))
+        ]
         floor_us = fp4_bytes / (hbm * 1e9) * 1e6
         for m in args.m:
             x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
-            t_bf16 = common.time_per_call(lambda x, w: x @ w.T, [(x, w) for w in w_bf16], args.iterations)
+            t_bf16 = common.time_per_call(
+                lambda x, w: x @ w.T, [(x, w) for w in w_bf16], args.iterations
+            )
             best = None
-            for cfg in (sweep(m, n, k) if args.configs else [None]):
+            for cfg in sweep(m, n, k) if args.configs else [None]:
                 try:
                     t = common.time_per_call(
                         lambda x, w, cfg=cfg: nv.matmul(x, w, backend="pallas", config=cfg),
-                        [(x, w) for w in fp4_copies], args.iterations)
+                        [(x, w) for w in fp4_copies],
+                        args.iterations,
+                    )
                 except Exception as e:  # noqa: BLE001 - a swept config may not fit SMEM
                     print(f"  skip {cfg}: {str(e).splitlines()[0][:100]}")
                     continue
@@ -78,22 +90,49 @@ def main() -> None:
             t_fp4, cfg = best
             t_xla = float("nan")
             if not args.no_xla:
-                t_xla = common.time_per_call(lambda x, w: nv.matmul(x, w, backend="xla"),
-                                             [(x, w) for w in fp4_copies], max(5, args.iterations // 4))
-            row = [m, n, k, t_bf16, t_fp4, t_xla, f"{t_bf16 / t_fp4:.2f}x", f"{t_xla / t_fp4:.1f}x",
-                   f"{100 * floor_us / t_fp4:.0f}%",
-                   f"n{cfg.tile_n} m{cfg.tile_m} k{cfg.tile_k} s{cfg.stages} sk{cfg.split_k}"]
+                t_xla = common.time_per_call(
+                    lambda x, w: nv.matmul(x, w, backend="xla"),
+                    [(x, w) for w in fp4_copies],
+                    max(5, args.iterations // 4),
+                )
+            row = [
+                m,
+                n,
+                k,
+                t_bf16,
+                t_fp4,
+                t_xla,
+                f"{t_bf16 / t_fp4:.2f}x",
+                f"{t_xla / t_fp4:.1f}x",
+                f"{100 * floor_us / t_fp4:.0f}%",
+                f"n{cfg.tile_n} m{cfg.tile_m} k{cfg.tile_k} s{cfg.stages} sk{cfg.split_k}",
+            ]
             rows.append(row)
             print(row, flush=True)
-    text = "\n".join([
-        "# nvfp4_jax.matmul (weight-only NVFP4, Pallas Mosaic GPU) vs bf16",
-        "",
-        common.device_line(),
-        f"HBM copy bandwidth this run: {hbm:.0f} GB/s; times in us (CUPTI, median, weights rotated past 2x L2)",
-        "",
-        common.table(["M", "N", "K", "bf16", "nvfp4", "xla dq+dot", "vs bf16", "vs xla", "% of FP4 floor",
-                      "config"], rows),
-    ])
+    text = "\n".join(
+        [
+            "# nvfp4_jax.matmul (weight-only NVFP4, Pallas Mosaic GPU) vs bf16",
+            "",
+            common.device_line(),
+            f"HBM copy bandwidth this run: {hbm:.0f} GB/s; times in us (CUPTI, median, weights rotated past 2x L2)",
+            "",
+            common.table(
+                [
+                    "M",
+                    "N",
+                    "K",
+                    "bf16",
+                    "nvfp4",
+                    "xla dq+dot",
+                    "vs bf16",
+                    "vs xla",
+                    "% of FP4 floor",
+                    "config",
+                ],
+                rows,
+            ),
+        ]
+    )
     print(text)
     print("saved", common.save("matmul" + ("_sweep" if args.configs else ""), text))
 

@@ -37,35 +37,59 @@ def main() -> None:
         # name: (fn(backend) -> callable, arg sets, bytes)
         "quantize (given scale)": (
             lambda b: lambda x: nv.scaled_fp4_quant(x, gs, swizzled=False, backend=b),
-            [(x,) for x in xs], n * 2 + n // 2 + n // 16),
+            [(x,) for x in xs],
+            n * 2 + n // 2 + n // 16,
+        ),
         "quantize swizzled (given scale)": (
             lambda b: lambda x: nv.scaled_fp4_quant(x, gs, swizzled=True, backend=b),
-            [(x,) for x in xs], n * 2 + n // 2 + n // 16),
+            [(x,) for x in xs],
+            n * 2 + n // 2 + n // 16,
+        ),
         "quantize (default scale, +amax pass)": (
             lambda b: lambda x: nv.quantize(x, backend=b),
-            [(x,) for x in xs], n * 2 + n // 2 + n // 16),
+            [(x,) for x in xs],
+            n * 2 + n // 2 + n // 16,
+        ),
         "dequantize -> bf16": (
             lambda b: lambda a: nv.dequantize(a, jnp.bfloat16, backend=b),
-            [(a,) for a in qs], n // 2 + n // 16 + n * 2),
+            [(a,) for a in qs],
+            n // 2 + n // 16 + n * 2,
+        ),
         "quant_dequant (given scale)": (
             lambda b: lambda x: nv.quant_dequant(x, global_scale=gs, backend=b),
-            [(x,) for x in xs], n * 4),
+            [(x,) for x in xs],
+            n * 4,
+        ),
     }
     rows = []
     for name, (make, arg_sets, nbytes) in ops.items():
         t_pallas = common.time_per_call(make("pallas"), arg_sets, args.iterations)
         t_xla = common.time_per_call(make("xla"), arg_sets, args.iterations)
         gbs = nbytes / (t_pallas * 1e-6) / 1e9
-        rows.append([name, f"{nbytes / 2**20:.0f} MiB", t_pallas, t_xla, gbs,
-                     f"{100 * gbs / hbm:.0f}%", f"{t_xla / t_pallas:.2f}x"])
-    text = "\n".join([
-        "# NVFP4 memory-bound kernels",
-        "",
-        common.device_line(),
-        f"input: {r} x {k} bf16 ({n / 2**20:.0f} Mi elements); HBM copy bandwidth this run: {hbm:.0f} GB/s",
-        "",
-        common.table(["op", "min bytes", "pallas us", "xla us", "pallas GB/s", "% of HBM", "vs xla"], rows),
-    ])
+        rows.append(
+            [
+                name,
+                f"{nbytes / 2**20:.0f} MiB",
+                t_pallas,
+                t_xla,
+                gbs,
+                f"{100 * gbs / hbm:.0f}%",
+                f"{t_xla / t_pallas:.2f}x",
+            ]
+        )
+    text = "\n".join(
+        [
+            "# NVFP4 memory-bound kernels",
+            "",
+            common.device_line(),
+            f"input: {r} x {k} bf16 ({n / 2**20:.0f} Mi elements); HBM copy bandwidth this run: {hbm:.0f} GB/s",
+            "",
+            common.table(
+                ["op", "min bytes", "pallas us", "xla us", "pallas GB/s", "% of HBM", "vs xla"],
+                rows,
+            ),
+        ]
+    )
     print(text)
     print("saved", common.save("quant_kernels", text))
 

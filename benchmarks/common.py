@@ -46,8 +46,10 @@ def hbm_copy_bandwidth(nbytes: int = 2**30) -> float:
 
 def device_line() -> str:
     d = jax.devices()[0]
-    return (f"device: {d.device_kind} ({d.platform}), jax {jax.__version__}, "
-            f"date {datetime.date.today().isoformat()}, host {platform.node() or 'unknown'}")
+    return (
+        f"device: {d.device_kind} ({d.platform}), jax {jax.__version__}, "
+        f"date {datetime.date.today().isoformat()}, host {platform.node() or 'unknown'}"
+    )
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:

@@ -16,6 +16,7 @@ def main() -> None:
     try:
         from jax._src.lib import mosaic_gpu_dialect  # noqa: F401
         from jax.experimental.mosaic.gpu import core as mgpu_core
+
         print("ptxas ISA:", mgpu_core.mgpu_lib._mosaic_gpu_ext._get_ptxas_isa_version())
     except Exception as e:  # noqa: BLE001 - informational only
         print("ptxas ISA: unknown", type(e).__name__, e)

@@ -122,13 +122,24 @@ def load_minilm():
 
 def tokenize(model, sentences):
     """input_ids, token_type_ids, attention_mask: int32 [B, T] (padded to the longest)."""
-    t = model.tokenizer(sentences, padding=True, truncation=True, max_length=model.max_seq_length,
-                        return_tensors="np")
-    return {k: jnp.asarray(t[k], jnp.int32) for k in ("input_ids", "token_type_ids", "attention_mask")}
+    t = model.tokenizer(
+        sentences,
+        padding=True,
+        truncation=True,
+        max_length=model.max_seq_length,
+        return_tensors="np",
+    )
+    return {
+        k: jnp.asarray(t[k], jnp.int32) for k in ("input_ids", "token_type_ids", "attention_mask")
+    }
 
 
 def linear_names(config):
-    return [f"encoder.layer.{i}.{suffix}" for i in range(config["num_hidden_layers"]) for suffix in LINEARS.values()]
+    return [
+        f"encoder.layer.{i}.{suffix}"
+        for i in range(config["num_hidden_layers"])
+        for suffix in LINEARS.values()
+    ]
 
 
 # ---------------------------------------------------------------------------------------
@@ -136,7 +147,9 @@ def linear_names(config):
 # ---------------------------------------------------------------------------------------
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["weight", "bias"], meta_fields=["dtype"])
+@functools.partial(
+    jax.tree_util.register_dataclass, data_fields=["weight", "bias"], meta_fields=["dtype"]
+)
 @dataclasses.dataclass(frozen=True)
 class Dense:
     """An unquantized linear layer: ``x @ weight.T + bias`` (weight ``[N, K]``), computed in
@@ -147,7 +160,11 @@ class Dense:
     dtype: str = "float32"
 
     def __call__(self, x):
-        y = jnp.dot(x.astype(self.dtype), self.weight.astype(self.dtype).T, preferred_element_type=jnp.float32)
+        y = jnp.dot(
+            x.astype(self.dtype),
+            self.weight.astype(self.dtype).T,
+            preferred_element_type=jnp.float32,
+        )
         return y + self.bias
 
 
@@ -182,9 +199,14 @@ def encode(params, linears, batch, config, *, collect_amax=False):
             amax[name] = jnp.max(jnp.abs(x))
         return _apply(linears[name], x)
 
-    x = (params["embeddings.word_embeddings.weight"][ids] + params["embeddings.position_embeddings.weight"][:t]
-         + params["embeddings.token_type_embeddings.weight"][types])
-    x = _layernorm(x, params["embeddings.LayerNorm.weight"], params["embeddings.LayerNorm.bias"], eps)
+    x = (
+        params["embeddings.word_embeddings.weight"][ids]
+        + params["embeddings.position_embeddings.weight"][:t]
+        + params["embeddings.token_type_embeddings.weight"][types]
+    )
+    x = _layernorm(
+        x, params["embeddings.LayerNorm.weight"], params["embeddings.LayerNorm.bias"], eps
+    )
     bias = jnp.where(mask[:, None, None, :] > 0, 0.0, jnp.finfo(jnp.float32).min)  # [B, 1, 1, T]
     for i in range(config["num_hidden_layers"]):
         p = f"encoder.layer.{i}."
@@ -193,11 +215,19 @@ def encode(params, linears, batch, config, *, collect_amax=False):
         scores = jnp.einsum("bhqd,bhkd->bhqk", q, k) / np.sqrt(q.shape[-1]) + bias
         ctx = jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(scores, axis=-1), v)
         ctx = ctx.transpose(0, 2, 1, 3).reshape(b, t, -1)
-        x = _layernorm(x + lin(p + LINEARS["o"], ctx), params[p + "attention.output.LayerNorm.weight"],
-                       params[p + "attention.output.LayerNorm.bias"], eps)
+        x = _layernorm(
+            x + lin(p + LINEARS["o"], ctx),
+            params[p + "attention.output.LayerNorm.weight"],
+            params[p + "attention.output.LayerNorm.bias"],
+            eps,
+        )
         h = jax.nn.gelu(lin(p + LINEARS["ffn_in"], x), approximate=False)
-        x = _layernorm(x + lin(p + LINEARS["ffn_out"], h), params[p + "output.LayerNorm.weight"],
-                       params[p + "output.LayerNorm.bias"], eps)
+        x = _layernorm(
+            x + lin(p + LINEARS["ffn_out"], h),
+            params[p + "output.LayerNorm.weight"],
+            params[p + "output.LayerNorm.bias"],
+            eps,
+        )
     m = mask[..., None].astype(x.dtype)
     pooled = jnp.sum(x * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1e-9)
     emb = pooled / jnp.maximum(jnp.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
@@ -221,10 +251,12 @@ def cosines(a, b):
 
 def nn_agreement(a, b):
     """How many sentences keep the same nearest neighbour (by cosine) under ``b`` as under ``a``."""
+
     def nearest(e):
         s = np.asarray(e, np.float64) @ np.asarray(e, np.float64).T
         np.fill_diagonal(s, -np.inf)
         return s.argmax(-1)
+
     return int(np.sum(nearest(a) == nearest(b)))
 
 
@@ -277,16 +309,23 @@ def main(out_dir: Path = OUT) -> dict:
     reference = model.encode(SENTENCES, convert_to_numpy=True, batch_size=len(SENTENCES))
     names = linear_names(config)
     params = {k: jnp.asarray(v) for k, v in weights.items() if k.rpartition(".")[0] not in names}
-    dense = {n: Dense(jnp.asarray(weights[n + ".weight"]), jnp.asarray(weights[n + ".bias"])) for n in names}
-    print(f"model: sentence-transformers/all-MiniLM-L6-v2 from {weights_file.parent.parent.name} "
-          f"({len(SENTENCES)} sentences, padded to {batch['input_ids'].shape[1]} tokens)")
+    dense = {
+        n: Dense(jnp.asarray(weights[n + ".weight"]), jnp.asarray(weights[n + ".bias"]))
+        for n in names
+    }
+    print(
+        f"model: sentence-transformers/all-MiniLM-L6-v2 from {weights_file.parent.parent.name} "
+        f"({len(SENTENCES)} sentences, padded to {batch['input_ids'].shape[1]} tokens)"
+    )
 
     # 1. The JAX port against sentence-transformers.
     run = jax.jit(functools.partial(encode, config=config))
     emb_f32 = np.asarray(run(params, dense, batch))
     cos = cosines(emb_f32, reference)
-    print(f"\n[1] JAX float32 port vs sentence-transformers: max |diff| {np.abs(emb_f32 - reference).max():.2e}, "
-          f"min cosine {cos.min():.7f}")
+    print(
+        f"\n[1] JAX float32 port vs sentence-transformers: max |diff| {np.abs(emb_f32 - reference).max():.2e}, "
+        f"min cosine {cos.min():.7f}"
+    )
     assert cos.min() > 0.99999, "the JAX port does not reproduce sentence-transformers"
     results = {"port_min_cos": float(cos.min()), "cos": {}}
 
@@ -295,7 +334,9 @@ def main(out_dir: Path = OUT) -> dict:
     quantized = {n: nv.quantize(jnp.asarray(weights[n + ".weight"], jnp.bfloat16)) for n in names}
     jax.block_until_ready(quantized)
     t_quant = time.perf_counter() - t0
-    sqnr = {n: sqnr_db(weights[n + ".weight"], nv.dequantize(quantized[n], jnp.float32)) for n in names}
+    sqnr = {
+        n: sqnr_db(weights[n + ".weight"], nv.dequantize(quantized[n], jnp.float32)) for n in names
+    }
     print(f"\n[2] per-layer NVFP4 weight SQNR (dB), quantized in {t_quant:.2f} s:")
     print("      " + "".join(f"{label:>9}" for label in LINEARS))
     for i in range(config["num_hidden_layers"]):
@@ -308,13 +349,21 @@ def main(out_dir: Path = OUT) -> dict:
     results["sqnr_db"] = sqnr
 
     # 3. Static activation scales, save as a compressed-tensors checkpoint, load it back.
-    _, amax = jax.jit(functools.partial(encode, config=config, collect_amax=True))(params, dense, batch)
+    _, amax = jax.jit(functools.partial(encode, config=config, collect_amax=True))(
+        params, dense, batch
+    )
     input_scales = {n: jnp.float32(amax[n]) / jnp.float32(6 * 448) for n in names}
     ckpt_dir = out_dir / "minilm-nvfp4"
     others = {k: v for k, v in weights.items() if k.rpartition(".")[0] not in names}
     others.update({n + ".bias": weights[n + ".bias"] for n in names})
-    checkpoint.save_checkpoint(ckpt_dir, quantized, format="compressed-tensors", input_scales=input_scales,
-                               dense=others, model_config=dict(config, torch_dtype="float32"))
+    checkpoint.save_checkpoint(
+        ckpt_dir,
+        quantized,
+        format="compressed-tensors",
+        input_scales=input_scales,
+        dense=others,
+        model_config=dict(config, torch_dtype="float32"),
+    )
     loaded = checkpoint.load_checkpoint(ckpt_dir, dtype=jnp.bfloat16, progress=False)
     for n in names:  # the round trip is exact
         assert bool(jnp.all(loaded.weights[n].data == quantized[n].data))
@@ -323,17 +372,23 @@ def main(out_dir: Path = OUT) -> dict:
     w4a4 = {n: NVFP4Linear.from_checkpoint(loaded, n, scheme="w4a4") for n in names}
     size = lambda p: sum(f.stat().st_size for f in p.glob("*.safetensors"))  # noqa: E731
     results["checkpoint"] = ckpt_dir
-    print(f"\n[3] saved + reloaded {os.path.relpath(ckpt_dir)}: {loaded.format}, "
-          f"{len(loaded.weights)} NVFP4 layers, {size(ckpt_dir) / 2**20:.1f} MiB on disk "
-          f"(original float32 file {weights_file.stat().st_size / 2**20:.1f} MiB)")
+    print(
+        f"\n[3] saved + reloaded {os.path.relpath(ckpt_dir)}: {loaded.format}, "
+        f"{len(loaded.weights)} NVFP4 layers, {size(ckpt_dir) / 2**20:.1f} MiB on disk "
+        f"(original float32 file {weights_file.stat().st_size / 2**20:.1f} MiB)"
+    )
 
     # 4. The NVFP4 model against the unquantized one.
     bf16 = {n: Dense(d.weight, d.bias, "bfloat16") for n, d in dense.items()}
     variants = {"dense bf16 (baseline)": bf16, "NVFP4 W4A16": w4a16, "NVFP4 W4A4 (emulated)": w4a4}
     print(f"\n[4] embeddings vs the unquantized model ({len(SENTENCES)} sentences):")
-    print(f"  {'':24} {'mean cos':>9} {'min cos':>9} {'same nearest neighbour':>23} {'ms/batch':>9}")
+    print(
+        f"  {'':24} {'mean cos':>9} {'min cos':>9} {'same nearest neighbour':>23} {'ms/batch':>9}"
+    )
     ms = time_ms(run, params, dense, batch)
-    print(f"  {'dense float32':24} {1:9.5f} {1:9.5f} {len(SENTENCES):>17}/{len(SENTENCES)} {ms:9.2f}")
+    print(
+        f"  {'dense float32':24} {1:9.5f} {1:9.5f} {len(SENTENCES):>17}/{len(SENTENCES)} {ms:9.2f}"
+    )
     xla_used = False
     for label, linears in variants.items():
         with backends.record() as log:  # which implementation the NVFP4 ops dispatched to
@@ -344,23 +399,31 @@ def main(out_dir: Path = OUT) -> dict:
         results["cos"][label] = (float(cos.mean()), float(cos.min()))
         ms = time_ms(run, params, linears, batch)
         agree = nn_agreement(emb_f32, emb)
-        print(f"  {label:24} {cos.mean():9.5f} {cos.min():9.5f} {agree:>17}/{len(SENTENCES)} {ms:9.2f}"
-              + (f"   ({', '.join(used)})" if used else ""))
+        print(
+            f"  {label:24} {cos.mean():9.5f} {cos.min():9.5f} {agree:>17}/{len(SENTENCES)} {ms:9.2f}"
+            + (f"   ({', '.join(used)})" if used else "")
+        )
 
     # Memory of the 36 linear weights (the rest of the model stays as it was).
     n_params = sum(int(np.prod(weights[n + ".weight"].shape)) for n in names)
     nvfp4_bytes = sum(quantized[n].nbytes for n in names)
     total_f32 = sum(v.nbytes for v in weights.values())
-    print(f"\nmemory of the linear weights ({n_params / 1e6:.1f} M parameters): float32 {4 * n_params / 2**20:.1f} MiB, "
-          f"bf16 {2 * n_params / 2**20:.1f} MiB, NVFP4 {nvfp4_bytes / 2**20:.2f} MiB "
-          f"({4 * n_params / nvfp4_bytes:.1f}x / {2 * n_params / nvfp4_bytes:.1f}x smaller, "
-          f"{8 * nvfp4_bytes / n_params:.2f} bits per weight)")
-    print(f"whole model: {total_f32 / 2**20:.1f} MiB -> {(total_f32 - 4 * n_params + nvfp4_bytes) / 2**20:.1f} MiB "
-          f"(embeddings stay float32)")
+    print(
+        f"\nmemory of the linear weights ({n_params / 1e6:.1f} M parameters): float32 {4 * n_params / 2**20:.1f} MiB, "
+        f"bf16 {2 * n_params / 2**20:.1f} MiB, NVFP4 {nvfp4_bytes / 2**20:.2f} MiB "
+        f"({4 * n_params / nvfp4_bytes:.1f}x / {2 * n_params / nvfp4_bytes:.1f}x smaller, "
+        f"{8 * nvfp4_bytes / n_params:.2f} bits per weight)"
+    )
+    print(
+        f"whole model: {total_f32 / 2**20:.1f} MiB -> {(total_f32 - 4 * n_params + nvfp4_bytes) / 2**20:.1f} MiB "
+        f"(embeddings stay float32)"
+    )
     print("timing: one jitted forward of the whole batch, median of 10 runs")
     if xla_used:
-        print("  ('xla' NVFP4 ops dequantize the weight and call a dense dot: they save memory, not time;"
-              " the Pallas kernels run on sm_90+ GPUs, see nvfp4_jax.backends)")
+        print(
+            "  ('xla' NVFP4 ops dequantize the weight and call a dense dot: they save memory, not time;"
+            " the Pallas kernels run on sm_90+ GPUs, see nvfp4_jax.backends)"
+        )
     print(f"total {time.perf_counter() - t_start:.1f} s")
     return results
 

@@ -26,7 +26,9 @@ def mlp(d=1024, hidden=4096):
 
 
 def encoder_layer(d=1024, hidden=4096, heads=16):
-    return nn.TransformerEncoderLayer(d, heads, dim_feedforward=hidden, dropout=0.0, batch_first=True)
+    return nn.TransformerEncoderLayer(
+        d, heads, dim_feedforward=hidden, dropout=0.0, batch_first=True
+    )
 
 
 def weight_mib(model):
@@ -78,12 +80,18 @@ def main():
         rows.append((name, weight_mib(dense), weight_mib(quant), err, t_dense, t_quant))
 
     print()
-    print(f"{'model':26s} {'bf16 MiB':>9s} {'nvfp4 MiB':>10s} {'rel err':>8s} "
-          f"{'bf16 ms':>8s} {'nvfp4 ms':>9s} {'speedup':>8s}")
+    print(
+        f"{'model':26s} {'bf16 MiB':>9s} {'nvfp4 MiB':>10s} {'rel err':>8s} "
+        f"{'bf16 ms':>8s} {'nvfp4 ms':>9s} {'speedup':>8s}"
+    )
     for name, mib_d, mib_q, err, t_d, t_q in rows:
-        print(f"{name:26s} {mib_d:9.1f} {mib_q:10.1f} {err:8.4f} {t_d:8.3f} {t_q:9.3f} {t_d / t_q:7.2f}x")
-    print("(rel err = ||y_nvfp4 - y_bf16|| / ||y_bf16||: NVFP4 weight rounding, ~0.1 per layer "
-          "on Gaussian weights; the attention projections stay bf16)")
+        print(
+            f"{name:26s} {mib_d:9.1f} {mib_q:10.1f} {err:8.4f} {t_d:8.3f} {t_q:9.3f} {t_d / t_q:7.2f}x"
+        )
+    print(
+        "(rel err = ||y_nvfp4 - y_bf16|| / ||y_bf16||: NVFP4 weight rounding, ~0.1 per layer "
+        "on Gaussian weights; the attention projections stay bf16)"
+    )
 
 
 if __name__ == "__main__":

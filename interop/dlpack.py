@@ -212,7 +212,9 @@ def _retype_capsule(capsule: Any, code: int, bits: int) -> None:
     else:
         raise BufferError(f"not an unconsumed DLPack capsule: {name!r}")
     if dl.dtype.bits != bits or dl.dtype.lanes != 1:
-        raise BufferError(f"cannot retype a {dl.dtype.bits}-bit x{dl.dtype.lanes} element to {bits} bits")
+        raise BufferError(
+            f"cannot retype a {dl.dtype.bits}-bit x{dl.dtype.lanes} element to {bits} bits"
+        )
     dl.dtype.code = code
 
 
@@ -365,8 +367,12 @@ def to_torch(array: jax.Array) -> torch.Tensor:
       array's device) waits until the array is ready; no host synchronization.
     """
     device = _check_array(array)
-    return _export(array, torch.device("cpu") if device.platform == "cpu"
-                   else torch.device("cuda", device.local_hardware_id))
+    return _export(
+        array,
+        torch.device("cpu")
+        if device.platform == "cpu"
+        else torch.device("cuda", device.local_hardware_id),
+    )
 
 
 def _to_jax_fast(tensor: torch.Tensor) -> jax.Array:

@@ -148,19 +148,27 @@ class NVFP4Linear(nn.Module):
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         if in_features % 16:
-            raise ValueError(f"in_features must be a multiple of 16 (the NVFP4 block), got {in_features}")
+            raise ValueError(
+                f"in_features must be a multiple of 16 (the NVFP4 block), got {in_features}"
+            )
         if bias_dtype not in _DENSE_DTYPES:
             raise TypeError(f"bias_dtype must be float32, bfloat16 or float16, got {bias_dtype}")
         self.in_features, self.out_features = in_features, out_features
         self.backend = _check_backend(backend)
         kw = dict(device=device)
-        self.register_buffer("weight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, **kw))
         self.register_buffer(
-            "weight_scale", torch.zeros(out_features, in_features // 16, dtype=torch.float8_e4m3fn, **kw))
+            "weight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, **kw)
+        )
+        self.register_buffer(
+            "weight_scale",
+            torch.zeros(out_features, in_features // 16, dtype=torch.float8_e4m3fn, **kw),
+        )
         self.register_buffer("weight_scale_2", torch.ones((), dtype=torch.float32, **kw))
         if input_scale:
             self.register_buffer("input_scale", torch.ones((), dtype=torch.float32, **kw))
-        self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype, **kw) if bias else None)
+        self.register_buffer(
+            "bias", torch.zeros(out_features, dtype=bias_dtype, **kw) if bias else None
+        )
         self._jax: tuple | None = None  # (source buffers, device, jitted fn, JAX args)
 
     # -- constructors ---------------------------------------------------------------------
@@ -230,8 +238,12 @@ class NVFP4Linear(nn.Module):
             if tuple(bias.shape) != (out_features,):
                 raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
         layer = cls(
-            in_features, out_features, bias is not None, input_scale=input_scale is not None,
-            bias_dtype=bias.dtype if bias is not None else torch.bfloat16, device="meta",
+            in_features,
+            out_features,
+            bias is not None,
+            input_scale=input_scale is not None,
+            bias_dtype=bias.dtype if bias is not None else torch.bfloat16,
+            device="meta",
             backend=backend,
         )
         layer.weight = weight.detach().contiguous()
@@ -264,7 +276,9 @@ class NVFP4Linear(nn.Module):
         if a.data.ndim != 2:
             raise ValueError(f"a must be a 2-D weight, got logical shape {a.shape}")
         if jnp.ndim(a.tensor_scale) != 0:
-            raise ValueError(f"a.tensor_scale must be a scalar, got shape {jnp.shape(a.tensor_scale)}")
+            raise ValueError(
+                f"a.tensor_scale must be a scalar, got shape {jnp.shape(a.tensor_scale)}"
+            )
         return cls.from_checkpoint_tensors(
             to_torch(a.data),
             to_torch(a.scales),
@@ -285,7 +299,9 @@ class NVFP4Linear(nn.Module):
         if w.dtype not in _DENSE_DTYPES:
             raise TypeError(f"linear.weight must be float32, bfloat16 or float16, got {w.dtype}")
         if linear.in_features % 16:
-            raise ValueError(f"linear.in_features must be a multiple of 16, got {linear.in_features}")
+            raise ValueError(
+                f"linear.in_features must be a multiple of 16, got {linear.in_features}"
+            )
         quantize = _quantize_fn(_backend_for(None, w.device))
         a = quantize(to_jax(w, copy=None))  # a copy only for a strided/misaligned weight
         bias = None if linear.bias is None else linear.bias.detach().clone()
@@ -303,13 +319,23 @@ class NVFP4Linear(nn.Module):
             return state
         weight, scales, ts, bias = (None if t is None else t.detach() for t in sources)
         if weight.device.type not in ("cpu", "cuda"):
-            raise ValueError(f"NVFP4Linear buffers are on {weight.device}; move the layer to cpu or cuda")
+            raise ValueError(
+                f"NVFP4Linear buffers are on {weight.device}; move the layer to cpu or cuda"
+            )
         # copy=None: e.g. tensors of a mmapped checkpoint may be misaligned; then one copy.
-        a = NVFP4Array(to_jax(weight, copy=None), to_jax(scales, copy=None),
-                       to_jax(ts.reshape(()), copy=None), axis=-1)  # validates shapes, scale > 0
+        a = NVFP4Array(
+            to_jax(weight, copy=None),
+            to_jax(scales, copy=None),
+            to_jax(ts.reshape(()), copy=None),
+            axis=-1,
+        )  # validates shapes, scale > 0
         jbias = None if bias is None else to_jax(bias, copy=None)
-        self._jax = (sources, weight.device, _linear_fn(_backend_for(self.backend, weight.device)),
-                     (a.data, a.scales, a.tensor_scale, jbias))
+        self._jax = (
+            sources,
+            weight.device,
+            _linear_fn(_backend_for(self.backend, weight.device)),
+            (a.data, a.scales, a.tensor_scale, jbias),
+        )
         return self._jax
 
     def refresh(self) -> None:
@@ -326,7 +352,11 @@ class NVFP4Linear(nn.Module):
         """``e2m1 · weight_scale · weight_scale_2`` as a dense ``[out, in]`` tensor."""
         if dtype not in _DENSE_DTYPES:
             raise TypeError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
-        jdtype = {torch.float32: jnp.float32, torch.bfloat16: jnp.bfloat16, torch.float16: jnp.float16}[dtype]
+        jdtype = {
+            torch.float32: jnp.float32,
+            torch.bfloat16: jnp.bfloat16,
+            torch.float16: jnp.float16,
+        }[dtype]
         backend = _backend_for(None, self._buffers["weight"].device)
         return to_torch(nvfp4_jax.dequantize(self.nvfp4_weight(), jdtype, backend=backend))
 
@@ -347,7 +377,9 @@ class NVFP4Linear(nn.Module):
                 )
             x = x.detach()
         if x.is_nested or x.layout != torch.strided:
-            raise TypeError(f"x must be a dense tensor, got layout {x.layout} (nested={x.is_nested})")
+            raise TypeError(
+                f"x must be a dense tensor, got layout {x.layout} (nested={x.is_nested})"
+            )
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"x must have shape [..., {self.in_features}], got {tuple(x.shape)}")
         _, device, fn, args = self._jax_state()
@@ -381,28 +413,39 @@ class NVFP4Linear(nn.Module):
         self._jax = None
         return self
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
-                              missing_keys, unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         # torch's loader would cast (copy_) a float weight into the uint8 buffer: refuse.
-        want = {"weight": (torch.uint8,), "weight_scale": (torch.float8_e4m3fn,),
-                "weight_scale_2": _DENSE_DTYPES, "input_scale": _DENSE_DTYPES, "bias": _DENSE_DTYPES}
+        want = {
+            "weight": (torch.uint8,),
+            "weight_scale": (torch.float8_e4m3fn,),
+            "weight_scale_2": _DENSE_DTYPES,
+            "input_scale": _DENSE_DTYPES,
+            "bias": _DENSE_DTYPES,
+        }
         errors = []
         for name, dtypes in want.items():
             t = state_dict.get(prefix + name)
             if isinstance(t, torch.Tensor) and t.dtype not in dtypes:
                 hint = ""
                 if name == "weight" and t.is_floating_point():
-                    hint = (" -- this looks like an unquantized nn.Linear state dict; quantize it "
-                            "with NVFP4Linear.from_linear or interop.quantize_model_")
+                    hint = (
+                        " -- this looks like an unquantized nn.Linear state dict; quantize it "
+                        "with NVFP4Linear.from_linear or interop.quantize_model_"
+                    )
                 elif name == "weight_scale" and t.dtype == torch.uint8:
                     hint = " -- raw bytes: store them as .view(torch.float8_e4m3fn)"
-                errors.append(f"{prefix}{name} must have dtype "
-                              f"{' or '.join(str(d) for d in dtypes)}, got {t.dtype}{hint}")
+                errors.append(
+                    f"{prefix}{name} must have dtype "
+                    f"{' or '.join(str(d) for d in dtypes)}, got {t.dtype}{hint}"
+                )
         if errors:
             error_msgs.extend(errors)
             return
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
-                                      missing_keys, unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
         for name in ("weight_scale_2", "input_scale"):
             t = self._buffers.get(name)
             if t is not None and not (bool(torch.isfinite(t)) and float(t) > 0):
@@ -410,8 +453,10 @@ class NVFP4Linear(nn.Module):
         self._jax = None
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, backend={self.backend or 'auto'}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, backend={self.backend or 'auto'}"
+        )
 
 
 # -- quantize_model_ ------------------------------------------------------------------------
@@ -425,7 +470,9 @@ class QuantizeReport:
     notes: list[str] = dataclasses.field(default_factory=list)
 
     def __str__(self) -> str:
-        lines = [f"quantized {len(self.quantized)} Linear layer(s) to NVFP4, skipped {len(self.skipped)}"]
+        lines = [
+            f"quantized {len(self.quantized)} Linear layer(s) to NVFP4, skipped {len(self.skipped)}"
+        ]
         lines += [f"  skipped {name}: {why}" for name, why in self.skipped.items()]
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
@@ -471,7 +518,9 @@ def _skip_predicate(skip: Any) -> Callable[[str, nn.Module], bool]:
         return skip
     patterns = [skip] if isinstance(skip, str) else list(skip)
     if not all(isinstance(p, str) for p in patterns):
-        raise TypeError(f"skip must be a callable(name, module) -> bool or glob pattern(s), got {skip!r}")
+        raise TypeError(
+            f"skip must be a callable(name, module) -> bool or glob pattern(s), got {skip!r}"
+        )
     return lambda name, module: any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
@@ -494,14 +543,24 @@ def _disable_fused_paths(model: nn.Module, report: QuantizeReport) -> None:
     ``linear2.weight`` directly (and feed nested tensors): route them through ``forward``."""
     for name, m in model.named_modules():
         if isinstance(m, nn.TransformerEncoderLayer) and (
-                isinstance(m.linear1, NVFP4Linear) or isinstance(m.linear2, NVFP4Linear)):
+            isinstance(m.linear1, NVFP4Linear) or isinstance(m.linear2, NVFP4Linear)
+        ):
             if m.activation_relu_or_gelu:
-                m.activation_relu_or_gelu = 0  # only selects the fused kernel; forward uses .activation
-                report.notes.append(f"{name or 'model'}: fused TransformerEncoderLayer fast path disabled")
-        if isinstance(m, nn.TransformerEncoder) and getattr(m, "use_nested_tensor", False) and any(
-                isinstance(s, NVFP4Linear) for s in m.modules()):
+                m.activation_relu_or_gelu = (
+                    0  # only selects the fused kernel; forward uses .activation
+                )
+                report.notes.append(
+                    f"{name or 'model'}: fused TransformerEncoderLayer fast path disabled"
+                )
+        if (
+            isinstance(m, nn.TransformerEncoder)
+            and getattr(m, "use_nested_tensor", False)
+            and any(isinstance(s, NVFP4Linear) for s in m.modules())
+        ):
             m.use_nested_tensor = False
-            report.notes.append(f"{name or 'model'}: TransformerEncoder nested-tensor path disabled")
+            report.notes.append(
+                f"{name or 'model'}: TransformerEncoder nested-tensor path disabled"
+            )
 
 
 def quantize_model_(
@@ -537,8 +596,10 @@ def quantize_model_(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if isinstance(model, nn.Linear):
-        raise TypeError("model is itself an nn.Linear and cannot be replaced in place; "
-                        "use NVFP4Linear.from_linear(model)")
+        raise TypeError(
+            "model is itself an nn.Linear and cannot be replaced in place; "
+            "use NVFP4Linear.from_linear(model)"
+        )
     backend = _check_backend(backend)
     skip_fn = _skip_predicate(skip)
     report = QuantizeReport()

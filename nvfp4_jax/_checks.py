@@ -39,9 +39,7 @@ def float_array(x: Any, name: str) -> jax.Array:
 def quantizable(x: Any, name: str) -> jax.Array:
     x = as_array(x, name)
     if x.dtype not in QUANTIZABLE_DTYPES:
-        raise TypeError(
-            f"{name} must be one of {_dtype_names(QUANTIZABLE_DTYPES)}, got {x.dtype}"
-        )
+        raise TypeError(f"{name} must be one of {_dtype_names(QUANTIZABLE_DTYPES)}, got {x.dtype}")
     return x
 
 
@@ -49,7 +47,9 @@ def code_array(x: Any, name: str) -> jax.Array:
     """uint8 E2M1 codes; concrete values must be < 16."""
     x = dtype_is(x, name, jnp.uint8)
     if is_concrete(x) and x.size and int(np.max(np.asarray(x))) > 15:
-        raise ValueError(f"{name} must hold 4-bit codes (0..15), got a value {int(np.max(np.asarray(x)))}")
+        raise ValueError(
+            f"{name} must hold 4-bit codes (0..15), got a value {int(np.max(np.asarray(x)))}"
+        )
     return x
 
 
@@ -64,7 +64,9 @@ def output_dtype(dtype: Any, name: str = "dtype") -> jnp.dtype:
     try:
         d = jnp.dtype(dtype)
     except TypeError as e:
-        raise TypeError(f"{name} must be one of {_dtype_names(OUTPUT_DTYPES)}, got {dtype!r}") from e
+        raise TypeError(
+            f"{name} must be one of {_dtype_names(OUTPUT_DTYPES)}, got {dtype!r}"
+        ) from e
     if d not in OUTPUT_DTYPES:
         raise TypeError(f"{name} must be one of {_dtype_names(OUTPUT_DTYPES)}, got {d}")
     return d
@@ -112,5 +114,7 @@ def positive_finite_scale(x: Any, name: str, batch_shape: tuple[int, ...] | None
     if is_concrete(x):
         v = np.asarray(x)
         if not np.all(np.isfinite(v)) or not np.all(v > 0):
-            raise ValueError(f"{name} must be finite and > 0, got {v if v.size < 8 else v.ravel()[:8]}")
+            raise ValueError(
+                f"{name} must be finite and > 0, got {v if v.size < 8 else v.ravel()[:8]}"
+            )
     return x

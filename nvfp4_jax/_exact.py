@@ -46,7 +46,14 @@ def div_rn(a: jax.Array, b: jax.Array) -> jax.Array:
     mant = mant + up.astype(jnp.uint32)
     carry = mant >= (1 << 24)
     mant = jnp.where(carry, mant >> 1, mant)
-    exp = ea.astype(jnp.int32) - eb.astype(jnp.int32) + 127 - 1 + wide.astype(jnp.int32) + carry.astype(jnp.int32)
+    exp = (
+        ea.astype(jnp.int32)
+        - eb.astype(jnp.int32)
+        + 127
+        - 1
+        + wide.astype(jnp.int32)
+        + carry.astype(jnp.int32)
+    )
     bits = (exp.astype(jnp.uint32) << 23) | (mant & 0x7FFFFF)
     exact = lax.bitcast_convert_type(bits, jnp.float32)
     ok = (ea > 0) & (ea < 255) & (eb > 0) & (eb < 255) & (exp > 0) & (exp < 255)

@@ -24,20 +24,28 @@ backends.register("quant_dequant", Backend.XLA)(reference.quant_dequant)
 
 @backends.register("quantize", Backend.PALLAS)
 def _pallas_quantize(x, global_scale, *, swizzled=False):
-    return quantize_kernels.quantize(x, global_scale, swizzled=swizzled,
-                                     interpret=backends.interpret_pallas())
+    return quantize_kernels.quantize(
+        x, global_scale, swizzled=swizzled, interpret=backends.interpret_pallas()
+    )
 
 
 @backends.register("dequantize", Backend.PALLAS)
 def _pallas_dequantize(data, scales, tensor_scale, dtype, *, swizzled=False):
-    return dequantize_kernels.dequantize(data, scales, tensor_scale, out_dtype=dtype,
-                                         swizzled=swizzled, interpret=backends.interpret_pallas())
+    return dequantize_kernels.dequantize(
+        data,
+        scales,
+        tensor_scale,
+        out_dtype=dtype,
+        swizzled=swizzled,
+        interpret=backends.interpret_pallas(),
+    )
 
 
 @backends.register("quant_dequant", Backend.PALLAS)
 def _pallas_quant_dequant(x, global_scale, tensor_scale):
-    return quantize_kernels.quant_dequant(x, global_scale, tensor_scale,
-                                          interpret=backends.interpret_pallas())
+    return quantize_kernels.quant_dequant(
+        x, global_scale, tensor_scale, interpret=backends.interpret_pallas()
+    )
 
 
 def _prepare(x: Any, axis: int, fn: str) -> tuple[jax.Array, int]:
@@ -50,7 +58,9 @@ def _prepare(x: Any, axis: int, fn: str) -> tuple[jax.Array, int]:
 def _scales(xs: jax.Array, tensor_scale: Any, global_scale: Any) -> tuple[jax.Array, jax.Array]:
     """(quantize-direction global scale, tensor scale) for storage-layout ``xs``."""
     if tensor_scale is not None and global_scale is not None:
-        raise ValueError("give tensor_scale or global_scale, not both (one is the inverse of the other)")
+        raise ValueError(
+            "give tensor_scale or global_scale, not both (one is the inverse of the other)"
+        )
     batch = xs.shape[:-2]
     if tensor_scale is not None:
         ts = _checks.positive_finite_scale(tensor_scale, "tensor_scale", batch)
@@ -97,7 +107,9 @@ def quantize(
     return NVFP4Array(data, scales, ts, axis=ax, dtype=xs.dtype)
 
 
-def dequantize(a: NVFP4Array, dtype: Any = jnp.bfloat16, *, backend: str | None = None) -> jax.Array:
+def dequantize(
+    a: NVFP4Array, dtype: Any = jnp.bfloat16, *, backend: str | None = None
+) -> jax.Array:
     """``e2m1 · scale · tensor_scale`` (float32 math, one rounding) as ``dtype``, in the
     logical shape and axis order of ``a``."""
     if not isinstance(a, NVFP4Array):
@@ -139,7 +151,9 @@ def _fake_quant_fwd(xs, gs, ts, backend):
 
 def _fake_quant_bwd(backend, residuals, g):
     xs, gs, ts = residuals
-    limit = reference.batch_broadcast(ts * jnp.float32(E2M1_E4M3_MAX), xs.ndim)
+    # A relative slack of 2^-16 keeps the tensor's own amax inside despite the rounding of
+    # ts = 1/gs; real saturation (a tensor scale chosen too small) is far larger.
+    limit = reference.batch_broadcast(ts * jnp.float32(E2M1_E4M3_MAX * (1 + 2.0**-16)), xs.ndim)
     inside = jnp.abs(xs.astype(jnp.float32)) <= limit
     return jnp.where(inside, g, jnp.zeros_like(g)), jnp.zeros_like(gs), jnp.zeros_like(ts)
 
@@ -201,7 +215,9 @@ def dequantize_to_dtype(
     want = swizzled_shape(plain) if swizzled else plain
     if scales.shape != want:
         layout = "swizzled 128x4" if swizzled else "plain"
-        raise ValueError(f"{layout} scales for data {data.shape} must have shape {want}, got {scales.shape}")
+        raise ValueError(
+            f"{layout} scales for data {data.shape} must have shape {want}, got {scales.shape}"
+        )
     ts = _checks.positive_finite_scale(tensor_scale, "tensor_scale", data.shape[:-2])
     dtype = _checks.output_dtype(dtype)
     return backends.call("dequantize", backend, data, scales, ts, dtype, swizzled=bool(swizzled))

@@ -129,6 +129,10 @@ class NVFP4Array:
             f"NVFP4Array(shape={self.shape}, dtype={jnp.dtype(self.dtype).name}, "
             f"axis={self.axis + self.ndim}, data={leaf(self.data)}, "
             f"scales={leaf(self.scales)}, tensor_scale={ts}"
-            + (f", prepared for {jnp.dtype(self.prepared.scales.dtype).name}" if self.prepared is not None else "")
+            + (
+                f", prepared for {jnp.dtype(self.prepared.scales.dtype).name}"
+                if self.prepared is not None
+                else ""
+            )
             + ")"
         )

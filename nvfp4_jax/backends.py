@@ -50,8 +50,15 @@ class DeviceInfo:
         return self.compute_capability is not None and self.compute_capability >= (9, 0)
 
 
-_KIND_CAPABILITY = (("H100", (9, 0)), ("H200", (9, 0)), ("H800", (9, 0)), ("GH200", (9, 0)),
-                    ("B200", (10, 0)), ("B100", (10, 0)), ("GB200", (10, 0)))
+_KIND_CAPABILITY = (
+    ("H100", (9, 0)),
+    ("H200", (9, 0)),
+    ("H800", (9, 0)),
+    ("GH200", (9, 0)),
+    ("B200", (10, 0)),
+    ("B100", (10, 0)),
+    ("GB200", (10, 0)),
+)
 
 
 def device_info() -> DeviceInfo:
@@ -98,8 +105,10 @@ def unavailable_reason(op: str, backend: Backend, info: DeviceInfo | None = None
     if backend is Backend.PALLAS:
         info = info or device_info()
         if info.platform == "gpu" and not info.is_hopper_or_newer:
-            return (f"Pallas Mosaic GPU kernels need compute capability >= 9.0, "
-                    f"this GPU ({info.device_kind}) has {info.compute_capability}")
+            return (
+                f"Pallas Mosaic GPU kernels need compute capability >= 9.0, "
+                f"this GPU ({info.device_kind}) has {info.compute_capability}"
+            )
         if info.platform not in ("gpu", "cpu"):
             return f"Pallas Mosaic GPU kernels do not run on {info.platform}"
     return None
@@ -115,8 +124,7 @@ def _parse(name: str, source: str, op: str) -> Backend:
         return Backend(str(name).lower())
     except ValueError:
         raise ValueError(
-            f"unknown NVFP4 backend {name!r} (from {source}); available for {op!r}: "
-            f"{available(op)}"
+            f"unknown NVFP4 backend {name!r} (from {source}); available for {op!r}: {available(op)}"
         ) from None
 
 
@@ -139,7 +147,9 @@ def select(op: str, backend: str | Backend | None = None) -> Backend:
             return Backend.PALLAS
         if (op, Backend.PALLAS) in _IMPLS and op not in _WARNED:
             _WARNED.add(op)
-            warnings.warn(f"nvfp4_jax: {op} falls back to the 'xla' backend: {reason}", stacklevel=3)
+            warnings.warn(
+                f"nvfp4_jax: {op} falls back to the 'xla' backend: {reason}", stacklevel=3
+            )
     return Backend.XLA
 
 

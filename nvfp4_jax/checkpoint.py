@@ -134,20 +134,39 @@ class FormatSpec:
 
 
 SPECS = {
-    "modelopt": FormatSpec("modelopt", "weight", "weight_scale", "weight_scale_2", "input_scale", False),
+    "modelopt": FormatSpec(
+        "modelopt", "weight", "weight_scale", "weight_scale_2", "input_scale", False
+    ),
     "compressed-tensors": FormatSpec(
-        "compressed-tensors", "weight_packed", "weight_scale", "weight_global_scale",
-        "input_global_scale", True),
-    "quark": FormatSpec("quark", "weight", "weight_scale", "weight_scale_2", "input_scale_2", False),
+        "compressed-tensors",
+        "weight_packed",
+        "weight_scale",
+        "weight_global_scale",
+        "input_global_scale",
+        True,
+    ),
+    "quark": FormatSpec(
+        "quark", "weight", "weight_scale", "weight_scale_2", "input_scale_2", False
+    ),
 }
 
 # Per-layer quantization parameter names of any format: in a quantized layer, those that do
 # not belong to the detected format are an error; elsewhere they are orphans (also an error).
-_QPARAMS = frozenset({
-    "weight_packed", "weight_scale", "weight_scale_2", "weight_global_scale", "weight_zero_point",
-    "weight_scale_inv", "weight_shape", "input_scale", "input_scale_2", "input_global_scale",
-    "input_zero_point",
-})
+_QPARAMS = frozenset(
+    {
+        "weight_packed",
+        "weight_scale",
+        "weight_scale_2",
+        "weight_global_scale",
+        "weight_zero_point",
+        "weight_scale_inv",
+        "weight_shape",
+        "input_scale",
+        "input_scale_2",
+        "input_global_scale",
+        "input_zero_point",
+    }
+)
 
 
 # ---------------------------------------------------------------------------------------
@@ -197,10 +216,11 @@ class _SafetensorsFile:
         if info.dtype not in _DTYPES:
             raise ValueError(
                 f"tensor {name!r} in {self.path}: dtype {info.dtype} is not supported "
-                f"(supported: {', '.join(_DTYPES)})")
+                f"(supported: {', '.join(_DTYPES)})"
+            )
         if self._mmap is None:
             self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
-        raw = self._mmap[self._data_start + info.begin:self._data_start + info.end]
+        raw = self._mmap[self._data_start + info.begin : self._data_start + info.end]
         return raw.view(_DTYPES[info.dtype]).reshape(info.shape)
 
 
@@ -225,7 +245,9 @@ def _checkpoint_files(path: Path) -> tuple[Path, list[Path], dict[str, str] | No
         try:
             weight_map = json.loads(path.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{path}: not a safetensors index (needs a 'weight_map' object): {e}") from None
+            raise ValueError(
+                f"{path}: not a safetensors index (needs a 'weight_map' object): {e}"
+            ) from None
         files = sorted({directory / f for f in weight_map.values()})
         for f in files:
             if not f.is_file():
@@ -273,7 +295,9 @@ def detect_format(
     if method in ("modelopt", "modelopt_fp4"):
         algo = qc.get("quant_algo", qc.get("quantization", {}).get("quant_algo"))
         if str(algo).upper() != "NVFP4":
-            raise NotImplementedError(f"ModelOpt checkpoint with quant_algo {algo!r}: only 'NVFP4' is supported")
+            raise NotImplementedError(
+                f"ModelOpt checkpoint with quant_algo {algo!r}: only 'NVFP4' is supported"
+            )
         return "modelopt"
     if method == "quark":
         _check_quark_config(qc)
@@ -281,12 +305,14 @@ def detect_format(
     if method:
         raise NotImplementedError(
             f"quantization_config.quant_method {method!r} is not an NVFP4 format "
-            f"(supported: modelopt, compressed-tensors, quark)")
+            f"(supported: modelopt, compressed-tensors, quark)"
+        )
     if modelopt_config is not None:
         algo = modelopt_config.get("quantization", {}).get("quant_algo")
         if str(algo).upper() != "NVFP4":
             raise NotImplementedError(
-                f"{MODELOPT_CONFIG_FILE}: quant_algo {algo!r}: only 'NVFP4' is supported")
+                f"{MODELOPT_CONFIG_FILE}: quant_algo {algo!r}: only 'NVFP4' is supported"
+            )
         return "modelopt"
     suffixes = {n.rpartition(".")[2] for n in tensor_names}
     if "weight_packed" in suffixes:
@@ -298,7 +324,8 @@ def detect_format(
     raise ValueError(
         "cannot detect the checkpoint format: no quantization_config in config.json, no "
         f"{MODELOPT_CONFIG_FILE}, and no NVFP4 tensors (*.weight_packed, *.weight_scale_2); "
-        f"pass format= one of {FORMATS}")
+        f"pass format= one of {FORMATS}"
+    )
 
 
 def _check_ct_config(qc: Mapping[str, Any]) -> None:
@@ -309,27 +336,38 @@ def _check_ct_config(qc: Mapping[str, Any]) -> None:
         weights = group.get("weights") or {}
         if group.get("format"):
             formats.add(group["format"])
-        nvfp4 = (weights.get("num_bits") == 4 and weights.get("type") == "float"
-                 and weights.get("group_size") == BLOCK_SIZE)
+        nvfp4 = (
+            weights.get("num_bits") == 4
+            and weights.get("type") == "float"
+            and weights.get("group_size") == BLOCK_SIZE
+        )
         if not nvfp4:
             raise NotImplementedError(
                 f"compressed-tensors config group {name!r} is not NVFP4 (weights num_bits=4, "
-                f"type=float, group_size=16), got {weights}")
+                f"type=float, group_size=16), got {weights}"
+            )
     if formats and "nvfp4-pack-quantized" not in formats:
         raise NotImplementedError(
-            f"compressed-tensors format {sorted(formats)} is not 'nvfp4-pack-quantized'")
+            f"compressed-tensors format {sorted(formats)} is not 'nvfp4-pack-quantized'"
+        )
 
 
 def _check_quark_config(qc: Mapping[str, Any]) -> None:
     weight = (qc.get("global_quant_config") or {}).get("weight")
-    ok = (isinstance(weight, list) and len(weight) == 2
-          and weight[0].get("dtype") == "fp4" and weight[0].get("qscheme") == "per_group"
-          and weight[0].get("group_size") == BLOCK_SIZE
-          and weight[1].get("dtype") == "fp8_e4m3" and weight[1].get("qscheme") == "per_tensor")
+    ok = (
+        isinstance(weight, list)
+        and len(weight) == 2
+        and weight[0].get("dtype") == "fp4"
+        and weight[0].get("qscheme") == "per_group"
+        and weight[0].get("group_size") == BLOCK_SIZE
+        and weight[1].get("dtype") == "fp8_e4m3"
+        and weight[1].get("qscheme") == "per_tensor"
+    )
     if not ok:
         raise NotImplementedError(
             "Quark checkpoint is not NVFP4: global_quant_config.weight must be "
-            f"[fp4 per_group group_size=16, fp8_e4m3 per_tensor], got {weight}")
+            f"[fp4 per_group group_size=16, fp8_e4m3 per_tensor], got {weight}"
+        )
 
 
 # ---------------------------------------------------------------------------------------
@@ -361,7 +399,9 @@ class Checkpoint:
 
     def weight(self, layer: str) -> NVFP4Array:
         if layer not in self.weights:
-            raise KeyError(f"no quantized layer {layer!r} in the checkpoint ({len(self.weights)} layers)")
+            raise KeyError(
+                f"no quantized layer {layer!r} in the checkpoint ({len(self.weights)} layers)"
+            )
         return self.weights[layer]
 
     def input_scale(self, layer: str) -> jax.Array | None:
@@ -426,22 +466,31 @@ class CheckpointReader:
 
     # -- structure -------------------------------------------------------------------------
     @staticmethod
-    def _collect(files: list[_SafetensorsFile], weight_map: dict[str, str] | None) -> dict[str, TensorInfo]:
+    def _collect(
+        files: list[_SafetensorsFile], weight_map: dict[str, str] | None
+    ) -> dict[str, TensorInfo]:
         tensors: dict[str, TensorInfo] = {}
         for f in files:
             for name, info in f.tensors.items():
                 if name in tensors:
-                    raise ValueError(f"tensor {name!r} is stored twice: in {tensors[name].file} and {f.path}")
+                    raise ValueError(
+                        f"tensor {name!r} is stored twice: in {tensors[name].file} and {f.path}"
+                    )
                 if weight_map is not None and name not in weight_map:
-                    raise ValueError(f"extra tensor {name!r} in {f.path.name}: it is not listed in the index")
+                    raise ValueError(
+                        f"extra tensor {name!r} in {f.path.name}: it is not listed in the index"
+                    )
                 if weight_map is not None and weight_map[name] != f.path.name:
                     raise ValueError(
-                        f"tensor {name!r} found in {f.path.name} but the index lists it in {weight_map[name]}")
+                        f"tensor {name!r} found in {f.path.name} but the index lists it in {weight_map[name]}"
+                    )
                 tensors[name] = info
         if weight_map is not None:
             for name, file in weight_map.items():
                 if name not in tensors:
-                    raise ValueError(f"tensor {name!r} is listed in the index (file {file}) but missing from that file")
+                    raise ValueError(
+                        f"tensor {name!r} is listed in the index (file {file}) but missing from that file"
+                    )
         return tensors
 
     def _classify(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -464,7 +513,8 @@ class CheckpointReader:
                 if orphans:
                     raise ValueError(
                         f"unexpected tensor {layer}.{orphans[0]}: a {spec.name} checkpoint has no "
-                        f"such tensor outside a quantized layer (no {layer}.{spec.weight_scale})")
+                        f"such tensor outside a quantized layer (no {layer}.{spec.weight_scale})"
+                    )
         quantized = {f"{layer}.{p}" for layer in layers for p in spec.names}
         dense = tuple(n for n in self._tensors if n not in quantized)
         return tuple(layers), dense
@@ -477,40 +527,53 @@ class CheckpointReader:
                 raise ValueError(
                     f"missing tensor {name(p)}: a {spec.name} NVFP4 layer needs {name(spec.weight)}, "
                     f"{name(spec.weight_scale)} and {name(spec.weight_scalar)} (found "
-                    f"{', '.join(name(q) for q in sorted(params))})")
+                    f"{', '.join(name(q) for q in sorted(params))})"
+                )
         extra = sorted((params & _QPARAMS) - set(spec.names))
         if extra:
             raise ValueError(
                 f"unexpected tensor {name(extra[0])} in a {spec.name} checkpoint (its NVFP4 layers "
-                f"hold only {', '.join(spec.names)}); is this another format? pass format=")
+                f"hold only {', '.join(spec.names)}); is this another format? pass format="
+            )
         w = self._tensors[name(spec.weight)]
         if w.dtype != "U8":
             if w.dtype.startswith("F8") or w.dtype.startswith("F4"):
                 raise NotImplementedError(
                     f"layer {layer} is not NVFP4: {name(spec.weight)} has dtype {w.dtype} "
-                    f"(an FP8 or other quantized layer); only NVFP4 layers are supported")
-            raise ValueError(f"{name(spec.weight)} must have dtype U8 (packed E2M1 codes), got {w.dtype}")
+                    f"(an FP8 or other quantized layer); only NVFP4 layers are supported"
+                )
+            raise ValueError(
+                f"{name(spec.weight)} must have dtype U8 (packed E2M1 codes), got {w.dtype}"
+            )
         if len(w.shape) != 2:
-            raise ValueError(f"{name(spec.weight)} must be 2-D [out_features, in_features/2], got shape {list(w.shape)}")
+            raise ValueError(
+                f"{name(spec.weight)} must be 2-D [out_features, in_features/2], got shape {list(w.shape)}"
+            )
         n, k = w.shape[0], 2 * w.shape[1]
         if k % BLOCK_SIZE:
             raise ValueError(
                 f"{name(spec.weight)}: in-features {k} (2 x {w.shape[1]} packed bytes) must be a "
-                f"multiple of 16 (one E4M3 block scale per 16 inputs)")
+                f"multiple of 16 (one E4M3 block scale per 16 inputs)"
+            )
         s = self._tensors[name(spec.weight_scale)]
         if s.dtype != "F8_E4M3":
             raise ValueError(f"{name(spec.weight_scale)} must have dtype F8_E4M3, got {s.dtype}")
         if s.shape != (n, k // BLOCK_SIZE):
             raise ValueError(
                 f"{name(spec.weight_scale)} must have shape [{n}, {k // BLOCK_SIZE}] (one per 16 of the "
-                f"{k} in-features of {name(spec.weight)} {list(w.shape)}), got {list(s.shape)}")
+                f"{k} in-features of {name(spec.weight)} {list(w.shape)}), got {list(s.shape)}"
+            )
         for p in (spec.weight_scalar, spec.input_scalar):
             if p in params:
                 t = self._tensors[name(p)]
                 if t.dtype not in _SCALAR_DTYPES:
-                    raise ValueError(f"{name(p)} must have dtype {' or '.join(_SCALAR_DTYPES)}, got {t.dtype}")
+                    raise ValueError(
+                        f"{name(p)} must have dtype {' or '.join(_SCALAR_DTYPES)}, got {t.dtype}"
+                    )
                 if t.shape not in ((), (1,)):
-                    raise ValueError(f"{name(p)} must be a scalar (shape [] or [1]), got shape {list(t.shape)}")
+                    raise ValueError(
+                        f"{name(p)} must be a scalar (shape [] or [1]), got shape {list(t.shape)}"
+                    )
 
     # -- data ------------------------------------------------------------------------------
     def _read(self, name: str) -> np.ndarray:
@@ -520,7 +583,9 @@ class CheckpointReader:
         v = np.float32(self._read(name).astype(np.float32).reshape(()))
         if self.spec.inverse:
             if not np.isfinite(v) or v <= 0:
-                raise ValueError(f"{name} must be finite and > 0 (it is the inverse scale 6*448/amax), got {v}")
+                raise ValueError(
+                    f"{name} must be finite and > 0 (it is the inverse scale 6*448/amax), got {v}"
+                )
             v = np.float32(1.0) / v
         if not np.isfinite(v) or v < 0:
             raise ValueError(f"{name} must be finite and >= 0, got {v}")
@@ -529,7 +594,9 @@ class CheckpointReader:
     def weight(self, layer: str) -> NVFP4Array:
         """The layer's weight: an ``NVFP4Array`` of logical shape ``[N, K]``."""
         if layer not in self._layer_set:
-            raise KeyError(f"no quantized layer {layer!r} in {self.directory} ({len(self.layers)} layers)")
+            raise KeyError(
+                f"no quantized layer {layer!r} in {self.directory} ({len(self.layers)} layers)"
+            )
         spec = self.spec
         data = jnp.asarray(self._read(f"{layer}.{spec.weight}"))
         scales = jnp.asarray(self._read(f"{layer}.{spec.weight_scale}"))
@@ -592,7 +659,9 @@ def load_checkpoint(
 
 def _default_dtype(config: Mapping[str, Any]) -> Any:
     name = str(config.get("torch_dtype", config.get("dtype", ""))).removeprefix("torch.")
-    return {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32}.get(name, jnp.bfloat16)
+    return {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32}.get(
+        name, jnp.bfloat16
+    )
 
 
 def _progress(items: Sequence, enabled: bool, desc: str) -> Iterable:
@@ -622,7 +691,8 @@ FUSE_MAX_WARNING = (
     "In NVFP4 linear, the global scale for weight are different for parallel layers (e.g. "
     "q_proj, k_proj, v_proj). This will likely result in reduced accuracy. Please verify the "
     "model accuracy. Consider using a checkpoint with a shared global NVFP4 scale for fused "
-    "layers, or nvfp4_jax.checkpoint.fuse(..., mode='rescale').")
+    "layers, or nvfp4_jax.checkpoint.fuse(..., mode='rescale')."
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -646,7 +716,9 @@ class RescaleReport:
         return self.inexact == 0
 
 
-def rescale(a: NVFP4Array, tensor_scale: Any, *, name: str = "weight") -> tuple[NVFP4Array, RescaleReport]:
+def rescale(
+    a: NVFP4Array, tensor_scale: Any, *, name: str = "weight"
+) -> tuple[NVFP4Array, RescaleReport]:
     """Express ``a`` with a larger tensor scale by re-rounding its block scales.
 
     ``new_scale = e4m3_rne(min(f32(scale) · a.tensor_scale / tensor_scale, 448))``; codes are
@@ -664,15 +736,22 @@ def rescale(a: NVFP4Array, tensor_scale: Any, *, name: str = "weight") -> tuple[
     old = jnp.float32(a.tensor_scale)
     new = jnp.float32(tensor_scale)
     if not bool(new >= old):
-        raise ValueError(f"{name}: the new tensor scale {float(new)} must be >= the current {float(old)}")
+        raise ValueError(
+            f"{name}: the new tensor scale {float(new)} must be >= the current {float(old)}"
+        )
     factor = a.scales.astype(jnp.float32) * old  # the block factor dequantize uses
     scales = jnp.minimum(factor / new, E4M3_MAX).astype(jnp.float8_e4m3fn)
     got = scales.astype(jnp.float32) * new
     exact = got == factor
     rel = jnp.where(factor > 0, jnp.abs(got - factor) / jnp.where(factor > 0, factor, 1.0), 0.0)
     report = RescaleReport(
-        name=name, ratio=float(old / new), blocks=int(factor.size), inexact=int(jnp.sum(~exact)),
-        zeroed=int(jnp.sum((got == 0) & (factor > 0))), max_rel_error=float(jnp.max(rel, initial=0.0)))
+        name=name,
+        ratio=float(old / new),
+        blocks=int(factor.size),
+        inexact=int(jnp.sum(~exact)),
+        zeroed=int(jnp.sum((got == 0) & (factor > 0))),
+        max_rel_error=float(jnp.max(rel, initial=0.0)),
+    )
     return NVFP4Array(a.data, scales, new, axis=a.axis, dtype=a.dtype), report
 
 
@@ -708,16 +787,21 @@ def fuse(
     parts = list(parts)
     names = [f"part{i}" for i in range(len(parts))] if names is None else list(names)
     if not parts or len(names) != len(parts):
-        raise ValueError(f"fuse needs at least one part and one name per part, got {len(parts)} parts, {len(names)} names")
+        raise ValueError(
+            f"fuse needs at least one part and one name per part, got {len(parts)} parts, {len(names)} names"
+        )
     for a, n in zip(parts, names):
         if not isinstance(a, NVFP4Array):
             raise TypeError(f"{n} must be an NVFP4Array, got {type(a).__name__}")
         if a.data.ndim != 2 or a.axis != -1 or np.ndim(a.tensor_scale) != 0:
-            raise ValueError(f"{n} must be a 2-D [N, K] NVFP4Array blocked along K with a scalar tensor scale, got {a}")
+            raise ValueError(
+                f"{n} must be a 2-D [N, K] NVFP4Array blocked along K with a scalar tensor scale, got {a}"
+            )
         if a.data.shape[1] != parts[0].data.shape[1]:
             raise ValueError(
                 f"{n} has in-features {2 * a.data.shape[1]}, {names[0]} has {2 * parts[0].data.shape[1]}: "
-                f"fused partitions must share K")
+                f"fused partitions must share K"
+            )
     scales_ts = [jnp.float32(a.tensor_scale) for a in parts]
     shared = jnp.max(jnp.stack(scales_ts))
     if mode == "max":
@@ -730,14 +814,18 @@ def fuse(
             b, report = rescale(a, shared, name=n)
             block_scales.append(b.scales)
             if not report.exact:
-                msg = (f"fuse(mode='rescale'): {n}: {report.inexact} of {report.blocks} block scales are not "
-                       f"representable at the shared tensor scale (ratio {report.ratio:.6g}); re-rounded to "
-                       f"E4M3 with max relative error {report.max_rel_error:.3g}, {report.zeroed} underflow to 0")
+                msg = (
+                    f"fuse(mode='rescale'): {n}: {report.inexact} of {report.blocks} block scales are not "
+                    f"representable at the shared tensor scale (ratio {report.ratio:.6g}); re-rounded to "
+                    f"E4M3 with max relative error {report.max_rel_error:.3g}, {report.zeroed} underflow to 0"
+                )
                 if strict:
                     raise ValueError(msg + "; pass strict=False to accept, or mode='max'")
                 warnings.warn(msg, UserWarning, stacklevel=2)
     data = jnp.concatenate([a.data for a in parts], axis=0)
-    return NVFP4Array(data, jnp.concatenate(block_scales, axis=0), shared, axis=-1, dtype=parts[0].dtype)
+    return NVFP4Array(
+        data, jnp.concatenate(block_scales, axis=0), shared, axis=-1, dtype=parts[0].dtype
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -764,7 +852,7 @@ def save_checkpoint(
         (``quantize(w_nk)``) with a scalar tensor scale.
       format: ``"modelopt"`` (``{L}.weight``/``weight_scale``/``weight_scale_2`` F32 ``[]``,
         ``input_scale``; ``hf_quant_config.json``) or ``"compressed-tensors"``
-        (``{L}.weight_packed``/``weight_scale``/``weight_global_scale`` F32 ``[1]`` = 
+        (``{L}.weight_packed``/``weight_scale``/``weight_global_scale`` F32 ``[1]`` =
         ``1/tensor_scale``, ``input_global_scale``; ``config.json`` ``quantization_config``,
         scheme NVFP4 when ``input_scales`` are given, NVFP4A16 otherwise).
       input_scales: layer name -> activation tensor scale (multiplier, ``amax/(6·448)``) for
@@ -788,10 +876,13 @@ def save_checkpoint(
     input_scales = dict(input_scales or {})
     dense = dict(dense or {})
     if input_scales and set(input_scales) != set(weights):
-        missing = sorted(set(weights) - set(input_scales)) or sorted(set(input_scales) - set(weights))
+        missing = sorted(set(weights) - set(input_scales)) or sorted(
+            set(input_scales) - set(weights)
+        )
         raise ValueError(
             f"input_scales must cover exactly the quantized layers (W4A4) or be empty (W4A16); "
-            f"mismatch at {missing[0]!r}")
+            f"mismatch at {missing[0]!r}"
+        )
     groups: list[dict[str, np.ndarray]] = []
     for layer, a in weights.items():
         groups.append(_layer_tensors(layer, a, input_scales.get(layer), spec))
@@ -801,36 +892,50 @@ def save_checkpoint(
             raise ValueError(f"dense tensor {name!r} collides with a quantized layer's tensor")
         groups.append({name: np.ascontiguousarray(np.asarray(v))})
     if ignore is None:
-        ignore = sorted({n.removesuffix(".weight") for n, v in dense.items()
-                         if n.endswith(".weight") and np.ndim(v) == 2})
+        ignore = sorted(
+            {
+                n.removesuffix(".weight")
+                for n, v in dense.items()
+                if n.endswith(".weight") and np.ndim(v) == 2
+            }
+        )
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     _write_shards(out, groups, max_shard_bytes)
     config = dict(model_config or {})
     if format == "modelopt":
-        (out / MODELOPT_CONFIG_FILE).write_text(json.dumps(_modelopt_config(list(ignore)), indent=2))
+        (out / MODELOPT_CONFIG_FILE).write_text(
+            json.dumps(_modelopt_config(list(ignore)), indent=2)
+        )
         if model_config is not None:
-            config["quantization_config"] = _modelopt_config(list(ignore))["quantization"] | {"quant_method": "modelopt"}
+            config["quantization_config"] = _modelopt_config(list(ignore))["quantization"] | {
+                "quant_method": "modelopt"
+            }
             (out / CONFIG_FILE).write_text(json.dumps(config, indent=2))
     else:
         config["quantization_config"] = _ct_config(list(ignore), w4a4=bool(input_scales))
         (out / CONFIG_FILE).write_text(json.dumps(config, indent=2))
 
 
-def _layer_tensors(layer: str, a: NVFP4Array, input_scale: Any, spec: FormatSpec) -> dict[str, np.ndarray]:
+def _layer_tensors(
+    layer: str, a: NVFP4Array, input_scale: Any, spec: FormatSpec
+) -> dict[str, np.ndarray]:
     if not isinstance(a, NVFP4Array):
         raise TypeError(f"weights[{layer!r}] must be an NVFP4Array, got {type(a).__name__}")
     if a.data.ndim != 2 or a.axis != -1 or np.ndim(a.tensor_scale) != 0:
         raise ValueError(
             f"weights[{layer!r}] must be a 2-D [N, K] NVFP4Array blocked along K (quantize(w_nk)) with "
-            f"a scalar tensor scale, got {a}; store experts as separate layers")
+            f"a scalar tensor scale, got {a}; store experts as separate layers"
+        )
     scalar_shape = (1,) if spec.inverse else ()
 
     def scalar(v: Any, what: str) -> np.ndarray:
         v = np.asarray(v, np.float32).reshape(())
         if not np.isfinite(v) or v <= 0:
             raise ValueError(f"{what} of layer {layer!r} must be finite and > 0, got {v}")
-        return np.asarray(np.float32(1.0) / v if spec.inverse else v, np.float32).reshape(scalar_shape)
+        return np.asarray(np.float32(1.0) / v if spec.inverse else v, np.float32).reshape(
+            scalar_shape
+        )
 
     t = {
         f"{layer}.{spec.weight}": np.ascontiguousarray(np.asarray(a.data)),
@@ -842,7 +947,9 @@ def _layer_tensors(layer: str, a: NVFP4Array, input_scale: Any, spec: FormatSpec
     return t
 
 
-def _write_shards(out: Path, groups: list[dict[str, np.ndarray]], max_shard_bytes: int | None) -> None:
+def _write_shards(
+    out: Path, groups: list[dict[str, np.ndarray]], max_shard_bytes: int | None
+) -> None:
     from safetensors.numpy import save_file
 
     shards: list[dict[str, np.ndarray]] = [{}]
@@ -871,15 +978,26 @@ def _write_shards(out: Path, groups: list[dict[str, np.ndarray]], max_shard_byte
 def _modelopt_config(exclude: list[str]) -> dict:
     return {
         "producer": {"name": "modelopt", "version": "nvfp4-jax"},
-        "quantization": {"quant_algo": "NVFP4", "kv_cache_quant_algo": None, "group_size": BLOCK_SIZE,
-                         "exclude_modules": exclude},
+        "quantization": {
+            "quant_algo": "NVFP4",
+            "kv_cache_quant_algo": None,
+            "group_size": BLOCK_SIZE,
+            "exclude_modules": exclude,
+        },
     }
 
 
 def _ct_args(dynamic: Any, observer: str | None) -> dict:
-    return {"num_bits": 4, "type": "float", "symmetric": True, "group_size": BLOCK_SIZE,
-            "strategy": "tensor_group", "dynamic": dynamic, "observer": observer,
-            "scale_dtype": "torch.float8_e4m3fn"}
+    return {
+        "num_bits": 4,
+        "type": "float",
+        "symmetric": True,
+        "group_size": BLOCK_SIZE,
+        "strategy": "tensor_group",
+        "dynamic": dynamic,
+        "observer": observer,
+        "scale_dtype": "torch.float8_e4m3fn",
+    }
 
 
 def _ct_config(ignore: list[str], *, w4a4: bool) -> dict:

@@ -31,7 +31,9 @@ def _scales(scales, name: str) -> jax.Array:
     if scales.dtype != jnp.dtype(jnp.float8_e4m3fn):
         raise TypeError(f"{name} must have dtype float8_e4m3fn, got {scales.dtype}")
     if scales.ndim not in (2, 3):
-        raise ValueError(f"{name} must be 2-D [M, K/16] or 3-D [B, M, K/16], got shape {scales.shape}")
+        raise ValueError(
+            f"{name} must be 2-D [M, K/16] or 3-D [B, M, K/16], got shape {scales.shape}"
+        )
     return scales
 
 
@@ -44,13 +46,23 @@ def swizzled_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
 def swizzle_scales(scales: jax.Array) -> jax.Array:
     """Plain ``e4m3 [M, C]`` or ``[B, M, C]`` scales -> the padded, swizzled 128x4 layout
     ``[M_pad, C_pad]`` / ``[B, M_pad, C_pad]`` (padding is zero)."""
-    scales = _scales(scales, "scales")
-    x = scales if scales.ndim == 3 else scales[None]
-    b, m, c = x.shape
+    return swizzle(_scales(scales, "scales"))
+
+
+def swizzle(scales: jax.Array) -> jax.Array:
+    """Unchecked :func:`swizzle_scales` for ``[..., M, C]`` of any byte dtype (kernels)."""
+    *lead, m, c = scales.shape
     mp, cp = round_up(m, 128), round_up(c, 4)
-    x = jnp.pad(x, ((0, 0), (0, mp - m), (0, cp - c)))
-    x = x.reshape(b, mp // 128, 4, 32, cp // 4, 4).transpose(0, 1, 4, 3, 2, 5)
-    return x.reshape(scales.shape[:-2] + (mp, cp))
+    x = jnp.pad(scales.reshape(-1, m, c), ((0, 0), (0, mp - m), (0, cp - c)))
+    x = x.reshape(-1, mp // 128, 4, 32, cp // 4, 4).transpose(0, 1, 4, 3, 2, 5)
+    return x.reshape(*lead, mp, cp)
+
+
+def unswizzle(swizzled: jax.Array, rows: int, cols: int) -> jax.Array:
+    """Unchecked :func:`unswizzle_scales`: ``[..., M_pad, C_pad]`` -> ``[..., rows, cols]``."""
+    *lead, mp, cp = swizzled.shape
+    x = swizzled.reshape(-1, mp // 128, cp // 4, 32, 4, 4).transpose(0, 1, 4, 3, 2, 5)
+    return x.reshape(*lead, mp, cp)[..., :rows, :cols]
 
 
 def unswizzle_scales(swizzled: jax.Array, shape: tuple[int, ...]) -> jax.Array:
@@ -64,11 +76,7 @@ def unswizzle_scales(swizzled: jax.Array, shape: tuple[int, ...]) -> jax.Array:
             f"swizzled scales for shape {shape} must have shape {swizzled_shape(shape)}, "
             f"got {swizzled.shape}"
         )
-    x = swizzled if swizzled.ndim == 3 else swizzled[None]
-    b, mp, cp = x.shape
-    x = x.reshape(b, mp // 128, cp // 4, 32, 4, 4).transpose(0, 1, 4, 3, 2, 5)
-    x = x.reshape(b, mp, cp)[:, : shape[-2], : shape[-1]]
-    return x.reshape(shape)
+    return unswizzle(swizzled, shape[-2], shape[-1])
 
 
 def pad_weight_for_cutlass(data: jax.Array, alignment: int = 32) -> tuple[jax.Array, int]:

@@ -43,19 +43,23 @@ def _pallas_matmul(x2d, w: NVFP4Array, bias, out_dtype, config=None) -> jax.Arra
     """Pallas path: the Mosaic GPU kernel on the prepared layout (built here if ``w`` has
     none for ``x2d.dtype``; ``prepare`` once to avoid that)."""
     if jnp.dtype(out_dtype) not in ACTIVATION_DTYPES:
-        raise NotImplementedError(f"the Pallas GEMM writes bfloat16/float16, not {jnp.dtype(out_dtype)}")
+        raise NotImplementedError(
+            f"the Pallas GEMM writes bfloat16/float16, not {jnp.dtype(out_dtype)}"
+        )
     n, k = w.data.shape[0], 2 * w.data.shape[1]
     prepared = w.prepared
     if prepared is None or prepared.scales.dtype != x2d.dtype:
         prepared = _prepare_layout(w, x2d.dtype)
     interpret = backends.interpret_pallas()
     if config is None:
-        config = gemm.default_config(x2d.shape[0], n, k, dtype=x2d.dtype,
-                                     num_sms=backends.device_info().num_sms)
+        config = gemm.default_config(
+            x2d.shape[0], n, k, dtype=x2d.dtype, num_sms=backends.device_info().num_sms
+        )
         if interpret:  # the interpreter runs only the SMEM-operand variant
             config = dataclasses.replace(config, a_operand="smem")
-    return gemm.nvfp4_matmul(x2d, prepared, n=n, k=k, bias=bias, out_dtype=out_dtype,
-                             config=config, interpret=interpret)
+    return gemm.nvfp4_matmul(
+        x2d, prepared, n=n, k=k, bias=bias, out_dtype=out_dtype, config=config, interpret=interpret
+    )
 
 
 backends.register("matmul", Backend.XLA)(_xla_matmul)
@@ -78,10 +82,14 @@ def prepare(w: NVFP4Array, dtype: Any = jnp.bfloat16) -> NVFP4Array:
     if not isinstance(w, NVFP4Array):
         raise TypeError(f"w must be an NVFP4Array, got {type(w).__name__}")
     if w.data.ndim != 2 or jnp.ndim(w.tensor_scale) != 0:
-        raise ValueError(f"prepare: w must be a 2-D weight with a scalar tensor scale, got logical shape {w.shape}")
+        raise ValueError(
+            f"prepare: w must be a 2-D weight with a scalar tensor scale, got logical shape {w.shape}"
+        )
     dtype = jnp.dtype(dtype)
     if dtype not in ACTIVATION_DTYPES:
-        raise TypeError(f"prepare: dtype must be bfloat16 or float16 (the activation dtype), got {dtype}")
+        raise TypeError(
+            f"prepare: dtype must be bfloat16 or float16 (the activation dtype), got {dtype}"
+        )
     out = jax.tree_util.tree_map(lambda v: v, w)
     out.prepared = _prepare_layout(w, dtype)
     return out
@@ -89,7 +97,9 @@ def prepare(w: NVFP4Array, dtype: Any = jnp.bfloat16) -> NVFP4Array:
 
 def _validate(x: Any, w: Any, bias: Any, out_dtype: Any, fn: str, axis: int):
     if not isinstance(w, NVFP4Array):
-        raise TypeError(f"{fn}: w must be an NVFP4Array (use nvfp4_jax.quantize), got {type(w).__name__}")
+        raise TypeError(
+            f"{fn}: w must be an NVFP4Array (use nvfp4_jax.quantize), got {type(w).__name__}"
+        )
     x = _checks.as_array(x, "x")
     if x.dtype not in ACTIVATION_DTYPES:
         raise TypeError(f"{fn}: x must be bfloat16 or float16, got {x.dtype}")
@@ -99,14 +109,21 @@ def _validate(x: Any, w: Any, bias: Any, out_dtype: Any, fn: str, axis: int):
             f"(use vmap or grouped_matmul for stacked weights)"
         )
     if w.axis != axis:
-        want = "[K, N] quantized along K (quantize(w, axis=0))" if axis == -2 else \
-            "[N, K] quantized along K (quantize(w, axis=-1))"
-        raise ValueError(f"{fn}: w must be {want}; got logical shape {w.shape} blocked on axis {w.axis + 2}")
+        want = (
+            "[K, N] quantized along K (quantize(w, axis=0))"
+            if axis == -2
+            else "[N, K] quantized along K (quantize(w, axis=-1))"
+        )
+        raise ValueError(
+            f"{fn}: w must be {want}; got logical shape {w.shape} blocked on axis {w.axis + 2}"
+        )
     n, k = w.data.shape[0], 2 * w.data.shape[1]
     if x.ndim == 0 or x.shape[-1] != k:
         raise ValueError(f"{fn}: x must have shape [..., {k}] to match w {w.shape}, got {x.shape}")
     if jnp.ndim(w.tensor_scale) != 0:
-        raise ValueError(f"{fn}: w.tensor_scale must be a scalar, got shape {jnp.shape(w.tensor_scale)}")
+        raise ValueError(
+            f"{fn}: w.tensor_scale must be a scalar, got shape {jnp.shape(w.tensor_scale)}"
+        )
     if bias is not None:
         bias = _checks.float_array(bias, "bias")
         if bias.shape != (n,):
@@ -129,12 +146,19 @@ def _matmul_2d(x2d, w, bias, out_dtype, backend, config):
             # A batch of weights: one product per weight, in sequence.
             x_in = x2d if x_b else jnp.broadcast_to(x2d, (axis_size,) + x2d.shape)
             w_in = jax.tree_util.tree_map(
-                lambda v, b: v if b else jnp.broadcast_to(v, (axis_size,) + v.shape), w, w_b)
+                lambda v, b: v if b else jnp.broadcast_to(v, (axis_size,) + v.shape), w, w_b
+            )
             b_in = None
             if bias is not None:
-                b_in = bias if any(jax.tree_util.tree_leaves(b_b)) else jnp.broadcast_to(bias, (axis_size,) + bias.shape)
-            out = lax.map(lambda a: _matmul_2d(a[0], a[1], a[2], out_dtype, backend, config),
-                          (x_in, w_in, b_in))
+                b_in = (
+                    bias
+                    if any(jax.tree_util.tree_leaves(b_b))
+                    else jnp.broadcast_to(bias, (axis_size,) + bias.shape)
+                )
+            out = lax.map(
+                lambda a: _matmul_2d(a[0], a[1], a[2], out_dtype, backend, config),
+                (x_in, w_in, b_in),
+            )
             return out, True
         b, m, k = x2d.shape
         out = run(x2d.reshape(b * m, k), w, bias)
@@ -167,10 +191,7 @@ def matmul(
     Returns:
       ``[..., N]`` in ``out_dtype``.
     """
-    x, n, k, bias, out_dtype = _validate(x, w, bias, out_dtype, "matmul", axis=-2)
-    lead = x.shape[:-1]
-    out = _matmul_2d(x.reshape(-1, k), w, bias, out_dtype, backend, config)
-    return out.reshape(*lead, n)
+    return _product(x, w, bias, out_dtype, backend, config, "matmul", axis=-2)
 
 
 def linear(
@@ -185,7 +206,11 @@ def linear(
     """``F.linear``: ``x @ dequantize(w).T`` (+ ``bias``) for ``w`` of logical shape
     ``[N, K]`` quantized along K (``quantize(w_nk)``). Same storage and kernel as
     :func:`matmul`."""
-    x, n, k, bias, out_dtype = _validate(x, w, bias, out_dtype, "linear", axis=-1)
-    lead = x.shape[:-1]
+    return _product(x, w, bias, out_dtype, backend, config, "linear", axis=-1)
+
+
+def _product(x, w, bias, out_dtype, backend, config, fn: str, axis: int) -> jax.Array:
+    """Validate, flatten the leading dims of ``x``, run the 2-D product, restore them."""
+    x, n, k, bias, out_dtype = _validate(x, w, bias, out_dtype, fn, axis)
     out = _matmul_2d(x.reshape(-1, k), w, bias, out_dtype, backend, config)
-    return out.reshape(*lead, n)
+    return out.reshape(*x.shape[:-1], n)

@@ -120,14 +120,19 @@ class NVFP4Linear:
         if not names:
             raise ValueError("layer must be a layer name or a non-empty list of partition names")
         weights = [checkpoint.weight(n) for n in names]
-        weight = weights[0] if len(weights) == 1 else fuse(weights, mode=fuse_mode, strict=strict, names=names)
+        weight = (
+            weights[0]
+            if len(weights) == 1
+            else fuse(weights, mode=fuse_mode, strict=strict, names=names)
+        )
         input_scales = [checkpoint.input_scale(n) for n in names]
         if any(s is None for s in input_scales):
             if scheme == "w4a4":
                 missing = names[[s is None for s in input_scales].index(True)]
                 raise ValueError(
                     f"scheme 'w4a4' needs the checkpoint's activation scale of {missing}, which has none "
-                    f"(a weight-only checkpoint); use scheme='w4a16'")
+                    f"(a weight-only checkpoint); use scheme='w4a16'"
+                )
             input_scale = None
         else:
             input_scale = jnp.max(jnp.stack([jnp.float32(s) for s in input_scales]))
@@ -135,9 +140,12 @@ class NVFP4Linear:
         bias = None
         if any(b is not None for b in biases):
             dtype = next(b for b in biases if b is not None).dtype
-            bias = jnp.concatenate([
-                b.astype(dtype) if b is not None else jnp.zeros((w.shape[0],), dtype)
-                for b, w in zip(biases, weights)])
+            bias = jnp.concatenate(
+                [
+                    b.astype(dtype) if b is not None else jnp.zeros((w.shape[0],), dtype)
+                    for b, w in zip(biases, weights)
+                ]
+            )
         return cls(weight, bias, input_scale, scheme, tuple(w.shape[0] for w in weights), backend)
 
     @property
@@ -152,7 +160,9 @@ class NVFP4Linear:
         """The quantize-direction activation scale ``1 / input_scale`` (vLLM's
         ``input_global_scale_inv``, what ``scaled_fp4_quant`` takes)."""
         if self.input_scale is None:
-            raise ValueError("activation_global_scale needs an input_scale (this layer is weight-only)")
+            raise ValueError(
+                "activation_global_scale needs an input_scale (this layer is weight-only)"
+            )
         return div_rn(jnp.float32(1.0), jnp.float32(self.input_scale))
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -172,12 +182,15 @@ class NVFP4Linear:
             raise TypeError(f"NVFP4Linear(w4a4): x must be bfloat16 or float16, got {x.dtype}")
         k = self.weight.shape[-1]
         if x.ndim == 0 or x.shape[-1] != k:
-            raise ValueError(f"NVFP4Linear(w4a4): x must have shape [..., {k}] to match the weight "
-                             f"{self.weight.shape}, got {x.shape}")
+            raise ValueError(
+                f"NVFP4Linear(w4a4): x must have shape [..., {k}] to match the weight "
+                f"{self.weight.shape}, got {x.shape}"
+            )
         x_dq = quant_dequant(x, global_scale=self.activation_global_scale, backend=self.backend)
         w_dq = dequantize(self.weight, x.dtype, backend=self.backend)  # [N, K]
-        out = lax.dot_general(x_dq, w_dq, (((x.ndim - 1,), (1,)), ((), ())),
-                              preferred_element_type=jnp.float32).astype(x.dtype)
+        out = lax.dot_general(
+            x_dq, w_dq, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+        ).astype(x.dtype)
         if self.bias is not None:
             out = out + self.bias.astype(x.dtype)
         return out

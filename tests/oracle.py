@@ -96,6 +96,11 @@ def swizzle(scales):
     for bi in range(b):
         for r in range(m):
             for col in range(c):
-                off = ((r >> 7) * (cp // 4) + (col >> 2)) * 512 + (r & 31) * 16 + ((r >> 5) & 3) * 4 + (col & 3)
+                off = (
+                    ((r >> 7) * (cp // 4) + (col >> 2)) * 512
+                    + (r & 31) * 16
+                    + ((r >> 5) & 3) * 4
+                    + (col & 3)
+                )
                 out[bi, off] = x[bi, r, col]
     return out.reshape(s.shape[:-2] + (mp, cp))

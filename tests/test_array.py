@@ -39,7 +39,9 @@ def test_vmap_over_experts(rng):
     assert a.shape == (4, 32, 24) and a.tensor_scale.shape == (4,) and a.axis == -2
     out = jax.vmap(nv.dequantize)(a)
     assert out.shape == (4, 32, 24)
-    np.testing.assert_array_equal(np.asarray(out[2]), np.asarray(nv.dequantize(nv.quantize(x[2], axis=0))))
+    np.testing.assert_array_equal(
+        np.asarray(out[2]), np.asarray(nv.dequantize(nv.quantize(x[2], axis=0)))
+    )
 
 
 def test_repr(rng):

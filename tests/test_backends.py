@@ -22,7 +22,9 @@ def test_argument_beats_environment(monkeypatch):
     with backends.record() as log:
         nv.dequantize(nv.quantize(jnp.ones((2, 16)), backend="xla"), backend="xla")
     assert [d.backend for d in log] == ["xla", "xla"]
-    with pytest.raises(ValueError, match=r"unknown NVFP4 backend 'no-such-backend' \(from \$NVFP4_JAX_BACKEND\)"):
+    with pytest.raises(
+        ValueError, match=r"unknown NVFP4 backend 'no-such-backend' \(from \$NVFP4_JAX_BACKEND\)"
+    ):
         nv.quantize(jnp.ones((2, 16)))
 
 
@@ -34,7 +36,9 @@ def test_environment_selects(monkeypatch):
 
 
 def test_unknown_backend_lists_available():
-    with pytest.raises(ValueError, match=r"unknown NVFP4 backend 'cuda'.*available for 'quantize': \['xla'"):
+    with pytest.raises(
+        ValueError, match=r"unknown NVFP4 backend 'cuda'.*available for 'quantize': \['xla'"
+    ):
         nv.quantize(jnp.ones((2, 16)), backend="cuda")
 
 
@@ -47,8 +51,13 @@ def test_pallas_unavailable_on_old_gpu_is_an_error():
 def test_device_info_honours_abstract_mesh():
     from jax.sharding import AbstractDevice, AbstractMesh
 
-    mesh = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(
-        device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="cuda"))
+    mesh = AbstractMesh(
+        (1,),
+        ("x",),
+        abstract_device=AbstractDevice(
+            device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="cuda"
+        ),
+    )
     with jax.sharding.use_abstract_mesh(mesh):
         info = backends.device_info()
     assert info == backends.DeviceInfo("gpu", "NVIDIA H100 80GB HBM3", (9, 0), 132)
@@ -58,12 +67,16 @@ def test_device_info_honours_abstract_mesh():
 
 def test_old_gpu_falls_back_to_xla_with_one_warning(monkeypatch):
     monkeypatch.delenv(backends.ENV_VAR, raising=False)
-    monkeypatch.setattr(backends, "device_info",
-                        lambda: backends.DeviceInfo("gpu", "NVIDIA A100", (8, 0), 108))
+    monkeypatch.setattr(
+        backends, "device_info", lambda: backends.DeviceInfo("gpu", "NVIDIA A100", (8, 0), 108)
+    )
     monkeypatch.setattr(backends, "_WARNED", set())
-    with pytest.warns(UserWarning, match="falls back to the 'xla' backend.*compute capability >= 9.0"):
+    with pytest.warns(
+        UserWarning, match="falls back to the 'xla' backend.*compute capability >= 9.0"
+    ):
         assert backends.select("matmul") is backends.Backend.XLA
     import warnings
+
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert backends.select("matmul") is backends.Backend.XLA  # warned once only

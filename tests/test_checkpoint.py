@@ -29,21 +29,44 @@ LAYERS = {
 }
 
 CONFIGS = {
-    "modelopt": {"quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": 16,
-                 "exclude_modules": ["lm_head"]},
+    "modelopt": {
+        "quant_method": "modelopt",
+        "quant_algo": "NVFP4",
+        "group_size": 16,
+        "exclude_modules": ["lm_head"],
+    },
     "compressed-tensors": {
-        "quant_method": "compressed-tensors", "format": "nvfp4-pack-quantized",
-        "config_groups": {"group_0": {"targets": ["Linear"], "format": "nvfp4-pack-quantized",
-                                      "weights": {"num_bits": 4, "type": "float", "group_size": 16,
-                                                  "strategy": "tensor_group"}}},
-        "ignore": ["lm_head"]},
+        "quant_method": "compressed-tensors",
+        "format": "nvfp4-pack-quantized",
+        "config_groups": {
+            "group_0": {
+                "targets": ["Linear"],
+                "format": "nvfp4-pack-quantized",
+                "weights": {
+                    "num_bits": 4,
+                    "type": "float",
+                    "group_size": 16,
+                    "strategy": "tensor_group",
+                },
+            }
+        },
+        "ignore": ["lm_head"],
+    },
     "quark": {
-        "quant_method": "quark", "exclude": ["lm_head"], "export": {"pack_method": "reorder", "kv_cache_group": []},
+        "quant_method": "quark",
+        "exclude": ["lm_head"],
+        "export": {"pack_method": "reorder", "kv_cache_group": []},
         "global_quant_config": {
-            "weight": [{"dtype": "fp4", "qscheme": "per_group", "group_size": 16, "is_dynamic": False},
-                       {"dtype": "fp8_e4m3", "qscheme": "per_tensor", "is_dynamic": False}],
-            "input_tensors": [{"dtype": "fp4", "qscheme": "per_group", "group_size": 16, "is_dynamic": True},
-                              {"dtype": "fp8_e4m3", "qscheme": "per_tensor", "is_dynamic": False}]}},
+            "weight": [
+                {"dtype": "fp4", "qscheme": "per_group", "group_size": 16, "is_dynamic": False},
+                {"dtype": "fp8_e4m3", "qscheme": "per_tensor", "is_dynamic": False},
+            ],
+            "input_tensors": [
+                {"dtype": "fp4", "qscheme": "per_group", "group_size": 16, "is_dynamic": True},
+                {"dtype": "fp8_e4m3", "qscheme": "per_tensor", "is_dynamic": False},
+            ],
+        },
+    },
 }
 
 
@@ -90,8 +113,11 @@ def _tensors(fmt, quantized, dense, *, w4a4=True, scalar_dtype=F32):
 
 def _write(directory, tensors, *, config=None, hf_quant_config=None, name="model.safetensors"):
     directory.mkdir(parents=True, exist_ok=True)
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(directory / name),
-              metadata={"format": "pt"})
+    save_file(
+        {k: np.ascontiguousarray(v) for k, v in tensors.items()},
+        str(directory / name),
+        metadata={"format": "pt"},
+    )
     if config is not None:
         (directory / "config.json").write_text(json.dumps(config))
     if hf_quant_config is not None:
@@ -138,7 +164,9 @@ def test_formats_load_to_the_documented_values(tmp_path, data, fmt):
 
 def test_quark_bf16_scalars_and_weight_only(tmp_path, data):
     quantized, dense = data
-    path = _write_format(tmp_path, "quark", quantized, dense, w4a4=False, scalar_dtype=ml_dtypes.bfloat16)
+    path = _write_format(
+        tmp_path, "quark", quantized, dense, w4a4=False, scalar_dtype=ml_dtypes.bfloat16
+    )
     ck = ckpt.load_checkpoint(path, progress=False)
     assert ck.input_scales == {}
     for layer, (_, _, ts, _) in quantized.items():
@@ -149,9 +177,13 @@ def test_zero_weight_scale_2_loads_as_zeros(tmp_path, data):
     quantized, dense = data
     t = _tensors("modelopt", quantized, dense)
     t["model.layers.0.mlp.down_proj.weight_scale_2"] = np.array(0.0, F32)
-    ck = ckpt.load_checkpoint(_write(tmp_path, t, hf_quant_config={"quantization": {"quant_algo": "NVFP4"}}),
-                              progress=False)
-    assert not np.any(np.asarray(nv.dequantize(ck.weights["model.layers.0.mlp.down_proj"], jnp.float32)))
+    ck = ckpt.load_checkpoint(
+        _write(tmp_path, t, hf_quant_config={"quantization": {"quant_algo": "NVFP4"}}),
+        progress=False,
+    )
+    assert not np.any(
+        np.asarray(nv.dequantize(ck.weights["model.layers.0.mlp.down_proj"], jnp.float32))
+    )
 
 
 # -- detection ---------------------------------------------------------------------------
@@ -159,8 +191,10 @@ def test_zero_weight_scale_2_loads_as_zeros(tmp_path, data):
 
 def test_detect_from_hf_quant_config_and_from_names(tmp_path, data):
     quantized, dense = data
-    legacy = {"producer": {"name": "modelopt", "version": "0.29"},
-              "quantization": {"quant_algo": "NVFP4", "group_size": 16, "exclude_modules": ["lm_head"]}}
+    legacy = {
+        "producer": {"name": "modelopt", "version": "0.29"},
+        "quantization": {"quant_algo": "NVFP4", "group_size": 16, "exclude_modules": ["lm_head"]},
+    }
     p = _write(tmp_path / "legacy", _tensors("modelopt", quantized, dense), hf_quant_config=legacy)
     r = ckpt.CheckpointReader(p)
     assert r.format == "modelopt" and r.quantization_config == legacy
@@ -169,15 +203,36 @@ def test_detect_from_hf_quant_config_and_from_names(tmp_path, data):
         assert r.format == fmt and r.quantization_config is None
 
 
-@pytest.mark.parametrize("config, error", [
-    ({"quant_method": "fp8"}, "not an NVFP4 format"),
-    ({"quant_method": "modelopt", "quant_algo": "FP8"}, "only 'NVFP4'"),
-    ({"quant_method": "compressed-tensors", "format": "float-quantized",
-      "config_groups": {"g": {"weights": {"num_bits": 4, "type": "float", "group_size": 16}}}}, "nvfp4-pack"),
-    ({"quant_method": "compressed-tensors",
-      "config_groups": {"g": {"weights": {"num_bits": 8, "type": "int", "group_size": 128}}}}, "not NVFP4"),
-    ({"quant_method": "quark", "global_quant_config": {"weight": {"dtype": "fp8_e4m3"}}}, "not NVFP4"),
-])
+@pytest.mark.parametrize(
+    "config, error",
+    [
+        ({"quant_method": "fp8"}, "not an NVFP4 format"),
+        ({"quant_method": "modelopt", "quant_algo": "FP8"}, "only 'NVFP4'"),
+        (
+            {
+                "quant_method": "compressed-tensors",
+                "format": "float-quantized",
+                "config_groups": {
+                    "g": {"weights": {"num_bits": 4, "type": "float", "group_size": 16}}
+                },
+            },
+            "nvfp4-pack",
+        ),
+        (
+            {
+                "quant_method": "compressed-tensors",
+                "config_groups": {
+                    "g": {"weights": {"num_bits": 8, "type": "int", "group_size": 128}}
+                },
+            },
+            "not NVFP4",
+        ),
+        (
+            {"quant_method": "quark", "global_quant_config": {"weight": {"dtype": "fp8_e4m3"}}},
+            "not NVFP4",
+        ),
+    ],
+)
 def test_non_nvfp4_configs_are_not_implemented(config, error):
     with pytest.raises(NotImplementedError, match=error):
         ckpt.detect_format(config)
@@ -195,9 +250,15 @@ def test_undetectable_and_forced_format(tmp_path, data):
 
 def test_dtype_from_config_or_argument(tmp_path, data):
     quantized, dense = data
-    p = _write(tmp_path, _tensors("modelopt", quantized, dense),
-               config={"torch_dtype": "float16", "quantization_config": CONFIGS["modelopt"]})
-    assert ckpt.load_checkpoint(p, progress=False).weights["model.layers.0.self_attn.q_proj"].dtype == jnp.float16
+    p = _write(
+        tmp_path,
+        _tensors("modelopt", quantized, dense),
+        config={"torch_dtype": "float16", "quantization_config": CONFIGS["modelopt"]},
+    )
+    assert (
+        ckpt.load_checkpoint(p, progress=False).weights["model.layers.0.self_attn.q_proj"].dtype
+        == jnp.float16
+    )
     a = ckpt.CheckpointReader(p, dtype=jnp.float32).weight("model.layers.0.self_attn.q_proj")
     assert a.dtype == jnp.float32
 
@@ -207,8 +268,10 @@ def test_dtype_from_config_or_argument(tmp_path, data):
 
 def _write_sharded(directory, tensors, config):
     names = sorted(tensors)
-    half = {n: ("model-00001-of-00002.safetensors" if i % 2 else "model-00002-of-00002.safetensors")
-            for i, n in enumerate(names)}
+    half = {
+        n: ("model-00001-of-00002.safetensors" if i % 2 else "model-00002-of-00002.safetensors")
+        for i, n in enumerate(names)
+    }
     for fname in set(half.values()):
         _write(directory, {n: tensors[n] for n in names if half[n] == fname}, name=fname)
     (directory / "config.json").write_text(json.dumps(config))
@@ -222,11 +285,15 @@ def test_sharded_with_index(tmp_path, data, fmt):
     quantized, dense = data
     tensors = _tensors(fmt, quantized, dense)
     _write_sharded(tmp_path, tensors, {"quantization_config": CONFIGS[fmt]})
-    single = ckpt.load_checkpoint(_write_format(tmp_path / "single", fmt, quantized, dense), progress=False)
+    single = ckpt.load_checkpoint(
+        _write_format(tmp_path / "single", fmt, quantized, dense), progress=False
+    )
     for path in (tmp_path, tmp_path / "model.safetensors.index.json"):
         ck = ckpt.load_checkpoint(path, progress=True)
         for layer in LAYERS:
-            np.testing.assert_array_equal(np.asarray(ck.weights[layer].data), np.asarray(single.weights[layer].data))
+            np.testing.assert_array_equal(
+                np.asarray(ck.weights[layer].data), np.asarray(single.weights[layer].data)
+            )
             assert ck.weights[layer].tensor_scale == single.weights[layer].tensor_scale
 
 
@@ -234,14 +301,21 @@ def test_shards_disagreeing_with_the_index(tmp_path, data):
     quantized, dense = data
     tensors = _tensors("modelopt", quantized, dense)
     index = _write_sharded(tmp_path, tensors, {"quantization_config": CONFIGS["modelopt"]})
-    bad = dict(index, weight_map=dict(index["weight_map"], **{"extra.tensor": "model-00001-of-00002.safetensors"}))
+    bad = dict(
+        index,
+        weight_map=dict(
+            index["weight_map"], **{"extra.tensor": "model-00001-of-00002.safetensors"}
+        ),
+    )
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(bad))
     with pytest.raises(ValueError, match="'extra.tensor' is listed in the index .* missing"):
         ckpt.CheckpointReader(tmp_path)
     wm = dict(index["weight_map"])
     wm.pop("model.norm.weight")
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(dict(index, weight_map=wm)))
-    with pytest.raises(ValueError, match="extra tensor 'model.norm.weight' in .*not listed in the index"):
+    with pytest.raises(
+        ValueError, match="extra tensor 'model.norm.weight' in .*not listed in the index"
+    ):
         ckpt.CheckpointReader(tmp_path)
 
 
@@ -278,21 +352,53 @@ def _broken(tmp_path, data, fmt="modelopt", **changes):
     return _write(tmp_path, t, config={"quantization_config": CONFIGS[fmt]})
 
 
-@pytest.mark.parametrize("changes, error", [
-    ({"Q__weight_scale_2": None}, r"missing tensor model\.layers\.0\.self_attn\.q_proj\.weight_scale_2"),
-    ({"Q__weight_scale": None}, r"missing tensor .*q_proj\.weight_scale:"),
-    ({"Q__weight_global_scale": np.array([1.0], F32)}, r"unexpected tensor .*q_proj\.weight_global_scale in a modelopt"),
-    ({"other.input_scale": np.array(1.0, F32)}, r"missing tensor other\.weight: .* \(found other\.input_scale\)"),
-    ({"other.weight_global_scale": np.array([1.0], F32)}, r"unexpected tensor other\.weight_global_scale: a modelopt"),
-    ({"Q__weight": np.zeros((64, 32), np.int8)}, r"q_proj\.weight must have dtype U8 .* got I8"),
-    ({"Q__weight_scale": np.ones((64, 4), F32)}, r"q_proj\.weight_scale must have dtype F8_E4M3, got F32"),
-    ({"Q__weight_scale": np.ones((64, 5), E4M3)}, r"q_proj\.weight_scale must have shape \[64, 4\] .* got \[64, 5\]"),
-    ({"Q__weight": np.zeros((64, 12), np.uint8), "Q__weight_scale": np.ones((64, 1), E4M3)},
-     r"q_proj\.weight: in-features 24 .* multiple of 16"),
-    ({"Q__weight": np.zeros((64, 32, 1), np.uint8)}, r"q_proj\.weight must be 2-D"),
-    ({"Q__weight_scale_2": np.ones(3, F32)}, r"q_proj\.weight_scale_2 must be a scalar .* got shape \[3\]"),
-    ({"Q__input_scale": np.array(1, np.int32)}, r"q_proj\.input_scale must have dtype F32 or BF16 or F16, got I32"),
-])
+@pytest.mark.parametrize(
+    "changes, error",
+    [
+        (
+            {"Q__weight_scale_2": None},
+            r"missing tensor model\.layers\.0\.self_attn\.q_proj\.weight_scale_2",
+        ),
+        ({"Q__weight_scale": None}, r"missing tensor .*q_proj\.weight_scale:"),
+        (
+            {"Q__weight_global_scale": np.array([1.0], F32)},
+            r"unexpected tensor .*q_proj\.weight_global_scale in a modelopt",
+        ),
+        (
+            {"other.input_scale": np.array(1.0, F32)},
+            r"missing tensor other\.weight: .* \(found other\.input_scale\)",
+        ),
+        (
+            {"other.weight_global_scale": np.array([1.0], F32)},
+            r"unexpected tensor other\.weight_global_scale: a modelopt",
+        ),
+        (
+            {"Q__weight": np.zeros((64, 32), np.int8)},
+            r"q_proj\.weight must have dtype U8 .* got I8",
+        ),
+        (
+            {"Q__weight_scale": np.ones((64, 4), F32)},
+            r"q_proj\.weight_scale must have dtype F8_E4M3, got F32",
+        ),
+        (
+            {"Q__weight_scale": np.ones((64, 5), E4M3)},
+            r"q_proj\.weight_scale must have shape \[64, 4\] .* got \[64, 5\]",
+        ),
+        (
+            {"Q__weight": np.zeros((64, 12), np.uint8), "Q__weight_scale": np.ones((64, 1), E4M3)},
+            r"q_proj\.weight: in-features 24 .* multiple of 16",
+        ),
+        ({"Q__weight": np.zeros((64, 32, 1), np.uint8)}, r"q_proj\.weight must be 2-D"),
+        (
+            {"Q__weight_scale_2": np.ones(3, F32)},
+            r"q_proj\.weight_scale_2 must be a scalar .* got shape \[3\]",
+        ),
+        (
+            {"Q__input_scale": np.array(1, np.int32)},
+            r"q_proj\.input_scale must have dtype F32 or BF16 or F16, got I32",
+        ),
+    ],
+)
 def test_structural_errors_name_the_tensor(tmp_path, data, changes, error):
     with pytest.raises(ValueError, match=error):
         ckpt.CheckpointReader(_broken(tmp_path, data, **changes))
@@ -302,8 +408,14 @@ def test_value_errors_name_the_tensor(tmp_path, data):
     r = ckpt.CheckpointReader(_broken(tmp_path / "a", data, Q__weight_scale_2=np.array(-1.0, F32)))
     with pytest.raises(ValueError, match=r"q_proj\.weight_scale_2 must be finite and >= 0, got -1"):
         r.load(progress=False)
-    r = ckpt.CheckpointReader(_broken(tmp_path / "b", data, "compressed-tensors",
-                                      Q__weight_global_scale=np.array([np.inf], F32)))
+    r = ckpt.CheckpointReader(
+        _broken(
+            tmp_path / "b",
+            data,
+            "compressed-tensors",
+            Q__weight_global_scale=np.array([np.inf], F32),
+        )
+    )
     with pytest.raises(ValueError, match=r"q_proj\.weight_global_scale must be finite and > 0"):
         r.weight(Q)
     r = ckpt.CheckpointReader(_broken(tmp_path / "c", data, Q__input_scale=np.array(0.0, F32)))
@@ -312,7 +424,9 @@ def test_value_errors_name_the_tensor(tmp_path, data):
 
 
 def test_fp8_layers_are_not_implemented(tmp_path, data):
-    p = _broken(tmp_path, data, Q__weight=np.zeros((64, 64), E4M3), Q__weight_scale=np.ones((64, 4), E4M3))
+    p = _broken(
+        tmp_path, data, Q__weight=np.zeros((64, 64), E4M3), Q__weight_scale=np.ones((64, 4), E4M3)
+    )
     with pytest.raises(NotImplementedError, match=r"layer .*q_proj is not NVFP4: .*F8_E4M3"):
         ckpt.CheckpointReader(p)
 
@@ -364,7 +478,7 @@ def test_fuse_max_follows_vllm_and_warns_once(rng, monkeypatch):
     rows = 0
     for a, r in zip(parts, (1.0, 2.0, 4.0)):
         want = np.asarray(nv.dequantize(a, jnp.float32)) * F32(r)
-        np.testing.assert_allclose(got[rows:rows + a.shape[0]], want, rtol=1e-6)
+        np.testing.assert_allclose(got[rows : rows + a.shape[0]], want, rtol=1e-6)
         rows += a.shape[0]
 
 
@@ -381,8 +495,14 @@ def test_fuse_equal_scales_is_silent_and_exact(rng):
 def test_fuse_rescale_is_exact_where_representable(rng):
     parts = _parts(rng)  # power-of-two ratios: block scales shift by whole exponents
     # Keep every block scale >= 2^-4 so scale * 1/4 stays a normal E4M3 (exact).
-    parts = [nv.NVFP4Array(a.data, jnp.maximum(a.scales.astype(jnp.float32), 2.0**-4).astype(jnp.float8_e4m3fn),
-                           a.tensor_scale) for a in parts]
+    parts = [
+        nv.NVFP4Array(
+            a.data,
+            jnp.maximum(a.scales.astype(jnp.float32), 2.0**-4).astype(jnp.float8_e4m3fn),
+            a.tensor_scale,
+        )
+        for a in parts
+    ]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fused = ckpt.fuse(parts, mode="rescale", names=["q_proj", "k_proj", "v_proj"])
@@ -393,13 +513,17 @@ def test_fuse_rescale_is_exact_where_representable(rng):
 
 def test_fuse_rescale_reports_what_is_not_representable(rng):
     parts = _parts(rng, (1.0, 0.3))
-    with pytest.raises(ValueError, match=r"k_proj: \d+ of 128 block scales are not representable .*\(ratio 0\.3\)"):
+    with pytest.raises(
+        ValueError, match=r"k_proj: \d+ of 128 block scales are not representable .*\(ratio 0\.3\)"
+    ):
         ckpt.fuse(parts, mode="rescale", names=["q_proj", "k_proj"])
     with pytest.warns(UserWarning, match="k_proj: .* re-rounded to E4M3"):
         fused = ckpt.fuse(parts, mode="rescale", strict=False, names=["q_proj", "k_proj"])
     _, report = ckpt.rescale(parts[1], parts[0].tensor_scale, name="k_proj")
     assert 0 < report.inexact <= report.blocks == 128 and not report.exact
-    assert report.max_rel_error <= 2.0**-4 + 1e-7 or report.zeroed  # half an E4M3 step (normal range)
+    assert (
+        report.max_rel_error <= 2.0**-4 + 1e-7 or report.zeroed
+    )  # half an E4M3 step (normal range)
     # Where a block is inexact its values move by at most that relative error.
     got = np.asarray(nv.dequantize(fused, jnp.float32))[16:]
     want = np.asarray(nv.dequantize(parts[1], jnp.float32))
@@ -435,15 +559,24 @@ def _arrays(rng):
 def test_save_then_load_round_trips(tmp_path, rng, fmt, shard):
     weights, input_scales = _arrays(rng)
     dense = {k: jnp.asarray(v) for k, v in _dense(rng).items()}
-    ckpt.save_checkpoint(tmp_path, weights, format=fmt, input_scales=input_scales, dense=dense,
-                         model_config={"model_type": "llama", "torch_dtype": "bfloat16"}, max_shard_bytes=shard)
+    ckpt.save_checkpoint(
+        tmp_path,
+        weights,
+        format=fmt,
+        input_scales=input_scales,
+        dense=dense,
+        model_config={"model_type": "llama", "torch_dtype": "bfloat16"},
+        max_shard_bytes=shard,
+    )
     assert (tmp_path / "model.safetensors.index.json").exists() == (shard is not None)
     ck = ckpt.load_checkpoint(tmp_path, progress=False)
     assert ck.format == fmt
     for layer, a in weights.items():
         b = ck.weights[layer]
         np.testing.assert_array_equal(np.asarray(b.data), np.asarray(a.data))
-        np.testing.assert_array_equal(np.asarray(b.scales).view(np.uint8), np.asarray(a.scales).view(np.uint8))
+        np.testing.assert_array_equal(
+            np.asarray(b.scales).view(np.uint8), np.asarray(a.scales).view(np.uint8)
+        )
         assert b.tensor_scale == a.tensor_scale  # exact: quantize's scale is a float32 reciprocal
         assert ck.input_scales[layer] == input_scales[layer]
     for name, v in dense.items():
@@ -467,7 +600,9 @@ def test_save_weight_only_and_errors(tmp_path, rng):
     with pytest.raises(ValueError, match="format must be 'modelopt' or 'compressed-tensors'"):
         ckpt.save_checkpoint(tmp_path / "c", weights, format="quark")
     with pytest.raises(ValueError, match=r"weights\['w'\] must be a 2-D \[N, K\] NVFP4Array"):
-        ckpt.save_checkpoint(tmp_path / "d", {"w": nv.quantize(jnp.ones((64, 16), jnp.float32), axis=0)})
+        ckpt.save_checkpoint(
+            tmp_path / "d", {"w": nv.quantize(jnp.ones((64, 16), jnp.float32), axis=0)}
+        )
     with pytest.raises(TypeError, match=r"weights\['w'\] must be an NVFP4Array"):
         ckpt.save_checkpoint(tmp_path / "e", {"w": jnp.ones((4, 16))})
     with pytest.raises(ValueError, match="collides"):

@@ -31,7 +31,9 @@ pytest.importorskip("compressed_tensors", reason="needs compressed-tensors and t
 import torch  # noqa: E402
 from compressed_tensors.compressors import ModelCompressor  # noqa: E402
 from compressed_tensors.compressors.nvfp4.base import NVFP4PackedCompressor  # noqa: E402
-from compressed_tensors.entrypoints.convert.converters.ct_dequantizer import CompressedTensorsDequantizer  # noqa: E402
+from compressed_tensors.entrypoints.convert.converters.ct_dequantizer import (
+    CompressedTensorsDequantizer,
+)  # noqa: E402
 from compressed_tensors.entrypoints.convert.converters.modelopt_nvfp4 import ModelOptNvfp4Converter  # noqa: E402
 from compressed_tensors.quantization import (  # noqa: E402
     QuantizationConfig,
@@ -46,9 +48,15 @@ F32 = np.float32
 BF16 = ml_dtypes.bfloat16
 
 HIDDEN, KV, INTER = 64, 32, 96
-PROJ = {"self_attn.q_proj": (HIDDEN, HIDDEN), "self_attn.k_proj": (KV, HIDDEN), "self_attn.v_proj": (KV, HIDDEN),
-        "self_attn.o_proj": (HIDDEN, HIDDEN), "mlp.gate_proj": (INTER, HIDDEN), "mlp.up_proj": (INTER, HIDDEN),
-        "mlp.down_proj": (HIDDEN, INTER)}
+PROJ = {
+    "self_attn.q_proj": (HIDDEN, HIDDEN),
+    "self_attn.k_proj": (KV, HIDDEN),
+    "self_attn.v_proj": (KV, HIDDEN),
+    "self_attn.o_proj": (HIDDEN, HIDDEN),
+    "mlp.gate_proj": (INTER, HIDDEN),
+    "mlp.up_proj": (INTER, HIDDEN),
+    "mlp.down_proj": (HIDDEN, INTER),
+}
 
 
 class _Block(torch.nn.Module):
@@ -84,7 +92,8 @@ def _ct_checkpoint(directory, scheme, seed):
                 m.weight[0, :5] *= 20
     config = QuantizationConfig(
         config_groups={"group_0": QuantizationScheme(targets=["Linear"], **PRESET_SCHEMES[scheme])},
-        ignore=["lm_head"])
+        ignore=["lm_head"],
+    )
     apply_quantization_config(model, config)
     with torch.no_grad():
         for m in model.modules():
@@ -94,8 +103,9 @@ def _ct_checkpoint(directory, scheme, seed):
             gs = generate_gparam(w.amin(), w.amax())
             m.weight_global_scale.copy_(gs)
             groups = w.unflatten(-1, (-1, 16))
-            scale, _ = calculate_qparams(groups.amin(-1), groups.amax(-1), m.quantization_scheme.weights,
-                                         global_scale=gs)
+            scale, _ = calculate_qparams(
+                groups.amin(-1), groups.amax(-1), m.quantization_scheme.weights, global_scale=gs
+            )
             m.weight_scale.copy_(scale)
             if hasattr(m, "input_global_scale"):  # activation amax as seen in calibration
                 amax = torch.tensor(float(torch.rand(()) * 8 + 0.5))
@@ -103,9 +113,14 @@ def _ct_checkpoint(directory, scheme, seed):
     compressor = ModelCompressor.from_pretrained_model(model)
     compressor.compress_model(model)
     directory.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(directory / "model.safetensors"),
-              metadata={"format": "pt"})
-    (directory / "config.json").write_text(json.dumps({"model_type": "llama", "torch_dtype": "bfloat16"}))
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()},
+        str(directory / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
+    (directory / "config.json").write_text(
+        json.dumps({"model_type": "llama", "torch_dtype": "bfloat16"})
+    )
     compressor.update_config(str(directory))
     return directory
 
@@ -129,20 +144,28 @@ def _assert_matches_ct(ours, ct_bf16, packed, scales_e4m3, inverse_scale):
     s = np.asarray(scales_e4m3).astype(F32)
     g = F32(inverse_scale)
     ct_formula = (vals.reshape(n, -1, 16) * (s / g)[..., None]).reshape(n, k).astype(BF16)
-    our_formula = (vals.reshape(n, -1, 16) * (s * (F32(1) / g))[..., None]).reshape(n, k).astype(BF16)
+    our_formula = (
+        (vals.reshape(n, -1, 16) * (s * (F32(1) / g))[..., None]).reshape(n, k).astype(BF16)
+    )
     ours = np.asarray(ours)
-    np.testing.assert_array_equal(ct_bf16.view(np.int16), ct_formula.view(np.int16))  # we model CT right
+    np.testing.assert_array_equal(
+        ct_bf16.view(np.int16), ct_formula.view(np.int16)
+    )  # we model CT right
     np.testing.assert_array_equal(ours.view(np.int16), our_formula.view(np.int16))
     differ = ct_formula.view(np.int16) != our_formula.view(np.int16)
     np.testing.assert_array_equal(ours.view(np.int16)[~differ], ct_bf16.view(np.int16)[~differ])
     # Where they differ it is by one bf16 ulp.
-    assert np.all(np.abs(ours.view(np.int16)[differ].astype(np.int32) - ct_bf16.view(np.int16)[differ]) == 1)
+    assert np.all(
+        np.abs(ours.view(np.int16)[differ].astype(np.int32) - ct_bf16.view(np.int16)[differ]) == 1
+    )
     return int(differ.sum())
 
 
 @pytest.fixture(scope="module", params=["NVFP4", "NVFP4A16"])
 def ct_dir(request, tmp_path_factory):
-    return _ct_checkpoint(tmp_path_factory.mktemp(request.param), request.param, seed=len(request.param))
+    return _ct_checkpoint(
+        tmp_path_factory.mktemp(request.param), request.param, seed=len(request.param)
+    )
 
 
 def test_compressed_tensors_checkpoint_loads_and_dequantizes_like_compressed_tensors(ct_dir):
@@ -151,8 +174,11 @@ def test_compressed_tensors_checkpoint_loads_and_dequantizes_like_compressed_ten
     assert ck.format == "compressed-tensors" and ck.quantization_config == qc
     layers = {f"model.layers.{i}.{p}" for i in range(2) for p in PROJ}
     assert set(ck.weights) == layers
-    assert set(ck.dense) == {"lm_head.weight", "model.layers.0.self_attn.o_proj.bias",
-                             "model.layers.1.self_attn.o_proj.bias"}
+    assert set(ck.dense) == {
+        "lm_head.weight",
+        "model.layers.0.self_attn.o_proj.bias",
+        "model.layers.1.self_attn.o_proj.bias",
+    }
     raw = load_file(str(ct_dir / "model.safetensors"))
     ref = _ct_decompress(ct_dir)
     w4a4 = qc["config_groups"]["group_0"]["input_activations"] is not None
@@ -160,7 +186,9 @@ def test_compressed_tensors_checkpoint_loads_and_dequantizes_like_compressed_ten
     for layer, a in ck.weights.items():
         assert a.shape == PROJ[layer.split(".", 3)[3]] and a.dtype == jnp.bfloat16
         packed = raw[f"{layer}.weight_packed"].numpy()
-        scales = raw[f"{layer}.weight_scale"].view(torch.uint8).numpy().view(ml_dtypes.float8_e4m3fn)
+        scales = (
+            raw[f"{layer}.weight_scale"].view(torch.uint8).numpy().view(ml_dtypes.float8_e4m3fn)
+        )
         gs = raw[f"{layer}.weight_global_scale"].item()
         np.testing.assert_array_equal(np.asarray(a.data), packed)
         np.testing.assert_array_equal(np.asarray(a.scales).view(np.uint8), scales.view(np.uint8))
@@ -173,8 +201,9 @@ def test_compressed_tensors_checkpoint_loads_and_dequantizes_like_compressed_ten
         else:
             assert layer not in ck.input_scales
     print(f"{differ} of {sum(a.size for a in ck.weights.values())} weights differ by one bf16 ulp")
-    np.testing.assert_array_equal(np.asarray(ck.dense["lm_head.weight"]).view(np.int16),
-                                  _bits(raw["lm_head.weight"]))
+    np.testing.assert_array_equal(
+        np.asarray(ck.dense["lm_head.weight"]).view(np.int16), _bits(raw["lm_head.weight"])
+    )
 
 
 def test_fused_qkv_of_a_compressed_tensors_checkpoint(ct_dir):
@@ -212,9 +241,15 @@ def _our_arrays(seed):
 @pytest.mark.parametrize("w4a4", [True, False])
 def test_saved_compressed_tensors_checkpoint_reads_back_in_compressed_tensors(tmp_path, w4a4):
     weights, input_scales, dense = _our_arrays(seed=1)
-    ckpt.save_checkpoint(tmp_path, weights, format="compressed-tensors", dense=dense,
-                         input_scales=input_scales if w4a4 else None, max_shard_bytes=20_000,
-                         model_config={"model_type": "llama", "torch_dtype": "bfloat16"})
+    ckpt.save_checkpoint(
+        tmp_path,
+        weights,
+        format="compressed-tensors",
+        dense=dense,
+        input_scales=input_scales if w4a4 else None,
+        max_shard_bytes=20_000,
+        model_config={"model_type": "llama", "torch_dtype": "bfloat16"},
+    )
     qc = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
     parsed = QuantizationConfig.model_validate(qc)  # compressed-tensors accepts our config
     scheme = parsed.config_groups["group_0"]
@@ -233,8 +268,12 @@ def test_saved_compressed_tensors_checkpoint_reads_back_in_compressed_tensors(tm
         scales = np.asarray(a.scales)
         _assert_matches_ct(nv.dequantize(a, jnp.bfloat16), ct_w, np.asarray(a.data), scales, gs)
         if w4a4:
-            assert tensors[f"{layer}.input_global_scale"].item() == F32(1) / F32(input_scales[layer])
-    np.testing.assert_array_equal(_bits(ref["lm_head.weight"]), np.asarray(dense["lm_head.weight"]).view(np.int16))
+            assert tensors[f"{layer}.input_global_scale"].item() == F32(1) / F32(
+                input_scales[layer]
+            )
+    np.testing.assert_array_equal(
+        _bits(ref["lm_head.weight"]), np.asarray(dense["lm_head.weight"]).view(np.int16)
+    )
 
 
 def test_saved_modelopt_checkpoint_reads_in_compressed_tensors_modelopt_converter(tmp_path):
@@ -242,26 +281,41 @@ def test_saved_modelopt_checkpoint_reads_in_compressed_tensors_modelopt_converte
     converter): it validates our file's names, dtypes and dependencies, and its conversion
     decompresses to our values."""
     weights, input_scales, dense = _our_arrays(seed=2)
-    ckpt.save_checkpoint(tmp_path, weights, format="modelopt", input_scales=input_scales, dense=dense)
+    ckpt.save_checkpoint(
+        tmp_path, weights, format="modelopt", input_scales=input_scales, dense=dense
+    )
     tensors = load_file(str(tmp_path / "model.safetensors"))
     assert tensors["model.layers.0.mlp.up_proj.weight_scale_2"].shape == ()
     converter = ModelOptNvfp4Converter(ignore=["lm_head"], targets=["re:.*_proj$"])
     for layer in weights:
         assert converter.get_dependencies(f"{layer}.weight") == {
-            f"{layer}.input_scale", f"{layer}.weight_scale", f"{layer}.weight_scale_2"}
+            f"{layer}.input_scale",
+            f"{layer}.weight_scale",
+            f"{layer}.weight_scale_2",
+        }
         assert set(converter.get_dependencies(f"{layer}.weight")) <= set(tensors)
     converted = converter.validate(dict(tensors))  # raises on orphans, wrong dtypes, missing scales
     scheme = QuantizationScheme(targets=["Linear"], **PRESET_SCHEMES["NVFP4"])
     for layer, a in weights.items():
-        sd = {p: converted[f"{layer}.{p}"] for p in ("weight_packed", "weight_scale", "weight_global_scale")}
+        sd = {
+            p: converted[f"{layer}.{p}"]
+            for p in ("weight_packed", "weight_scale", "weight_global_scale")
+        }
         np.testing.assert_array_equal(sd["weight_packed"].numpy(), np.asarray(a.data))
-        np.testing.assert_array_equal(sd["weight_scale"].view(torch.uint8).numpy(), np.asarray(a.scales).view(np.uint8))
+        np.testing.assert_array_equal(
+            sd["weight_scale"].view(torch.uint8).numpy(), np.asarray(a.scales).view(np.uint8)
+        )
         g = sd["weight_global_scale"]
         assert g.shape == () and g.item() == F32(1) / F32(a.tensor_scale)
         assert converted[f"{layer}.input_global_scale"].item() == F32(1) / F32(input_scales[layer])
         # ModelOpt's scalar is 0-d, so torch computes compressed-tensors' `bf16 scale / g` in
         # bf16 (a 0-d float32 operand does not promote): bf16(e2m1 * bf16(scale / g)).
-        ct_w = NVFP4PackedCompressor.decompress(sd, scheme)["weight"].view(torch.int16).numpy().view(BF16)
+        ct_w = (
+            NVFP4PackedCompressor.decompress(sd, scheme)["weight"]
+            .view(torch.int16)
+            .numpy()
+            .view(BF16)
+        )
         vals = oracle.decode_codes(oracle.unpack(np.asarray(a.data))).astype(F32)
         n, k = vals.shape
         factor = (np.asarray(a.scales).astype(F32) / F32(g.item())).astype(BF16).astype(F32)
@@ -270,5 +324,12 @@ def test_saved_modelopt_checkpoint_reads_in_compressed_tensors_modelopt_converte
         # With a [1]-shaped scalar (compressed-tensors' own layout) it matches us as in the
         # other tests.
         sd["weight_global_scale"] = g.reshape(1)
-        ct_w = NVFP4PackedCompressor.decompress(sd, scheme)["weight"].view(torch.int16).numpy().view(BF16)
-        _assert_matches_ct(nv.dequantize(a, jnp.bfloat16), ct_w, np.asarray(a.data), np.asarray(a.scales), g.item())
+        ct_w = (
+            NVFP4PackedCompressor.decompress(sd, scheme)["weight"]
+            .view(torch.int16)
+            .numpy()
+            .view(BF16)
+        )
+        _assert_matches_ct(
+            nv.dequantize(a, jnp.bfloat16), ct_w, np.asarray(a.data), np.asarray(a.scales), g.item()
+        )

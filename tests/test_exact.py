@@ -7,7 +7,12 @@ from hypothesis import strategies as st
 
 from nvfp4_jax._exact import div_rn
 
-positive_normal = st.floats(min_value=float(np.float32(1e-30)), max_value=float(np.float32(1e30)), width=32, allow_subnormal=False)
+positive_normal = st.floats(
+    min_value=float(np.float32(1e-30)),
+    max_value=float(np.float32(1e30)),
+    width=32,
+    allow_subnormal=False,
+)
 
 
 @given(st.lists(st.tuples(positive_normal, positive_normal), min_size=1, max_size=64))

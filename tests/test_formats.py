@@ -30,10 +30,15 @@ def test_negative_underflow_is_minus_zero_and_saturation():
     )
 
 
-@given(hnp.arrays(np.float32, hnp.array_shapes(max_dims=3, max_side=9),
-                  elements=st.floats(-20, 20, width=32)))
+@given(
+    hnp.arrays(
+        np.float32, hnp.array_shapes(max_dims=3, max_side=9), elements=st.floats(-20, 20, width=32)
+    )
+)
 def test_float_to_e2m1_matches_ml_dtypes(x):
-    np.testing.assert_array_equal(np.asarray(nv.float_to_e2m1(jnp.asarray(x))), oracle.e2m1_codes(x))
+    np.testing.assert_array_equal(
+        np.asarray(nv.float_to_e2m1(jnp.asarray(x))), oracle.e2m1_codes(x)
+    )
 
 
 @given(st.sampled_from([jnp.float32, jnp.bfloat16, jnp.float16]))
@@ -45,8 +50,13 @@ def test_decode_all_codes(dtype):
     np.testing.assert_array_equal(np.signbit(got[8]), True)
 
 
-@given(hnp.arrays(np.uint8, st.tuples(st.integers(1, 4), st.integers(1, 12)).map(lambda s: (s[0], 2 * s[1])),
-                  elements=st.integers(0, 15)))
+@given(
+    hnp.arrays(
+        np.uint8,
+        st.tuples(st.integers(1, 4), st.integers(1, 12)).map(lambda s: (s[0], 2 * s[1])),
+        elements=st.integers(0, 15),
+    )
+)
 def test_pack_unpack_roundtrip(codes):
     packed = nv.pack_fp4(jnp.asarray(codes))
     np.testing.assert_array_equal(np.asarray(packed), oracle.pack(codes))
@@ -55,7 +65,9 @@ def test_pack_unpack_roundtrip(codes):
 
 @given(hnp.arrays(np.uint8, hnp.array_shapes(min_dims=1, max_dims=3, max_side=7)))
 def test_unpack_pack_roundtrip(packed):
-    np.testing.assert_array_equal(np.asarray(nv.pack_fp4(nv.unpack_fp4(jnp.asarray(packed)))), packed)
+    np.testing.assert_array_equal(
+        np.asarray(nv.pack_fp4(nv.unpack_fp4(jnp.asarray(packed)))), packed
+    )
 
 
 def test_low_nibble_is_even_element_and_matches_bitcast():
@@ -63,8 +75,9 @@ def test_low_nibble_is_even_element_and_matches_bitcast():
     np.testing.assert_array_equal(np.asarray(nv.unpack_fp4(packed)), [1, 2, 8, 15])
     # XLA's own u8 -> float4 bitcast puts element 0 in the low nibble too.
     f4 = jax.lax.bitcast_convert_type(packed, jnp.float4_e2m1fn).reshape(-1)
-    np.testing.assert_array_equal(np.asarray(f4.astype(jnp.float32)),
-                                  np.asarray(nv.e2m1_to_float(nv.unpack_fp4(packed))))
+    np.testing.assert_array_equal(
+        np.asarray(f4.astype(jnp.float32)), np.asarray(nv.e2m1_to_float(nv.unpack_fp4(packed)))
+    )
 
 
 def test_bad_inputs():

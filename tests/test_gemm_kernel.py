@@ -14,7 +14,6 @@ relative), so the bound is 1e-2 for bf16 and 2e-3 for f16. Layout and decode
 tests are exact.
 """
 
-
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -23,6 +22,12 @@ import pytest
 from jax.sharding import AbstractDevice, AbstractMesh
 
 from nvfp4_jax.kernels import gemm
+
+
+# The value of every E2M1 code 0..15 (independent of the code under test).
+E2M1_BY_CODE = np.array(
+    [0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], np.float32
+)
 
 G = gemm.GemmConfig
 # GPU tests are skipped by tests/conftest.py unless a Hopper GPU is present.
@@ -35,54 +40,53 @@ gpu = pytest.mark.gpu
 
 
 def _random_weight(n, k, seed):
-  rng = np.random.default_rng(seed)
-  data = rng.integers(0, 256, size=(n, k // 2), dtype=np.uint8)
-  # Random positive E4M3 values: every finite positive byte, normals and
-  # subnormals alike (0x01..0x7E).
-  scales = rng.integers(1, 0x7F, size=(n, k // 16), dtype=np.uint8).view(
-      ml_dtypes.float8_e4m3fn)
-  # Keep products in a moderate range so that bf16 outputs do not overflow.
-  scales = (scales.astype(np.float32) / 64).astype(ml_dtypes.float8_e4m3fn)
-  tensor_scale = np.float32(rng.uniform(0.25, 4.0))
-  return data, scales, tensor_scale
+    rng = np.random.default_rng(seed)
+    data = rng.integers(0, 256, size=(n, k // 2), dtype=np.uint8)
+    # Random positive E4M3 values: every finite positive byte, normals and
+    # subnormals alike (0x01..0x7E).
+    scales = rng.integers(1, 0x7F, size=(n, k // 16), dtype=np.uint8).view(ml_dtypes.float8_e4m3fn)
+    # Keep products in a moderate range so that bf16 outputs do not overflow.
+    scales = (scales.astype(np.float32) / 64).astype(ml_dtypes.float8_e4m3fn)
+    tensor_scale = np.float32(rng.uniform(0.25, 4.0))
+    return data, scales, tensor_scale
 
 
 def _random_x(m, k, dtype, seed):
-  rng = np.random.default_rng(seed + 1000)
-  return jnp.asarray(rng.standard_normal((m, k)).astype(np.float32)).astype(dtype)
+    rng = np.random.default_rng(seed + 1000)
+    return jnp.asarray(rng.standard_normal((m, k)).astype(np.float32)).astype(dtype)
 
 
 def _dequant64(data, scales, tensor_scale):
-  codes = np.stack([data & 0xF, data >> 4], axis=-1).reshape(data.shape[0], -1)
-  values = gemm._E2M1_VALUES.astype(np.float64)[codes]
-  s = np.repeat(np.asarray(scales).astype(np.float64), 16, axis=1)
-  return values * s * np.float64(tensor_scale)  # W^T [N, K]
+    codes = np.stack([data & 0xF, data >> 4], axis=-1).reshape(data.shape[0], -1)
+    values = E2M1_BY_CODE.astype(np.float64)[codes]
+    s = np.repeat(np.asarray(scales).astype(np.float64), 16, axis=1)
+    return values * s * np.float64(tensor_scale)  # W^T [N, K]
 
 
 def _reference64(x, data, scales, tensor_scale, bias=None):
-  y = np.asarray(x.astype(jnp.float32), np.float64) @ _dequant64(data, scales, tensor_scale).T
-  if bias is not None:
-    y = y + np.asarray(bias, np.float64)
-  return y
+    y = np.asarray(x.astype(jnp.float32), np.float64) @ _dequant64(data, scales, tensor_scale).T
+    if bias is not None:
+        y = y + np.asarray(bias, np.float64)
+    return y
 
 
 def _rel_err(y, ref):
-  y = np.asarray(jnp.asarray(y).astype(jnp.float32), np.float64)
-  return np.linalg.norm(y - ref) / max(np.linalg.norm(ref), 1e-30)
+    y = np.asarray(jnp.asarray(y).astype(jnp.float32), np.float64)
+    return np.linalg.norm(y - ref) / max(np.linalg.norm(ref), 1e-30)
 
 
 def _tolerance(out_dtype):
-  return 1e-2 if jnp.dtype(out_dtype) == jnp.bfloat16 else 2e-3
+    return 1e-2 if jnp.dtype(out_dtype) == jnp.bfloat16 else 2e-3
 
 
 _H100 = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="cuda")
 
 
 def _cross_lower(fn, *args):
-  """Lowers ``fn`` for CUDA sm_90 from a CPU host; returns the StableHLO text."""
-  mesh = AbstractMesh((1,), ("x",), abstract_device=_H100)
-  with jax.sharding.use_abstract_mesh(mesh):
-    return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    """Lowers ``fn`` for CUDA sm_90 from a CPU host; returns the StableHLO text."""
+    mesh = AbstractMesh((1,), ("x",), abstract_device=_H100)
+    with jax.sharding.use_abstract_mesh(mesh):
+        return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
 # -----------------------------------------------------------------------------
@@ -92,64 +96,72 @@ def _cross_lower(fn, *args):
 
 @pytest.mark.parametrize("k_group", [64, 128])
 def test_prepared_layout_bits(k_group):
-  n, k = 40, 144
-  data, scales, ts = _random_weight(n, k, seed=3)
-  prep = gemm.prepare_weight(jnp.asarray(data), jnp.asarray(scales), ts,
-                             dtype=None, k_group=k_group)
-  k_pad, n_pad, lanes = -(-k // k_group) * k_group, 48, k_group // 4
-  assert prep.data.shape == (k_pad // k_group, n_pad, lanes)
-  assert prep.data.dtype == jnp.uint16
-  assert prep.scales.shape == (k_pad // 16, n_pad)
-  codes = np.zeros((n_pad, k_pad), np.uint16)
-  codes[:n, :k] = np.stack([data & 0xF, data >> 4], -1).reshape(n, k)
-  packed = np.asarray(prep.data)
-  for g, nn, j, q in [(0, 0, 0, 0), (0, 5, 3, 2), (k_pad // k_group - 1, n - 1, lanes - 1, 3),
-                      (1, 17, 7, 1)]:
-    kk = g * k_group + q * lanes + j
-    assert (packed[g, nn, j] >> (4 * q)) & 0xF == codes[nn, kk]
-  # Full check against a vectorized re-derivation.
-  c = codes.reshape(n_pad, k_pad // k_group, 4, lanes)
-  expect = sum(c[:, :, q, :].astype(np.uint32) << (4 * q) for q in range(4))
-  np.testing.assert_array_equal(packed, expect.transpose(1, 0, 2))
-  s = np.zeros((n_pad, k_pad // 16), np.float32)
-  s[:n, :k // 16] = scales.astype(np.float32)
-  np.testing.assert_array_equal(np.asarray(prep.scales.astype(jnp.float32)), s.T)
+    n, k = 40, 144
+    data, scales, ts = _random_weight(n, k, seed=3)
+    prep = gemm.prepare_weight(
+        jnp.asarray(data), jnp.asarray(scales), ts, dtype=None, k_group=k_group
+    )
+    k_pad, n_pad, lanes = -(-k // k_group) * k_group, 48, k_group // 4
+    assert prep.data.shape == (k_pad // k_group, n_pad, lanes)
+    assert prep.data.dtype == jnp.uint16
+    assert prep.scales.shape == (k_pad // 16, n_pad)
+    codes = np.zeros((n_pad, k_pad), np.uint16)
+    codes[:n, :k] = np.stack([data & 0xF, data >> 4], -1).reshape(n, k)
+    packed = np.asarray(prep.data)
+    for g, nn, j, q in [
+        (0, 0, 0, 0),
+        (0, 5, 3, 2),
+        (k_pad // k_group - 1, n - 1, lanes - 1, 3),
+        (1, 17, 7, 1),
+    ]:
+        kk = g * k_group + q * lanes + j
+        assert (packed[g, nn, j] >> (4 * q)) & 0xF == codes[nn, kk]
+    # Full check against a vectorized re-derivation.
+    c = codes.reshape(n_pad, k_pad // k_group, 4, lanes)
+    expect = sum(c[:, :, q, :].astype(np.uint32) << (4 * q) for q in range(4))
+    np.testing.assert_array_equal(packed, expect.transpose(1, 0, 2))
+    s = np.zeros((n_pad, k_pad // 16), np.float32)
+    s[:n, : k // 16] = scales.astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(prep.scales.astype(jnp.float32)), s.T)
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_prepared_widened_scales(dtype):
-  data, scales, ts = _random_weight(32, 64, seed=4)
-  prep = gemm.prepare_weight(jnp.asarray(data), jnp.asarray(scales), ts, dtype=dtype)
-  assert prep.scales.dtype == dtype
-  got = np.asarray(prep.scales.astype(jnp.float32)) * 2.0 ** -gemm.scale_exponent(dtype)
-  np.testing.assert_array_equal(got, scales.astype(np.float32).T)
+    data, scales, ts = _random_weight(32, 64, seed=4)
+    prep = gemm.prepare_weight(jnp.asarray(data), jnp.asarray(scales), ts, dtype=dtype)
+    assert prep.scales.dtype == dtype
+    got = np.asarray(prep.scales.astype(jnp.float32)) * 2.0 ** -gemm.scale_exponent(dtype)
+    np.testing.assert_array_equal(got, scales.astype(np.float32).T)
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_portable_decode_is_exact(dtype):
-  # Every code in every nibble position.
-  codes = np.arange(16, dtype=np.uint16)
-  lanes = (codes[:, None] << (4 * np.arange(4, dtype=np.uint16))[None, :]).sum(1)
-  lanes = jnp.asarray(lanes.astype(np.uint16)).reshape(16, 1)
-  for q in range(4):
-    got = np.asarray(gemm._decode_quarter(lanes, q, dtype).astype(jnp.float32))[:, 0]
-    np.testing.assert_array_equal(got, gemm._E2M1_VALUES)
-    assert np.array_equal(np.signbit(got), np.signbit(gemm._E2M1_VALUES))
+    # Every code in every nibble position.
+    codes = np.arange(16, dtype=np.uint16)
+    lanes = (codes[:, None] << (4 * np.arange(4, dtype=np.uint16))[None, :]).sum(1)
+    lanes = jnp.asarray(lanes.astype(np.uint16)).reshape(16, 1)
+    for q in range(4):
+        got = np.asarray(gemm._decode_quarter(lanes, q, dtype).astype(jnp.float32))[:, 0]
+        np.testing.assert_array_equal(got, E2M1_BY_CODE)
+        assert np.array_equal(np.signbit(got), np.signbit(E2M1_BY_CODE))
 
 
 def test_fast_decode_bit_pattern_is_exact():
-  """The fast decode's placement ``sign<<15 | em<<s`` times the folded scale."""
-  for dtype in (jnp.bfloat16, jnp.float16):
-    s = jnp.finfo(dtype).nmant - 1
-    codes = np.arange(16, dtype=np.uint16)
-    bits = ((codes & 8) << 12) | ((codes & 7) << s)
-    placed = jnp.asarray(bits).view(dtype).astype(jnp.float32)
-    # XLA:CPU flushes bf16 subnormals, so rebuild the value in float64.
-    exact = np.where((codes & 7) == 1, 2.0 ** (1 - (1 - jnp.finfo(dtype).minexp)) / 2,
-                     np.asarray(placed, np.float64))
-    exact = np.copysign(np.abs(exact), np.where(codes & 8, -1.0, 1.0))
-    scaled = exact * 2.0 ** (gemm.scale_exponent(dtype) + gemm._FAST_SHIFT)
-    np.testing.assert_array_equal(scaled, gemm._E2M1_VALUES)
+    """The fast decode's placement ``sign<<15 | em<<s`` times the folded scale."""
+    for dtype in (jnp.bfloat16, jnp.float16):
+        s = jnp.finfo(dtype).nmant - 1
+        codes = np.arange(16, dtype=np.uint16)
+        bits = ((codes & 8) << 12) | ((codes & 7) << s)
+        placed = jnp.asarray(bits).view(dtype).astype(jnp.float32)
+        # XLA:CPU flushes bf16 subnormals, so rebuild the value in float64.
+        exact = np.where(
+            (codes & 7) == 1,
+            2.0 ** (1 - (1 - jnp.finfo(dtype).minexp)) / 2,
+            np.asarray(placed, np.float64),
+        )
+        exact = np.copysign(np.abs(exact), np.where(codes & 8, -1.0, 1.0))
+        scaled = exact * 2.0 ** (gemm.scale_exponent(dtype) + gemm._FAST_SHIFT)
+        np.testing.assert_array_equal(scaled, E2M1_BY_CODE)
 
 
 # -----------------------------------------------------------------------------
@@ -158,67 +170,93 @@ def test_fast_decode_bit_pattern_is_exact():
 
 
 def _interp_config(m, n, k, split_k=1, tile_k=64):
-  return G(tile_n=64 if n <= 64 else 128, tile_m=min(64, -(-m // 8) * 8), tile_k=tile_k,
-           stages=2, split_k=split_k, a_operand="smem")
+    return G(
+        tile_n=64 if n <= 64 else 128,
+        tile_m=min(64, -(-m // 8) * 8),
+        tile_k=tile_k,
+        stages=2,
+        split_k=split_k,
+        a_operand="smem",
+    )
 
 
 @pytest.mark.parametrize("m", [1, 3, 16, 70])
 @pytest.mark.parametrize("n", [64, 200])
 @pytest.mark.parametrize("k", [48, 256])
 def test_interpret_matches_reference(m, n, k):
-  data, scales, ts = _random_weight(n, k, seed=m * 7 + n + k)
-  x = _random_x(m, k, jnp.bfloat16, seed=m + n + k)
-  prep = gemm.prepare_weight(jnp.asarray(data), jnp.asarray(scales), ts)
-  split_k = 2 if k == 256 and m < 16 else 1
-  y = gemm.nvfp4_matmul(x, prep, n=n, k=k, config=_interp_config(m, n, k, split_k),
-                        interpret=True)
-  assert y.shape == (m, n) and y.dtype == jnp.bfloat16
-  assert _rel_err(y, _reference64(x, data, scales, ts)) <= _tolerance(jnp.bfloat16)
+    data, scales, ts = _random_weight(n, k, seed=m * 7 + n + k)
+    x = _random_x(m, k, jnp.bfloat16, seed=m + n + k)
+    prep = gemm.prepare_weight(jnp.asarray(data), jnp.asarray(scales), ts)
+    split_k = 2 if k == 256 and m < 16 else 1
+    y = gemm.nvfp4_matmul(
+        x, prep, n=n, k=k, config=_interp_config(m, n, k, split_k), interpret=True
+    )
+    assert y.shape == (m, n) and y.dtype == jnp.bfloat16
+    assert _rel_err(y, _reference64(x, data, scales, ts)) <= _tolerance(jnp.bfloat16)
 
 
-@pytest.mark.parametrize("dtype,scale_dtype,split_k", [
-    (jnp.bfloat16, jnp.bfloat16, 1),
-    (jnp.bfloat16, None, 2),
-    (jnp.float16, jnp.float16, 1),
-    (jnp.float16, jnp.bfloat16, 2),
-])
+@pytest.mark.parametrize(
+    "dtype,scale_dtype,split_k",
+    [
+        (jnp.bfloat16, jnp.bfloat16, 1),
+        (jnp.bfloat16, None, 2),
+        (jnp.float16, jnp.float16, 1),
+        (jnp.float16, jnp.bfloat16, 2),
+    ],
+)
 def test_interpret_bias_and_dtypes(dtype, scale_dtype, split_k):
-  m, n, k = 16, 200, 256
-  data, scales, ts = _random_weight(n, k, seed=11)
-  x = _random_x(m, k, dtype, seed=12)
-  bias = jnp.asarray(np.random.default_rng(13).standard_normal(n).astype(np.float32))
-  prep = gemm.prepare_weight(jnp.asarray(data), jnp.asarray(scales), ts, dtype=scale_dtype)
-  y = gemm.nvfp4_matmul(x, prep, n=n, k=k, bias=bias, out_dtype=dtype,
-                        config=_interp_config(m, n, k, split_k=split_k), interpret=True)
-  assert y.dtype == dtype
-  assert _rel_err(y, _reference64(x, data, scales, ts, bias)) <= _tolerance(dtype)
+    m, n, k = 16, 200, 256
+    data, scales, ts = _random_weight(n, k, seed=11)
+    x = _random_x(m, k, dtype, seed=12)
+    bias = jnp.asarray(np.random.default_rng(13).standard_normal(n).astype(np.float32))
+    prep = gemm.prepare_weight(jnp.asarray(data), jnp.asarray(scales), ts, dtype=scale_dtype)
+    y = gemm.nvfp4_matmul(
+        x,
+        prep,
+        n=n,
+        k=k,
+        bias=bias,
+        out_dtype=dtype,
+        config=_interp_config(m, n, k, split_k=split_k),
+        interpret=True,
+    )
+    assert y.dtype == dtype
+    assert _rel_err(y, _reference64(x, data, scales, ts, bias)) <= _tolerance(dtype)
 
 
 def test_interpret_multi_warpgroup_tiles():
-  """tile_n=192 as 3 warpgroups x 64 rows and tile_n=256 as 2 x 128 rows."""
-  m, n, k = 24, 256, 512
-  data, scales, ts = _random_weight(n, k, seed=21)
-  x = _random_x(m, k, jnp.bfloat16, seed=22)
-  prep = gemm.prepare_weight(jnp.asarray(data), jnp.asarray(scales), ts)
-  ref = _reference64(x, data, scales, ts)
-  for cfg in (G(tile_n=192, compute_wgs=3, tile_m=24, tile_k=128, stages=2, split_k=2,
-                a_operand="smem"),
-              G(tile_n=256, compute_wgs=2, tile_m=24, tile_k=128, stages=3,
-                a_operand="smem")):
-    y = gemm.nvfp4_matmul(x, prep, n=n, k=k, config=cfg, interpret=True)
-    assert _rel_err(y, ref) <= _tolerance(jnp.bfloat16), cfg
+    """tile_n=192 as 3 warpgroups x 64 rows and tile_n=256 as 2 x 128 rows."""
+    m, n, k = 24, 256, 512
+    data, scales, ts = _random_weight(n, k, seed=21)
+    x = _random_x(m, k, jnp.bfloat16, seed=22)
+    prep = gemm.prepare_weight(jnp.asarray(data), jnp.asarray(scales), ts)
+    ref = _reference64(x, data, scales, ts)
+    for cfg in (
+        G(tile_n=192, compute_wgs=3, tile_m=24, tile_k=128, stages=2, split_k=2, a_operand="smem"),
+        G(tile_n=256, compute_wgs=2, tile_m=24, tile_k=128, stages=3, a_operand="smem"),
+    ):
+        y = gemm.nvfp4_matmul(x, prep, n=n, k=k, config=cfg, interpret=True)
+        assert _rel_err(y, ref) <= _tolerance(jnp.bfloat16), cfg
 
 
 def test_zero_weight_gives_bias():
-  m, n, k = 8, 64, 64
-  prep = gemm.prepare_weight(jnp.zeros((n, k // 2), jnp.uint8),
-                             jnp.zeros((n, k // 16), jnp.float8_e4m3fn), 1.0)
-  bias = jnp.arange(n, dtype=jnp.float32)
-  y = gemm.nvfp4_matmul(jnp.ones((m, k), jnp.bfloat16), prep, n=n, k=k, bias=bias,
-                        config=G(tile_n=64, tile_m=8, tile_k=64, a_operand="smem"),
-                        interpret=True)
-  np.testing.assert_array_equal(np.asarray(y.astype(jnp.float32)),
-                                np.broadcast_to(np.arange(n, dtype=np.float32), (m, n)))
+    m, n, k = 8, 64, 64
+    prep = gemm.prepare_weight(
+        jnp.zeros((n, k // 2), jnp.uint8), jnp.zeros((n, k // 16), jnp.float8_e4m3fn), 1.0
+    )
+    bias = jnp.arange(n, dtype=jnp.float32)
+    y = gemm.nvfp4_matmul(
+        jnp.ones((m, k), jnp.bfloat16),
+        prep,
+        n=n,
+        k=k,
+        bias=bias,
+        config=G(tile_n=64, tile_m=8, tile_k=64, a_operand="smem"),
+        interpret=True,
+    )
+    np.testing.assert_array_equal(
+        np.asarray(y.astype(jnp.float32)), np.broadcast_to(np.arange(n, dtype=np.float32), (m, n))
+    )
 
 
 # -----------------------------------------------------------------------------
@@ -227,45 +265,45 @@ def test_zero_weight_gives_bias():
 
 
 def test_config_validation():
-  with pytest.raises(ValueError):
-    G(tile_n=96)
-  with pytest.raises(ValueError):
-    G(tile_m=12)
-  with pytest.raises(ValueError):
-    G(tile_k=48)
-  with pytest.raises(ValueError):
-    G(tile_n=256, compute_wgs=1)
-  with pytest.raises(ValueError):  # would deadlock in setmaxnreg
-    G(tile_n=256, compute_wgs=4)
-  with pytest.raises(ValueError):
-    G(a_operand="tmem")
+    with pytest.raises(ValueError):
+        G(tile_n=96)
+    with pytest.raises(ValueError):
+        G(tile_m=12)
+    with pytest.raises(ValueError):
+        G(tile_k=48)
+    with pytest.raises(ValueError):
+        G(tile_n=256, compute_wgs=1)
+    with pytest.raises(ValueError):  # would deadlock in setmaxnreg
+        G(tile_n=256, compute_wgs=4)
+    with pytest.raises(ValueError):
+        G(a_operand="tmem")
 
 
 def test_wrapper_validation():
-  data, scales, ts = _random_weight(64, 128, seed=0)
-  prep = gemm.prepare_weight(jnp.asarray(data), jnp.asarray(scales), ts)
-  x = jnp.zeros((4, 128), jnp.bfloat16)
-  with pytest.raises(ValueError):
-    gemm.nvfp4_matmul(x, prep, n=64, k=256)
-  with pytest.raises(ValueError):
-    gemm.nvfp4_matmul(x.astype(jnp.float32), prep, n=64, k=128)
-  with pytest.raises(ValueError):
-    gemm.nvfp4_matmul(x, prep, n=64, k=128, config=G(split_k=3, tile_k=64))
-  with pytest.raises(NotImplementedError):
-    gemm.nvfp4_matmul(x, prep, n=64, k=128, config=G(), interpret=True)
-  with pytest.raises(ValueError):
-    gemm.prepare_weight(jnp.asarray(data), jnp.asarray(scales[:, :3]), ts)
+    data, scales, ts = _random_weight(64, 128, seed=0)
+    prep = gemm.prepare_weight(jnp.asarray(data), jnp.asarray(scales), ts)
+    x = jnp.zeros((4, 128), jnp.bfloat16)
+    with pytest.raises(ValueError):
+        gemm.nvfp4_matmul(x, prep, n=64, k=256)
+    with pytest.raises(ValueError):
+        gemm.nvfp4_matmul(x.astype(jnp.float32), prep, n=64, k=128)
+    with pytest.raises(ValueError):
+        gemm.nvfp4_matmul(x, prep, n=64, k=128, config=G(split_k=3, tile_k=64))
+    with pytest.raises(NotImplementedError):
+        gemm.nvfp4_matmul(x, prep, n=64, k=128, config=G(), interpret=True)
+    with pytest.raises(ValueError):
+        gemm.prepare_weight(jnp.asarray(data), jnp.asarray(scales[:, :3]), ts)
 
 
 def test_default_config_buckets():
-  for m in (1, 16, 64, 256, 1024, 4096):
-    for n, k in ((4096, 4096), (14336, 4096), (4096, 14336), (28672, 8192)):
-      cfg = gemm.default_config(m, n, k, num_sms=132)
-      tile_m = min(cfg.tile_m, -(-m // 8) * 8)
-      assert gemm.smem_bytes(cfg, tile_m) <= gemm._SMEM_BYTES
-      assert (-(-k // cfg.tile_k)) % cfg.split_k == 0
-      if m <= 64:
-        assert cfg.tile_m == -(-m // 8) * 8
+    for m in (1, 16, 64, 256, 1024, 4096):
+        for n, k in ((4096, 4096), (14336, 4096), (4096, 14336), (28672, 8192)):
+            cfg = gemm.default_config(m, n, k, num_sms=132)
+            tile_m = min(cfg.tile_m, -(-m // 8) * 8)
+            assert gemm.smem_bytes(cfg, tile_m) <= gemm._SMEM_BYTES
+            assert (-(-k // cfg.tile_k)) % cfg.split_k == 0
+            if m <= 64:
+                assert cfg.tile_m == -(-m // 8) * 8
 
 
 # -----------------------------------------------------------------------------
@@ -276,49 +314,70 @@ _LOWER_CASES = {
     "decode_registers": (16, 4096, 4096, None, False),
     "decode_registers_m1_bias": (1, 4096, 4096, None, True),
     "decode_splitk_registers": (
-        8, 4096, 4096, G(tile_n=192, compute_wgs=3, tile_m=8, tile_k=128, split_k=4), True),
+        8,
+        4096,
+        4096,
+        G(tile_n=192, compute_wgs=3, tile_m=8, tile_k=128, split_k=4),
+        True,
+    ),
     "decode_registers_portable_decode": (16, 4096, 4096, G(tile_m=16, fast_decode=False), False),
     "decode_smem": (16, 4096, 4096, G(tile_n=128, tile_m=16, stages=2, a_operand="smem"), True),
     "prefill_registers_default": (4096, 4096, 4096, None, True),
     "prefill_registers_128x256": (
-        1024, 4096, 4096, G(tile_n=128, tile_m=256, tile_k=64, stages=4), False),
+        1024,
+        4096,
+        4096,
+        G(tile_n=128, tile_m=256, tile_k=64, stages=4),
+        False,
+    ),
     "prefill_registers_256x128": (
-        1024, 4096, 4096, G(tile_n=256, tile_m=128, tile_k=64, stages=4), True),
+        1024,
+        4096,
+        4096,
+        G(tile_n=256, tile_m=128, tile_k=64, stages=4),
+        True,
+    ),
     "prefill_smem_128x256": (
-        1024, 4096, 4096, G(tile_n=128, tile_m=256, tile_k=64, stages=3, a_operand="smem"), False),
+        1024,
+        4096,
+        4096,
+        G(tile_n=128, tile_m=256, tile_k=64, stages=3, a_operand="smem"),
+        False,
+    ),
     "odd_shapes": (70, 200, 48, G(tile_m=72, tile_k=64), True),
 }
 
 
 @pytest.mark.parametrize("case", sorted(_LOWER_CASES))
 def test_cross_lowers_for_sm90(case):
-  m, n, k, cfg, with_bias = _LOWER_CASES[case]
-  data, scales, ts = _random_weight(n, k, seed=1)
-  prep = gemm.prepare_weight(jnp.asarray(data), jnp.asarray(scales), ts)
-  x = jnp.zeros((m, k), jnp.bfloat16)
-  bias = jnp.zeros((n,), jnp.float32) if with_bias else None
-  text = _cross_lower(
-      lambda x, p: gemm.nvfp4_matmul(x, p, n=n, k=k, bias=bias, config=cfg), x, prep)
-  assert "mosaic_gpu" in text
+    m, n, k, cfg, with_bias = _LOWER_CASES[case]
+    data, scales, ts = _random_weight(n, k, seed=1)
+    prep = gemm.prepare_weight(jnp.asarray(data), jnp.asarray(scales), ts)
+    x = jnp.zeros((m, k), jnp.bfloat16)
+    bias = jnp.zeros((n,), jnp.float32) if with_bias else None
+    text = _cross_lower(
+        lambda x, p: gemm.nvfp4_matmul(x, p, n=n, k=k, bias=bias, config=cfg), x, prep
+    )
+    assert "mosaic_gpu" in text
 
 
 def test_cross_lowers_f16():
-  m, n, k = 16, 1024, 1024
-  data, scales, ts = _random_weight(n, k, seed=2)
-  prep = gemm.prepare_weight(jnp.asarray(data), jnp.asarray(scales), ts, dtype=jnp.float16)
-  x = jnp.zeros((m, k), jnp.float16)
-  text = _cross_lower(lambda x, p: gemm.nvfp4_matmul(x, p, n=n, k=k), x, prep)
-  assert "mosaic_gpu" in text
+    m, n, k = 16, 1024, 1024
+    data, scales, ts = _random_weight(n, k, seed=2)
+    prep = gemm.prepare_weight(jnp.asarray(data), jnp.asarray(scales), ts, dtype=jnp.float16)
+    x = jnp.zeros((m, k), jnp.float16)
+    text = _cross_lower(lambda x, p: gemm.nvfp4_matmul(x, p, n=n, k=k), x, prep)
+    assert "mosaic_gpu" in text
 
 
 def test_oversized_config_is_rejected_at_lowering():
-  m, n, k = 1024, 4096, 4096
-  data, scales, ts = _random_weight(n, k, seed=1)
-  prep = gemm.prepare_weight(jnp.asarray(data), jnp.asarray(scales), ts)
-  x = jnp.zeros((m, k), jnp.bfloat16)
-  cfg = G(tile_n=256, tile_m=256, tile_k=256, stages=4)
-  with pytest.raises(Exception, match="shared memory"):
-    _cross_lower(lambda x, p: gemm.nvfp4_matmul(x, p, n=n, k=k, config=cfg), x, prep)
+    m, n, k = 1024, 4096, 4096
+    data, scales, ts = _random_weight(n, k, seed=1)
+    prep = gemm.prepare_weight(jnp.asarray(data), jnp.asarray(scales), ts)
+    x = jnp.zeros((m, k), jnp.bfloat16)
+    cfg = G(tile_n=256, tile_m=256, tile_k=256, stages=4)
+    with pytest.raises(Exception, match="shared memory"):
+        _cross_lower(lambda x, p: gemm.nvfp4_matmul(x, p, n=n, k=k, config=cfg), x, prep)
 
 
 # -----------------------------------------------------------------------------
@@ -327,71 +386,79 @@ def test_oversized_config_is_rejected_at_lowering():
 
 
 def _gpu_check(m, n, k, cfg=None, bias=False, dtype=jnp.bfloat16, scale_dtype=jnp.bfloat16):
-  data, scales, ts = _random_weight(n, k, seed=m + n + k)
-  x = _random_x(m, k, dtype, seed=m * 3 + k)
-  b = (jnp.asarray(np.random.default_rng(5).standard_normal(n).astype(np.float32))
-       if bias else None)
-  prep = gemm.prepare_weight(jnp.asarray(data), jnp.asarray(scales), ts,
-                             dtype=scale_dtype)
-  y = gemm.nvfp4_matmul(x, prep, n=n, k=k, bias=b, config=cfg)
-  assert y.shape == (m, n) and y.dtype == dtype
-  err = _rel_err(y, _reference64(x, data, scales, ts, b))
-  assert err <= _tolerance(dtype), err
+    data, scales, ts = _random_weight(n, k, seed=m + n + k)
+    x = _random_x(m, k, dtype, seed=m * 3 + k)
+    b = (
+        jnp.asarray(np.random.default_rng(5).standard_normal(n).astype(np.float32))
+        if bias
+        else None
+    )
+    prep = gemm.prepare_weight(jnp.asarray(data), jnp.asarray(scales), ts, dtype=scale_dtype)
+    y = gemm.nvfp4_matmul(x, prep, n=n, k=k, bias=b, config=cfg)
+    assert y.shape == (m, n) and y.dtype == dtype
+    err = _rel_err(y, _reference64(x, data, scales, ts, b))
+    assert err <= _tolerance(dtype), err
 
 
 @gpu
 @pytest.mark.parametrize("m", [1, 16, 64, 256, 1024])
 def test_gpu_registers_4096(m):
-  _gpu_check(m, 4096, 4096, bias=(m % 2 == 0))
+    _gpu_check(m, 4096, 4096, bias=(m % 2 == 0))
 
 
 @gpu
-@pytest.mark.parametrize("m,n,k", [(3, 4104, 4112), (70, 200, 48), (130, 1000, 1040),
-                                   (17, 14336, 4096)])
+@pytest.mark.parametrize(
+    "m,n,k", [(3, 4104, 4112), (70, 200, 48), (130, 1000, 1040), (17, 14336, 4096)]
+)
 def test_gpu_registers_odd_shapes(m, n, k):
-  _gpu_check(m, n, k, bias=True)
+    _gpu_check(m, n, k, bias=True)
 
 
 @gpu
-@pytest.mark.parametrize("cfg", [
-    G(tile_n=128, tile_m=16, tile_k=256, split_k=4),
-    G(tile_n=192, compute_wgs=3, tile_m=16, tile_k=128, split_k=4),
-    G(tile_n=256, tile_m=128, tile_k=64, stages=4),
-    G(tile_n=128, tile_m=256, tile_k=64, stages=4),
-    G(tile_n=128, tile_m=16, fast_decode=False),
-    G(tile_n=128, tile_m=16, stages=2, a_operand="smem"),
-], ids=str)
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        G(tile_n=128, tile_m=16, tile_k=256, split_k=4),
+        G(tile_n=192, compute_wgs=3, tile_m=16, tile_k=128, split_k=4),
+        G(tile_n=256, tile_m=128, tile_k=64, stages=4),
+        G(tile_n=128, tile_m=256, tile_k=64, stages=4),
+        G(tile_n=128, tile_m=16, fast_decode=False),
+        G(tile_n=128, tile_m=16, stages=2, a_operand="smem"),
+    ],
+    ids=str,
+)
 def test_gpu_configs(cfg):
-  m = 16 if cfg.tile_m <= 16 else 512
-  _gpu_check(m, 2048, 4096, cfg, bias=True)
+    m = 16 if cfg.tile_m <= 16 else 512
+    _gpu_check(m, 2048, 4096, cfg, bias=True)
 
 
 @gpu
-@pytest.mark.parametrize("dtype,scale_dtype", [(jnp.float16, jnp.float16),
-                                               (jnp.bfloat16, None),
-                                               (jnp.float16, jnp.bfloat16)])
+@pytest.mark.parametrize(
+    "dtype,scale_dtype",
+    [(jnp.float16, jnp.float16), (jnp.bfloat16, None), (jnp.float16, jnp.bfloat16)],
+)
 def test_gpu_dtypes(dtype, scale_dtype):
-  _gpu_check(16, 1024, 2048, bias=True, dtype=dtype, scale_dtype=scale_dtype)
+    _gpu_check(16, 1024, 2048, bias=True, dtype=dtype, scale_dtype=scale_dtype)
 
 
 @gpu
 def test_gpu_fast_decode_matches_portable_bitwise():
-  """Both decodes feed the MMA exact products (up to a power of two)."""
-  m, n, k = 64, 1024, 2048
-  data, scales, ts = _random_weight(n, k, seed=9)
-  x = _random_x(m, k, jnp.bfloat16, seed=9)
-  prep = gemm.prepare_weight(jnp.asarray(data), jnp.asarray(scales), ts)
-  fast = gemm.nvfp4_matmul(x, prep, n=n, k=k, config=G(tile_m=64, fast_decode=True))
-  portable = gemm.nvfp4_matmul(x, prep, n=n, k=k, config=G(tile_m=64, fast_decode=False))
-  np.testing.assert_array_equal(np.asarray(fast), np.asarray(portable))
+    """Both decodes feed the MMA exact products (up to a power of two)."""
+    m, n, k = 64, 1024, 2048
+    data, scales, ts = _random_weight(n, k, seed=9)
+    x = _random_x(m, k, jnp.bfloat16, seed=9)
+    prep = gemm.prepare_weight(jnp.asarray(data), jnp.asarray(scales), ts)
+    fast = gemm.nvfp4_matmul(x, prep, n=n, k=k, config=G(tile_m=64, fast_decode=True))
+    portable = gemm.nvfp4_matmul(x, prep, n=n, k=k, config=G(tile_m=64, fast_decode=False))
+    np.testing.assert_array_equal(np.asarray(fast), np.asarray(portable))
 
 
 @gpu
 def test_gpu_subnormal_code_and_scale():
-  """Code 1 (0.5, a subnormal in the fast placement) with the smallest scale."""
-  n, k = 256, 1024
-  data = jnp.full((n, k // 2), 0x11, jnp.uint8)
-  scales = jnp.full((n, k // 16), 2.0 ** -9, jnp.float8_e4m3fn)
-  prep = gemm.prepare_weight(data, scales, 1.0)
-  y = gemm.nvfp4_matmul(jnp.ones((8, k), jnp.bfloat16), prep, n=n, k=k)
-  np.testing.assert_array_equal(np.asarray(y.astype(jnp.float32)), 0.5 * 2.0 ** -9 * k)
+    """Code 1 (0.5, a subnormal in the fast placement) with the smallest scale."""
+    n, k = 256, 1024
+    data = jnp.full((n, k // 2), 0x11, jnp.uint8)
+    scales = jnp.full((n, k // 16), 2.0**-9, jnp.float8_e4m3fn)
+    prep = gemm.prepare_weight(data, scales, 1.0)
+    y = gemm.nvfp4_matmul(jnp.ones((8, k), jnp.bfloat16), prep, n=n, k=k)
+    np.testing.assert_array_equal(np.asarray(y.astype(jnp.float32)), 0.5 * 2.0**-9 * k)

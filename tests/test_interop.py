@@ -32,7 +32,11 @@ def _random(dtype, shape, device="cpu", seed=0):
     if dtype == torch.bool:
         t = torch.rand(shape, generator=g) < 0.5
     elif dtype in (torch.uint8, torch.int8, torch.int32):
-        lo, hi = {torch.uint8: (0, 256), torch.int8: (-128, 128), torch.int32: (-(2**31), 2**31 - 1)}[dtype]
+        lo, hi = {
+            torch.uint8: (0, 256),
+            torch.int8: (-128, 128),
+            torch.int32: (-(2**31), 2**31 - 1),
+        }[dtype]
         t = torch.randint(lo, hi, shape, generator=g, dtype=torch.int64).to(dtype)
     else:
         t = (torch.randn(shape, generator=g) * 4).to(dtype)
@@ -57,7 +61,9 @@ def _rel(y, ref):
     return np.linalg.norm(y - ref) / np.linalg.norm(ref)
 
 
-_E2M1 = torch.tensor([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], dtype=torch.float64)
+_E2M1 = torch.tensor(
+    [0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], dtype=torch.float64
+)
 
 
 def _torch_dequantize(weight, weight_scale, weight_scale_2):
@@ -115,7 +121,9 @@ def test_jax_to_torch_to_jax(dtype):
 def test_float8_uint8_route_is_zero_copy(dtype, monkeypatch):
     """The fallback for frameworks that refuse float8 over DLPack: uint8 bytes plus a dtype
     rewrite in the capsule, forced here on a torch that supports float8 natively."""
-    monkeypatch.setattr(dlpack, "dtype_route", lambda d, direction: "uint8" if d in FP8 else "native")
+    monkeypatch.setattr(
+        dlpack, "dtype_route", lambda d, direction: "uint8" if d in FP8 else "native"
+    )
     t = _random(dtype, (5, 32))
     a = to_jax(t)
     assert a.dtype == interop.SUPPORTED_DTYPES[dtype] and _ptr(a) == t.data_ptr()
@@ -135,7 +143,9 @@ def test_retype_versioned_capsule():
         dlpack._retype_capsule(torch.zeros(2, dtype=torch.bfloat16).__dlpack__(), 10, 8)
 
 
-@pytest.mark.skipif(torch.__version__ < "2.11", reason="float8 over DLPack verified from torch 2.11")
+@pytest.mark.skipif(
+    torch.__version__ < "2.11", reason="float8 over DLPack verified from torch 2.11"
+)
 def test_native_float8_route_here():
     # torch >= 2.11 with jax 0.11 carries float8 natively; the uint8 route is the fallback.
     assert dlpack.dtype_route(torch.float8_e4m3fn, "to_jax") == "native"
@@ -264,7 +274,9 @@ def test_load_state_dict_rejects_wrong_formats():
     with pytest.raises(RuntimeError, match="unquantized nn.Linear state dict"):
         m.load_state_dict(nn.Linear(64, 48).state_dict())
     good = NVFP4Linear.from_linear(_layer()).state_dict()
-    with pytest.raises(RuntimeError, match=r"weight_scale must have dtype torch.float8_e4m3fn.*raw bytes"):
+    with pytest.raises(
+        RuntimeError, match=r"weight_scale must have dtype torch.float8_e4m3fn.*raw bytes"
+    ):
         m.load_state_dict(dict(good, weight_scale=good["weight_scale"].view(torch.uint8)))
     with pytest.raises(RuntimeError, match=r"weight_scale_2 must be finite and > 0"):
         m.load_state_dict(dict(good, weight_scale_2=torch.tensor(0.0)))
@@ -297,7 +309,9 @@ def test_from_nvfp4_array_matmul_weight():
     m = NVFP4Linear.from_nvfp4_array(a, bias=jnp.ones(48, jnp.float32))
     assert (m.in_features, m.out_features) == (64, 48)
     x = torch.randn(2, 64, dtype=torch.bfloat16)
-    ref = jax.jit(lambda x, a, b: nv.matmul(x, a, bias=b, backend="xla"))(to_jax(x), a, jnp.ones(48, jnp.float32))
+    ref = jax.jit(lambda x, a, b: nv.matmul(x, a, bias=b, backend="xla"))(
+        to_jax(x), a, jnp.ones(48, jnp.float32)
+    )
     np.testing.assert_array_equal(_bytes_t(m(x)), _bytes_j(ref))
 
 
@@ -373,7 +387,11 @@ def test_buffers_converted_once(monkeypatch):
     assert len(calls) == 8
     m.to(torch.float16)  # keeps the NVFP4 dtypes, converts the bias
     assert (m.weight.dtype, m.weight_scale.dtype, m.weight_scale_2.dtype, m.bias.dtype) == (
-        torch.uint8, torch.float8_e4m3fn, torch.float32, torch.float16)
+        torch.uint8,
+        torch.float8_e4m3fn,
+        torch.float32,
+        torch.float16,
+    )
     torch.testing.assert_close(m(x.half()).float(), y.float(), rtol=2e-2, atol=2e-2)
     assert len(calls) == 12
     m.half()
@@ -401,7 +419,10 @@ def test_quantize_model_():
     dense = copy.deepcopy(net)
     report = interop.quantize_model_(net, skip="head")
     assert report.quantized == ["up", "tied", "block.1"]
-    assert report.skipped == {"odd": "in_features=40 is not a multiple of 16", "head": "matched skip"}
+    assert report.skipped == {
+        "odd": "in_features=40 is not a multiple of 16",
+        "head": "matched skip",
+    }
     assert isinstance(net.up, NVFP4Linear) and net.tied is net.up
     assert type(net.odd) is nn.Linear and type(net.head) is nn.Linear
     # Reference: the dense net with the dequantized weights.
@@ -424,7 +445,11 @@ def test_quantize_model_():
 def test_quantize_model_transformer():
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(64, 4, dim_feedforward=128, dropout=0.0, batch_first=True)
-    enc = nn.TransformerEncoder(layer, num_layers=1, enable_nested_tensor=True).to(torch.bfloat16).eval()
+    enc = (
+        nn.TransformerEncoder(layer, num_layers=1, enable_nested_tensor=True)
+        .to(torch.bfloat16)
+        .eval()
+    )
     dense = copy.deepcopy(enc)
     report = interop.quantize_model_(enc)
     assert report.quantized == ["layers.0.linear1", "layers.0.linear2"]
@@ -458,8 +483,9 @@ def test_quantize_model_progress(monkeypatch, capsys):
 def test_bench_overhead_smoke(capsys):
     from benchmarks import bench_interop_overhead as bench_overhead
 
-    bench_overhead.main(["--m", "1", "--k", "64", "--n", "64", "--iters", "20", "--warmup", "3",
-                         "--device", "cpu"])
+    bench_overhead.main(
+        ["--m", "1", "--k", "64", "--n", "64", "--iters", "20", "--warmup", "3", "--device", "cpu"]
+    )
     out = capsys.readouterr().out
     assert "NVFP4Linear.forward" in out and "direct jitted JAX" in out
 
@@ -474,8 +500,10 @@ def _jax_has_gpu():
 
 gpu = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not (torch.cuda.is_available() and _jax_has_gpu()),
-                       reason="needs CUDA in both torch and JAX"),
+    pytest.mark.skipif(
+        not (torch.cuda.is_available() and _jax_has_gpu()),
+        reason="needs CUDA in both torch and JAX",
+    ),
 ]
 
 
@@ -505,7 +533,9 @@ def test_gpu_round_trip_zero_copy(dtype):
 @_apply_marks
 @pytest.mark.parametrize("dtype", FP8, ids=str)
 def test_gpu_float8_uint8_route(dtype, monkeypatch):
-    monkeypatch.setattr(dlpack, "dtype_route", lambda d, direction: "uint8" if d in FP8 else "native")
+    monkeypatch.setattr(
+        dlpack, "dtype_route", lambda d, direction: "uint8" if d in FP8 else "native"
+    )
     t = _random(dtype, (8, 32), device="cuda")
     a = to_jax(t)
     assert a.dtype == interop.SUPPORTED_DTYPES[dtype] and _ptr(a) == t.data_ptr()

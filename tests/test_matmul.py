@@ -58,7 +58,9 @@ def test_leading_dims_fp16_linear_prepared_jit_vmap(rng, backend):
     _check(y.reshape(6, n), x.reshape(6, k), w_kn)
     yv = jax.vmap(lambda xi: nv.matmul(xi, prepared, backend=backend))(x)
     _check(yv.reshape(6, n), x.reshape(6, k), w_kn)
-    ws = jax.vmap(lambda e: nv.quantize(e, axis=0))(jnp.asarray(rng.standard_normal((2, k, n)), jnp.float16))
+    ws = jax.vmap(lambda e: nv.quantize(e, axis=0))(
+        jnp.asarray(rng.standard_normal((2, k, n)), jnp.float16)
+    )
     yw = jax.vmap(lambda wi: nv.matmul(x[0], wi, backend=backend))(ws)
     for i in range(2):
         _check(yw[i], x[0], jax.tree_util.tree_map(lambda v: v[i], ws))
@@ -71,8 +73,13 @@ def test_float32_output_falls_back_to_xla_unless_pallas_is_named(rng, monkeypatc
     with pytest.raises(NotImplementedError, match="writes bfloat16/float16"):
         nv.matmul(x, w, out_dtype=jnp.float32, backend="pallas")
     real_select = backends.select
-    monkeypatch.setattr(backends, "select", lambda op, backend=None: (
-        backends.Backend.PALLAS if op == "matmul" else real_select(op, backend)))
+    monkeypatch.setattr(
+        backends,
+        "select",
+        lambda op, backend=None: (
+            backends.Backend.PALLAS if op == "matmul" else real_select(op, backend)
+        ),
+    )
     with backends.record() as log:
         y = nv.matmul(x, w, out_dtype=jnp.float32)
     assert y.dtype == jnp.float32

@@ -83,14 +83,17 @@ def test_per_batch_tensor_scale(rng):
     a = nv.quantize(x, tensor_scale=jnp.asarray(ts))
     codes, scales = _check_bits(x, a, np.float32(1) / ts)
     np.testing.assert_array_equal(
-        np.asarray(nv.dequantize(a, jnp.float32)), oracle.dequantize(codes, scales, ts, np.float32))
+        np.asarray(nv.dequantize(a, jnp.float32)), oracle.dequantize(codes, scales, ts, np.float32)
+    )
 
 
 @pytest.mark.parametrize("sign", [1.0, -1.0])
 @pytest.mark.parametrize("exp2", [0, -20, 10])
 def test_every_tie_value(sign, exp2):
     # amax 6 with tensor scale 1 gives block scale 1.0: the scaled values are the ties exactly.
-    block = np.array([6, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5, 0, 0.5, 1, 1.5, 2, 3, 4, 6], np.float32)
+    block = np.array(
+        [6, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5, 0, 0.5, 1, 1.5, 2, 3, 4, 6], np.float32
+    )
     x = jnp.asarray(sign * block * 2.0**exp2, jnp.float32)[None]
     a = nv.quantize(x, tensor_scale=2.0**exp2)
     assert np.asarray(a.scales).astype(np.float32)[0, 0] == 1.0
@@ -170,8 +173,9 @@ def test_jit_and_vmap_agree_with_eager(rng):
     np.testing.assert_array_equal(np.asarray(jt.data), np.asarray(eager[0].data))
     for i in range(3):
         np.testing.assert_array_equal(np.asarray(vm.data[i]), np.asarray(eager[i].data))
-        np.testing.assert_array_equal(np.asarray(vm.scales[i]).view(np.uint8),
-                                      np.asarray(eager[i].scales).view(np.uint8))
+        np.testing.assert_array_equal(
+            np.asarray(vm.scales[i]).view(np.uint8), np.asarray(eager[i].scales).view(np.uint8)
+        )
         assert vm.tensor_scale[i] == eager[i].tensor_scale
     deq_vm = jax.vmap(nv.dequantize)(vm)
     np.testing.assert_array_equal(np.asarray(deq_vm[1]), np.asarray(nv.dequantize(eager[1])))
@@ -183,7 +187,11 @@ def test_bad_inputs():
     x = jnp.ones((4, 32), jnp.bfloat16)
     with pytest.raises(ValueError, match="multiple of 16, got 4"):
         nv.quantize(x, axis=0)
-    for bad in (jnp.ones((2, 16), jnp.int32), jnp.ones((2, 16), bool), jnp.ones((2, 16), jnp.complex64)):
+    for bad in (
+        jnp.ones((2, 16), jnp.int32),
+        jnp.ones((2, 16), bool),
+        jnp.ones((2, 16), jnp.complex64),
+    ):
         with pytest.raises(TypeError, match="x must be one of bfloat16, float16, float32"):
             nv.quantize(bad)
     with pytest.raises(TypeError):
@@ -199,7 +207,9 @@ def test_bad_inputs():
         nv.quant_dequant(x, global_scale=0.0)
     with pytest.raises(ValueError, match="not both"):
         nv.quantize(x, tensor_scale=1.0, global_scale=1.0)
-    with pytest.raises(ValueError, match="tensor_scale must be a scalar or have a leading-batch shape"):
+    with pytest.raises(
+        ValueError, match="tensor_scale must be a scalar or have a leading-batch shape"
+    ):
         nv.quantize(x, tensor_scale=jnp.ones(4))
     with pytest.raises(TypeError, match="NVFP4Array"):
         nv.dequantize(x)

@@ -16,8 +16,9 @@ def test_global_and_tensor_scale_are_inverses():
     ts = jnp.asarray([1e-3, 0.5, 3.0], jnp.float32)
     gs = nv.global_scale_from_tensor_scale(ts)
     np.testing.assert_array_equal(np.asarray(gs), np.float32(1) / np.asarray(ts))
-    np.testing.assert_array_equal(np.asarray(nv.tensor_scale_from_global_scale(gs)),
-                                  np.float32(1) / np.asarray(gs))
+    np.testing.assert_array_equal(
+        np.asarray(nv.tensor_scale_from_global_scale(gs)), np.float32(1) / np.asarray(gs)
+    )
     with pytest.raises(ValueError, match="global_scale must be finite and > 0"):
         nv.tensor_scale_from_global_scale(0.0)
 
@@ -74,8 +75,9 @@ def test_marlin_global_scale_and_full_dequant(rng, dtype, bias):
     codes = rng.integers(0, 16, size=(4, 8), dtype=np.uint8)
     raw = oracle.decode_codes(codes) * 2.0**-bias
     dec = np.asarray(nv.marlin_decode_scales(proc, dtype).astype(jnp.float32)).astype(np.float64)
-    np.testing.assert_allclose(raw * dec * g, oracle.decode_codes(codes) * s.astype(np.float64) * ts,
-                               rtol=1e-7)
+    np.testing.assert_allclose(
+        raw * dec * g, oracle.decode_codes(codes) * s.astype(np.float64) * ts, rtol=1e-7
+    )
 
 
 def test_marlin_scale_range_overflow_raises():

@@ -21,7 +21,9 @@ except ImportError:  # only the comparison with vLLM's torch code needs it
 
 F32 = np.float32
 BF16 = ml_dtypes.bfloat16
-needs_torch = pytest.mark.skipif(torch is None, reason="needs torch (test extra): vLLM's emulation is torch code")
+needs_torch = pytest.mark.skipif(
+    torch is None, reason="needs torch (test extra): vLLM's emulation is torch code"
+)
 
 
 # -- vLLM's emulation path, in torch (nvfp4_emulation_utils, post-2026 convention) ----------
@@ -124,7 +126,9 @@ def test_w4a4_matches_vllm_emulation(rng, bias):
     w, b = _layer(rng, bias=bias)
     m, k = 24, 128
     x = jnp.asarray(rng.standard_normal((m, k)) * np.exp(rng.uniform(-2, 2, (m, 1))), jnp.bfloat16)
-    input_scale = jnp.float32(np.abs(np.asarray(x, F32)).max() / 2688 * 0.7)  # some clipping, as static scales do
+    input_scale = jnp.float32(
+        np.abs(np.asarray(x, F32)).max() / 2688 * 0.7
+    )  # some clipping, as static scales do
     layer = NVFP4Linear(w, b, input_scale, "w4a4")
     assert layer.alpha == input_scale * w.tensor_scale
     out = np.asarray(layer(x))
@@ -132,13 +136,16 @@ def test_w4a4_matches_vllm_emulation(rng, bias):
     # vLLM: input_global_scale_inv = (1 / input_global_scale).to(f32); weight_global_scale = weight_scale_2.
     gs = torch.tensor(1.0, dtype=torch.float32) / _t(np.float32(input_scale))
     assert gs.item() == np.float32(layer.activation_global_scale)
-    ref, x_dq, w_dq = _run_nvfp4_emulations(_t(np.asarray(x)), gs, _t(w.data), _t(w.scales),
-                                            _t(np.float32(w.tensor_scale)))
+    ref, x_dq, w_dq = _run_nvfp4_emulations(
+        _t(np.asarray(x)), gs, _t(w.data), _t(w.scales), _t(np.float32(w.tensor_scale))
+    )
     if bias:
         ref = ref + _t(np.asarray(b))
 
     # Weights: vLLM's dequantize_to_dtype is ours, bit for bit.
-    np.testing.assert_array_equal(_np(w_dq).view(np.int16), np.asarray(nv.dequantize(w, jnp.bfloat16)).view(np.int16))
+    np.testing.assert_array_equal(
+        _np(w_dq).view(np.int16), np.asarray(nv.dequantize(w, jnp.bfloat16)).view(np.int16)
+    )
     # Activations: same codes and block scales as vLLM's ref_nvfp4_quant ...
     fp4, scale = _ref_nvfp4_quant(_t(np.asarray(x)), gs)
     xq = nv.quantize(x, global_scale=layer.activation_global_scale)
@@ -155,12 +162,19 @@ def test_w4a4_matches_vllm_emulation(rng, bias):
     np.testing.assert_array_equal(ours_dq.view(np.int16), mul.view(np.int16))
     # GEMM: float32 accumulation in a different order, one bf16 rounding: within one bf16 ulp
     # (plus the bias add in bf16). Recompute ours from vLLM's x_dq to isolate the GEMM.
-    same_in = np.asarray(jnp.dot(jnp.asarray(_np(x_dq)), nv.dequantize(w, jnp.bfloat16).T,
-                                 preferred_element_type=jnp.float32).astype(jnp.bfloat16))
+    same_in = np.asarray(
+        jnp.dot(
+            jnp.asarray(_np(x_dq)),
+            nv.dequantize(w, jnp.bfloat16).T,
+            preferred_element_type=jnp.float32,
+        ).astype(jnp.bfloat16)
+    )
     ref_nb = _np(torch.matmul(x_dq, w_dq.t())).astype(F32)
     np.testing.assert_allclose(same_in.astype(F32), ref_nb, rtol=2.0**-8, atol=1e-6)
     # And end to end (including the rare x_dq ulp differences).
-    err = np.linalg.norm(out.astype(F32) - _np(ref).astype(F32)) / np.linalg.norm(_np(ref).astype(F32))
+    err = np.linalg.norm(out.astype(F32) - _np(ref).astype(F32)) / np.linalg.norm(
+        _np(ref).astype(F32)
+    )
     assert err < 4e-3, err
 
 
@@ -168,7 +182,9 @@ def test_w4a4_under_jit_and_errors(rng):
     w, b = _layer(rng)
     layer = NVFP4Linear(w, b, jnp.float32(0.002), "w4a4")
     x = jnp.asarray(rng.standard_normal((3, 128)), jnp.bfloat16)
-    np.testing.assert_array_equal(np.asarray(jax.jit(lambda l, x: l(x))(layer, x)), np.asarray(layer(x)))
+    np.testing.assert_array_equal(
+        np.asarray(jax.jit(lambda l, x: l(x))(layer, x)), np.asarray(layer(x))
+    )
     with pytest.raises(TypeError, match="x must be bfloat16 or float16, got float32"):
         layer(x.astype(jnp.float32))
     with pytest.raises(ValueError, match=r"x must have shape \[\.\.\., 128\]"):
@@ -186,13 +202,20 @@ def test_w4a4_under_jit_and_errors(rng):
 def saved(tmp_path, rng):
     """A ModelOpt-style checkpoint with q/k/v of different tensor scales and a biased o_proj."""
     weights, input_scales, dense = {}, {}, {}
-    for name, n, scale in [("q_proj", 64, 1.0), ("k_proj", 32, 0.5), ("v_proj", 32, 0.25), ("o_proj", 64, 1.0)]:
+    for name, n, scale in [
+        ("q_proj", 64, 1.0),
+        ("k_proj", 32, 0.5),
+        ("v_proj", 32, 0.25),
+        ("o_proj", 64, 1.0),
+    ]:
         w = jnp.asarray(rng.standard_normal((n, 64)) * scale, jnp.float32)
         layer = f"layers.0.self_attn.{name}"
         weights[layer] = nv.quantize(w, tensor_scale=0.002 * scale)
         input_scales[layer] = jnp.float32(0.003 * scale)
     dense["layers.0.self_attn.o_proj.bias"] = jnp.asarray(rng.standard_normal(64), jnp.bfloat16)
-    ckpt.save_checkpoint(tmp_path, weights, format="modelopt", input_scales=input_scales, dense=dense)
+    ckpt.save_checkpoint(
+        tmp_path, weights, format="modelopt", input_scales=input_scales, dense=dense
+    )
     return tmp_path, weights, input_scales, dense
 
 
@@ -208,7 +231,9 @@ def test_from_checkpoint_single_layer(saved, rng, lazy):
     want = NVFP4Linear(weights[name], dense[name + ".bias"], input_scales[name], "w4a4")(x)
     np.testing.assert_array_equal(np.asarray(layer(x)), np.asarray(want))
     w4a16 = NVFP4Linear.from_checkpoint(src, name)
-    np.testing.assert_array_equal(np.asarray(w4a16(x)), np.asarray(nv.linear(x, weights[name], dense[name + ".bias"])))
+    np.testing.assert_array_equal(
+        np.asarray(w4a16(x)), np.asarray(nv.linear(x, weights[name], dense[name + ".bias"]))
+    )
 
 
 def test_from_checkpoint_fused_qkv(saved, rng, monkeypatch):
@@ -219,7 +244,9 @@ def test_from_checkpoint_fused_qkv(saved, rng, monkeypatch):
     separate = [np.asarray(NVFP4Linear(weights[n])(x)).astype(F32) for n in names]
 
     monkeypatch.setattr(ckpt, "_WARNED", set())
-    with pytest.warns(UserWarning, match="global scale for weight are different for parallel layers"):
+    with pytest.warns(
+        UserWarning, match="global scale for weight are different for parallel layers"
+    ):
         qkv = NVFP4Linear.from_checkpoint(ck, names, scheme="w4a4")
     assert qkv.partition_sizes == (64, 32, 32) and qkv.bias is None
     assert qkv.input_scale == max(input_scales[n] for n in names)  # vLLM: input_scale_2.max()
@@ -238,17 +265,23 @@ def test_from_checkpoint_fused_qkv(saved, rng, monkeypatch):
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             exact = NVFP4Linear.from_checkpoint(ck, names, fuse_mode="rescale")
-        np.testing.assert_array_equal(np.asarray(exact(x)).astype(F32), np.concatenate(separate, axis=1))
+        np.testing.assert_array_equal(
+            np.asarray(exact(x)).astype(F32), np.concatenate(separate, axis=1)
+        )
 
 
 def test_from_checkpoint_errors(saved, tmp_path, rng):
     path, weights, _, _ = saved
     with pytest.raises(ValueError, match="scheme must be one of"):
-        NVFP4Linear.from_checkpoint(ckpt.load_checkpoint(path, progress=False), "layers.0.self_attn.q_proj",
-                                    scheme="w8a8")
+        NVFP4Linear.from_checkpoint(
+            ckpt.load_checkpoint(path, progress=False), "layers.0.self_attn.q_proj", scheme="w8a8"
+        )
     ckpt.save_checkpoint(tmp_path / "a16", weights, format="compressed-tensors")
     ck = ckpt.load_checkpoint(tmp_path / "a16", progress=False)
-    with pytest.raises(ValueError, match=r"'w4a4' needs the checkpoint's activation scale of layers\.0\.self_attn\.q_proj"):
+    with pytest.raises(
+        ValueError,
+        match=r"'w4a4' needs the checkpoint's activation scale of layers\.0\.self_attn\.q_proj",
+    ):
         NVFP4Linear.from_checkpoint(ck, "layers.0.self_attn.q_proj", scheme="w4a4")
     with pytest.raises(KeyError, match="no quantized layer 'nope'"):
         NVFP4Linear.from_checkpoint(ck, "nope")

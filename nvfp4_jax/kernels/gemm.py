@@ -58,6 +58,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 import jax.numpy as jnp
 import numpy as np
 
+from nvfp4_jax import reference as nvfp4_reference
+
 # Rows of one wgmma instruction on the M side (= output features here).
 _WGMMA_ROWS = 64
 # Largest wgmma N (= tokens here).
@@ -72,10 +74,6 @@ _SMEM_BYTES = 232448
 # scale_exponent); the epilogue multiplies it back.
 _FAST_SHIFT = 7
 
-_E2M1_VALUES = np.array(
-    [0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6],
-    dtype=np.float32,
-)
 
 AOperand = Literal["registers", "smem"]
 
@@ -87,122 +85,124 @@ AOperand = Literal["registers", "smem"]
 
 @dataclasses.dataclass(frozen=True)
 class GemmConfig:
-  """Tiling of one kernel launch.
+    """Tiling of one kernel launch.
 
-  Attributes:
-    tile_n: output features per CTA, split over ``compute_wgs`` compute
-      warpgroups of 64 or 128 rows each.
-    tile_m: tokens per CTA (wgmma N); multiple of 8, at most 256. The wrapper
-      shrinks it to ``round_up(M, 8)`` when M is smaller.
-    tile_k: reduction depth per pipeline step; multiple of the prepared
-      weight's ``k_group`` (64).
-    stages: SMEM pipeline depth (TMA buffers in flight).
-    split_k: number of CTAs that share the K range of one output tile; their
-      fp32 partial sums are reduced by a small XLA epilogue.
-    a_operand: "registers" feeds the decoded weights to wgmma from registers
-      (fast; GPU only); "smem" stores them to swizzled SMEM first (runs in the
-      Mosaic GPU interpreter).
-    fast_decode: decode the codes with 32-bit register bit tricks
-      (``plgpu.inline_mgpu``; GPU only, not interpretable) instead of the
-      portable select-based jnp decode. None: fast for "registers", portable
-      for "smem".
-    compute_wgs: compute warpgroups per CTA (1 to 3; one more warpgroup issues
-      the TMA copies). None: ``tile_n // 64`` for ``tile_n <= 192``, else 2.
-  """
+    Attributes:
+      tile_n: output features per CTA, split over ``compute_wgs`` compute
+        warpgroups of 64 or 128 rows each.
+      tile_m: tokens per CTA (wgmma N); multiple of 8, at most 256. The wrapper
+        shrinks it to ``round_up(M, 8)`` when M is smaller.
+      tile_k: reduction depth per pipeline step; multiple of the prepared
+        weight's ``k_group`` (64).
+      stages: SMEM pipeline depth (TMA buffers in flight).
+      split_k: number of CTAs that share the K range of one output tile; their
+        fp32 partial sums are reduced by a small XLA epilogue.
+      a_operand: "registers" feeds the decoded weights to wgmma from registers
+        (fast; GPU only); "smem" stores them to swizzled SMEM first (runs in the
+        Mosaic GPU interpreter).
+      fast_decode: decode the codes with 32-bit register bit tricks
+        (``plgpu.inline_mgpu``; GPU only, not interpretable) instead of the
+        portable select-based jnp decode. None: fast for "registers", portable
+        for "smem".
+      compute_wgs: compute warpgroups per CTA (1 to 3; one more warpgroup issues
+        the TMA copies). None: ``tile_n // 64`` for ``tile_n <= 192``, else 2.
+    """
 
-  tile_n: int = 128
-  tile_m: int = 64
-  tile_k: int = 256
-  stages: int = 4
-  split_k: int = 1
-  a_operand: AOperand = "registers"
-  fast_decode: bool | None = None
-  compute_wgs: int | None = None
+    tile_n: int = 128
+    tile_m: int = 64
+    tile_k: int = 256
+    stages: int = 4
+    split_k: int = 1
+    a_operand: AOperand = "registers"
+    fast_decode: bool | None = None
+    compute_wgs: int | None = None
 
-  def __post_init__(self):
-    if self.tile_n % _WGMMA_ROWS or not 64 <= self.tile_n <= 256:  # TMA box <= 256
-      raise ValueError(f"tile_n must be 64, 128, 192 or 256, got {self.tile_n}")
-    if self.tile_m % 8 or not 8 <= self.tile_m <= _MAX_TILE_M:
-      raise ValueError(f"tile_m must be a multiple of 8 in [8, 256], got {self.tile_m}")
-    if self.tile_k % 64 or self.tile_k <= 0:
-      raise ValueError(f"tile_k must be a positive multiple of 64, got {self.tile_k}")
-    if self.stages < 1:
-      raise ValueError(f"stages must be >= 1, got {self.stages}")
-    if self.split_k < 1:
-      raise ValueError(f"split_k must be >= 1, got {self.split_k}")
-    if self.a_operand not in ("registers", "smem"):
-      raise ValueError(f"a_operand must be 'registers' or 'smem', got {self.a_operand!r}")
-    wgs = self.num_compute_wgs
-    # Four compute warpgroups hung on an H100 (observed). Likely cause: the
-    # warp-specialized pipeline asks setmaxnreg for (512 - 40) / 4 registers
-    # per compute thread, more than a 640-thread launch holds.
-    if not 1 <= wgs <= 3 or self.tile_n % wgs or self.tile_n // wgs not in (64, 128):
-      raise ValueError(
-          f"tile_n={self.tile_n} must split into 1..3 compute warpgroups of 64"
-          f" or 128 rows, got compute_wgs={self.compute_wgs}")
+    def __post_init__(self):
+        if self.tile_n % _WGMMA_ROWS or not 64 <= self.tile_n <= 256:  # TMA box <= 256
+            raise ValueError(f"tile_n must be 64, 128, 192 or 256, got {self.tile_n}")
+        if self.tile_m % 8 or not 8 <= self.tile_m <= _MAX_TILE_M:
+            raise ValueError(f"tile_m must be a multiple of 8 in [8, 256], got {self.tile_m}")
+        if self.tile_k % 64 or self.tile_k <= 0:
+            raise ValueError(f"tile_k must be a positive multiple of 64, got {self.tile_k}")
+        if self.stages < 1:
+            raise ValueError(f"stages must be >= 1, got {self.stages}")
+        if self.split_k < 1:
+            raise ValueError(f"split_k must be >= 1, got {self.split_k}")
+        if self.a_operand not in ("registers", "smem"):
+            raise ValueError(f"a_operand must be 'registers' or 'smem', got {self.a_operand!r}")
+        wgs = self.num_compute_wgs
+        # Four compute warpgroups hung on an H100 (observed). Likely cause: the
+        # warp-specialized pipeline asks setmaxnreg for (512 - 40) / 4 registers
+        # per compute thread, more than a 640-thread launch holds.
+        if not 1 <= wgs <= 3 or self.tile_n % wgs or self.tile_n // wgs not in (64, 128):
+            raise ValueError(
+                f"tile_n={self.tile_n} must split into 1..3 compute warpgroups of 64"
+                f" or 128 rows, got compute_wgs={self.compute_wgs}"
+            )
 
-  @property
-  def use_fast_decode(self) -> bool:
-    if self.fast_decode is None:
-      return self.a_operand == "registers"
-    return self.fast_decode
+    @property
+    def use_fast_decode(self) -> bool:
+        if self.fast_decode is None:
+            return self.a_operand == "registers"
+        return self.fast_decode
 
-  @property
-  def num_compute_wgs(self) -> int:
-    if self.compute_wgs is not None:
-      return self.compute_wgs
-    return self.tile_n // _WGMMA_ROWS if self.tile_n <= 192 else 2
+    @property
+    def num_compute_wgs(self) -> int:
+        if self.compute_wgs is not None:
+            return self.compute_wgs
+        return self.tile_n // _WGMMA_ROWS if self.tile_n <= 192 else 2
 
-  @property
-  def wg_rows(self) -> int:
-    return self.tile_n // self.num_compute_wgs
+    @property
+    def wg_rows(self) -> int:
+        return self.tile_n // self.num_compute_wgs
 
 
 def _get_num_sms() -> int:
-  """SM count of the target device; honours an abstract (cross-lowering) mesh."""
-  abstract_device = jax.sharding.get_abstract_mesh().abstract_device
-  if abstract_device is not None and abstract_device.num_cores:
-    return abstract_device.num_cores
-  device = jax.devices()[0]
-  return getattr(device, "core_count", None) or 132
+    """SM count of the target device; honours an abstract (cross-lowering) mesh."""
+    abstract_device = jax.sharding.get_abstract_mesh().abstract_device
+    if abstract_device is not None and abstract_device.num_cores:
+        return abstract_device.num_cores
+    device = jax.devices()[0]
+    return getattr(device, "core_count", None) or 132
 
 
 def _round_up(x: int, m: int) -> int:
-  return -(-x // m) * m
+    return -(-x // m) * m
 
 
 def _largest_divisor_at_most(n: int, bound: int) -> int:
-  return max(d for d in range(1, max(1, min(n, bound)) + 1) if n % d == 0)
+    return max(d for d in range(1, max(1, min(n, bound)) + 1) if n % d == 0)
 
 
-def default_config(m: int, n: int, k: int, *, dtype=jnp.bfloat16,
-                   num_sms: int | None = None) -> GemmConfig:
-  """Heuristic tiling per shape bucket (decode: M <= 64, prefill: M > 64).
+def default_config(
+    m: int, n: int, k: int, *, dtype=jnp.bfloat16, num_sms: int | None = None
+) -> GemmConfig:
+    """Heuristic tiling per shape bucket (decode: M <= 64, prefill: M > 64).
 
-  Decode is bound by streaming the weights and by the decode ALU work: two
-  compute warpgroups (64 rows each for small N, with split-K so that
-  ``n_tiles * split_k`` covers the SMs; 128 rows for large N), a token tile
-  of ``round_up(M, 8)``. Prefill is bound by the tensor cores and by the
-  decode ALU work, which is amortized over ``tile_m`` tokens and over
-  128-row warpgroups. Stages are the most that fit in SMEM (at most 4).
-  Measured on H100 (jax 0.11.2), see benchmarks/bench_gemm_kernel_draft.py.
-  """
-  num_sms = num_sms or _get_num_sms()
-  if m <= 64:
-    tile_m = _round_up(max(m, 1), 8)
-    if -(-n // 128) >= num_sms // 2:  # many features: 128-row warpgroups
-      cfg = GemmConfig(tile_n=256, tile_m=tile_m, tile_k=256)
-    else:  # few features: 64-row warpgroups, more split-K
-      cfg = GemmConfig(tile_n=128, tile_m=tile_m, tile_k=128)
-  else:
-    cfg = GemmConfig(tile_n=256, tile_m=128, tile_k=64)
-  k_steps = -(-k // cfg.tile_k)
-  ctas = -(-n // cfg.tile_n) * -(-m // cfg.tile_m)
-  split_k = _largest_divisor_at_most(k_steps, max(1, num_sms // ctas))
-  cfg = dataclasses.replace(cfg, split_k=split_k)
-  while cfg.stages > 2 and smem_bytes(cfg, min(cfg.tile_m, _round_up(m, 8)), dtype) > _SMEM_BYTES:
-    cfg = dataclasses.replace(cfg, stages=cfg.stages - 1)
-  return cfg
+    Decode is bound by streaming the weights and by the decode ALU work: two
+    compute warpgroups (64 rows each for small N, with split-K so that
+    ``n_tiles * split_k`` covers the SMs; 128 rows for large N), a token tile
+    of ``round_up(M, 8)``. Prefill is bound by the tensor cores and by the
+    decode ALU work, which is amortized over ``tile_m`` tokens and over
+    128-row warpgroups. Stages are the most that fit in SMEM (at most 4).
+    Measured on H100 (jax 0.11.2), see benchmarks/bench_gemm_kernel_draft.py.
+    """
+    num_sms = num_sms or _get_num_sms()
+    if m <= 64:
+        tile_m = _round_up(max(m, 1), 8)
+        if -(-n // 128) >= num_sms // 2:  # many features: 128-row warpgroups
+            cfg = GemmConfig(tile_n=256, tile_m=tile_m, tile_k=256)
+        else:  # few features: 64-row warpgroups, more split-K
+            cfg = GemmConfig(tile_n=128, tile_m=tile_m, tile_k=128)
+    else:
+        cfg = GemmConfig(tile_n=256, tile_m=128, tile_k=64)
+    k_steps = -(-k // cfg.tile_k)
+    ctas = -(-n // cfg.tile_n) * -(-m // cfg.tile_m)
+    split_k = _largest_divisor_at_most(k_steps, max(1, num_sms // ctas))
+    cfg = dataclasses.replace(cfg, split_k=split_k)
+    while cfg.stages > 2 and smem_bytes(cfg, min(cfg.tile_m, _round_up(m, 8)), dtype) > _SMEM_BYTES:
+        cfg = dataclasses.replace(cfg, stages=cfg.stages - 1)
+    return cfg
 
 
 # -----------------------------------------------------------------------------
@@ -211,38 +211,38 @@ def default_config(m: int, n: int, k: int, *, dtype=jnp.bfloat16,
 
 
 class PreparedWeight(NamedTuple):
-  """Kernel layout of an NVFP4 weight ``W[K, N]``; see :func:`prepare_weight`.
+    """Kernel layout of an NVFP4 weight ``W[K, N]``; see :func:`prepare_weight`.
 
-  Attributes:
-    data: uint16 ``[K_pad / k_group, N_pad, k_group / 4]``.
-    scales: ``[K_pad / 16, N_pad]``, float8_e4m3fn (raw) or bf16/f16
-      (pre-widened and pre-multiplied by ``2**scale_exponent(dtype)``).
-    tensor_scale: float32 ``[1]`` multiplier.
-  """
+    Attributes:
+      data: uint16 ``[K_pad / k_group, N_pad, k_group / 4]``.
+      scales: ``[K_pad / 16, N_pad]``, float8_e4m3fn (raw) or bf16/f16
+        (pre-widened and pre-multiplied by ``2**scale_exponent(dtype)``).
+      tensor_scale: float32 ``[1]`` multiplier.
+    """
 
-  data: jax.Array
-  scales: jax.Array
-  tensor_scale: jax.Array
+    data: jax.Array
+    scales: jax.Array
+    tensor_scale: jax.Array
 
-  @property
-  def k_group(self) -> int:
-    return self.data.shape[2] * _CODES_PER_LANE
+    @property
+    def k_group(self) -> int:
+        return self.data.shape[2] * _CODES_PER_LANE
 
 
 def scale_exponent(dtype) -> int:
-  """Power of two folded into widened block scales (and undone in the kernel).
+    """Power of two folded into widened block scales (and undone in the kernel).
 
-  The fast decode places a code as the bit pattern ``sign << 15 | em << s``
-  (``s`` = mantissa bits - 1), i.e. the E2M1 value times ``2^(1 - bias)``
-  (bias 127 for bf16, 15 for f16). Block scales multiplied by
-  ``2^(bias - 1 - 7)`` turn that into the exact normal number
-  ``v * s * 2^-7``; ``448 * 2^e`` stays finite. The epilogue multiplies by
-  ``2^7``.
-  """
-  if jnp.dtype(dtype) == jnp.float8_e4m3fn:
-    return 0
-  bias = 1 - jnp.finfo(dtype).minexp
-  return bias - 1 - _FAST_SHIFT
+    The fast decode places a code as the bit pattern ``sign << 15 | em << s``
+    (``s`` = mantissa bits - 1), i.e. the E2M1 value times ``2^(1 - bias)``
+    (bias 127 for bf16, 15 for f16). Block scales multiplied by
+    ``2^(bias - 1 - 7)`` turn that into the exact normal number
+    ``v * s * 2^-7``; ``448 * 2^e`` stays finite. The epilogue multiplies by
+    ``2^7``.
+    """
+    if jnp.dtype(dtype) == jnp.float8_e4m3fn:
+        return 0
+    bias = 1 - jnp.finfo(dtype).minexp
+    return bias - 1 - _FAST_SHIFT
 
 
 def prepare_weight(
@@ -253,75 +253,76 @@ def prepare_weight(
     dtype=jnp.bfloat16,
     k_group: int = 64,
 ) -> PreparedWeight:
-  """Reorders a canonical NVFP4 weight into the layout the kernel reads.
+    """Reorders a canonical NVFP4 weight into the layout the kernel reads.
 
-  Pure jnp; run it once per weight.
+    Pure jnp; run it once per weight.
 
-  Args:
-    data: uint8 ``[N, K/2]``, two E2M1 codes per byte (low nibble first).
-    scales: float8_e4m3fn ``[N, K/16]``.
-    tensor_scale: float32 scalar multiplier.
-    dtype: activation dtype the weight will be used with (bf16 or f16): the
-      block scales are stored pre-widened to it, which saves the kernel four
-      instructions per scale. ``None`` keeps raw E4M3 scales (half the scale
-      bytes, works with either activation dtype).
-    k_group: interleaving granule along K (64, 128 or 256). Kernel ``tile_k``
-      must be a multiple of it. The x tile in SMEM is swizzled at
-      ``k_group / 4`` columns (64 -> 32-byte swizzle).
+    Args:
+      data: uint8 ``[N, K/2]``, two E2M1 codes per byte (low nibble first).
+      scales: float8_e4m3fn ``[N, K/16]``.
+      tensor_scale: float32 scalar multiplier.
+      dtype: activation dtype the weight will be used with (bf16 or f16): the
+        block scales are stored pre-widened to it, which saves the kernel four
+        instructions per scale. ``None`` keeps raw E4M3 scales (half the scale
+        bytes, works with either activation dtype).
+      k_group: interleaving granule along K (64, 128 or 256). Kernel ``tile_k``
+        must be a multiple of it. The x tile in SMEM is swizzled at
+        ``k_group / 4`` columns (64 -> 32-byte swizzle).
 
-  Returns:
-    A :class:`PreparedWeight` with
+    Returns:
+      A :class:`PreparedWeight` with
 
-    * ``data[g, n, j]`` (uint16): for k-group ``g`` and output feature ``n``,
-      nibble ``q`` (bits ``4q .. 4q+3``) holds the E2M1 code of ``W[k, n]`` at
-      ``k = g * k_group + q * (k_group / 4) + j``. So lane ``j`` of a k-group
-      carries the same column ``j`` of its four quarters, and the kernel
-      decodes quarter ``q`` of a ``[rows, k_group/4]`` uint16 tile with a
-      shift by ``4q``: each quarter is a dense ``[rows, k_group/4]`` wgmma
-      operand, multiplied with a contiguous column slice of the x tile. One
-      k-group of all features is contiguous (K-tile-major), so a TMA box
-      ``(tile_k/k_group, tile_n, k_group/4)`` reads ``tile_k / k_group``
-      contiguous runs of ``tile_n * k_group / 2`` bytes.
-    * ``scales[b, n]``: the scale of block ``b`` (``k in [16 b, 16 b + 16)``)
-      of feature ``n``, i.e. the canonical scales transposed ("group-major"),
-      so that one pipeline step reads a ``(tile_k/16, tile_n)`` box whose rows
-      are per-feature vectors. E4M3, or ``dtype(s * 2**scale_exponent(dtype))``.
-    * ``tensor_scale``: float32 ``[1]``, applied in the fp32 epilogue.
+      * ``data[g, n, j]`` (uint16): for k-group ``g`` and output feature ``n``,
+        nibble ``q`` (bits ``4q .. 4q+3``) holds the E2M1 code of ``W[k, n]`` at
+        ``k = g * k_group + q * (k_group / 4) + j``. So lane ``j`` of a k-group
+        carries the same column ``j`` of its four quarters, and the kernel
+        decodes quarter ``q`` of a ``[rows, k_group/4]`` uint16 tile with a
+        shift by ``4q``: each quarter is a dense ``[rows, k_group/4]`` wgmma
+        operand, multiplied with a contiguous column slice of the x tile. One
+        k-group of all features is contiguous (K-tile-major), so a TMA box
+        ``(tile_k/k_group, tile_n, k_group/4)`` reads ``tile_k / k_group``
+        contiguous runs of ``tile_n * k_group / 2`` bytes.
+      * ``scales[b, n]``: the scale of block ``b`` (``k in [16 b, 16 b + 16)``)
+        of feature ``n``, i.e. the canonical scales transposed ("group-major"),
+        so that one pipeline step reads a ``(tile_k/16, tile_n)`` box whose rows
+        are per-feature vectors. E4M3, or ``dtype(s * 2**scale_exponent(dtype))``.
+      * ``tensor_scale``: float32 ``[1]``, applied in the fp32 epilogue.
 
-    ``K_pad = round_up(K, k_group)``, ``N_pad = round_up(N, 16)``; padding
-    codes and scales are 0, so padded weights contribute nothing. Tiles that
-    overhang ``N_pad``/``K_pad`` are zero-filled by TMA.
-  """
-  if data.ndim != 2 or data.dtype != jnp.uint8:
-    raise ValueError(f"data must be uint8 [N, K/2], got {data.dtype}{list(data.shape)}")
-  n, half_k = data.shape
-  k = 2 * half_k
-  if scales.shape != (n, k // _BLOCK) or k % _BLOCK:
-    raise ValueError(
-        f"scales must be [N, K/16] = {[n, k // _BLOCK]} with K % 16 == 0, got"
-        f" {list(scales.shape)} for data {list(data.shape)}")
-  if k_group not in (64, 128, 256):
-    raise ValueError(f"k_group must be 64, 128 or 256, got {k_group}")
-  if dtype is not None and jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
-    raise ValueError(f"dtype must be bf16, f16 or None, got {dtype}")
-  k_pad = _round_up(k, k_group)
-  n_pad = _round_up(n, 16)
-  lanes = k_group // _CODES_PER_LANE
+      ``K_pad = round_up(K, k_group)``, ``N_pad = round_up(N, 16)``; padding
+      codes and scales are 0, so padded weights contribute nothing. Tiles that
+      overhang ``N_pad``/``K_pad`` are zero-filled by TMA.
+    """
+    if data.ndim != 2 or data.dtype != jnp.uint8:
+        raise ValueError(f"data must be uint8 [N, K/2], got {data.dtype}{list(data.shape)}")
+    n, half_k = data.shape
+    k = 2 * half_k
+    if scales.shape != (n, k // _BLOCK) or k % _BLOCK:
+        raise ValueError(
+            f"scales must be [N, K/16] = {[n, k // _BLOCK]} with K % 16 == 0, got"
+            f" {list(scales.shape)} for data {list(data.shape)}"
+        )
+    if k_group not in (64, 128, 256):
+        raise ValueError(f"k_group must be 64, 128 or 256, got {k_group}")
+    if dtype is not None and jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(f"dtype must be bf16, f16 or None, got {dtype}")
+    k_pad = _round_up(k, k_group)
+    n_pad = _round_up(n, 16)
+    lanes = k_group // _CODES_PER_LANE
 
-  codes = jnp.stack([data & 0xF, data >> 4], axis=-1).reshape(n, k)
-  codes = jnp.pad(codes, ((0, n_pad - n), (0, k_pad - k))).astype(jnp.uint16)
-  codes = codes.reshape(n_pad, k_pad // k_group, _CODES_PER_LANE, lanes)
-  packed = functools.reduce(
-      jnp.bitwise_or,
-      [codes[:, :, q, :] << (4 * q) for q in range(_CODES_PER_LANE)])
-  packed = packed.transpose(1, 0, 2)  # [K_pad / k_group, N_pad, lanes]
+    codes = jnp.stack([data & 0xF, data >> 4], axis=-1).reshape(n, k)
+    codes = jnp.pad(codes, ((0, n_pad - n), (0, k_pad - k))).astype(jnp.uint16)
+    codes = codes.reshape(n_pad, k_pad // k_group, _CODES_PER_LANE, lanes)
+    packed = functools.reduce(
+        jnp.bitwise_or, [codes[:, :, q, :] << (4 * q) for q in range(_CODES_PER_LANE)]
+    )
+    packed = packed.transpose(1, 0, 2)  # [K_pad / k_group, N_pad, lanes]
 
-  s = scales.astype(jnp.float8_e4m3fn)
-  s = jnp.pad(s, ((0, n_pad - n), (0, (k_pad - k) // _BLOCK))).T
-  if dtype is not None:
-    s = (s.astype(jnp.float32) * np.float32(2.0 ** scale_exponent(dtype))).astype(dtype)
-  ts = jnp.asarray(tensor_scale, jnp.float32).reshape(1)
-  return PreparedWeight(packed, s, ts)
+    s = scales.astype(jnp.float8_e4m3fn)
+    s = jnp.pad(s, ((0, n_pad - n), (0, (k_pad - k) // _BLOCK))).T
+    if dtype is not None:
+        s = (s.astype(jnp.float32) * np.float32(2.0 ** scale_exponent(dtype))).astype(dtype)
+    ts = jnp.asarray(tensor_scale, jnp.float32).reshape(1)
+    return PreparedWeight(packed, s, ts)
 
 
 # -----------------------------------------------------------------------------
@@ -330,83 +331,89 @@ def prepare_weight(
 
 
 def _decode_quarter(lanes: jax.Array, q: int, dtype) -> jax.Array:
-  """Decodes nibble ``q`` of uint16 ``lanes [R, C]`` into ``dtype [R, C]``.
+    """Decodes nibble ``q`` of uint16 ``lanes [R, C]`` into ``dtype [R, C]``.
 
-  Exact for every code and free of subnormals (so XLA:CPU's flush-to-zero
-  does not matter). With ``em`` the 3-bit magnitude code and ``s`` the
-  mantissa width minus one (6 for bf16, 9 for f16), ``(em << s) + bits(0.5)``
-  is the bit pattern of ``2^(e-1) * (1 + m/2)``, the E2M1 value of every
-  ``em >= 2``; ``em`` in {0, 1} (0 and the E2M1 subnormal 0.5) are selected.
-  The code's sign bit (bit 3) moves to bit 15.
-  """
-  mant_shift = jnp.finfo(dtype).nmant - 1
-  half = np.uint16(np.array(0.5, dtype).view(np.uint16))
-  code = lanes >> np.uint16(4 * q) if q else lanes
-  em = code & np.uint16(7)
-  normal = (em << np.uint16(mant_shift)) + half
-  subnormal = jnp.where(em == 0, np.uint16(0), half)
-  bits = jnp.where(em < 2, subnormal, normal)
-  bits = bits | ((code & np.uint16(8)) << np.uint16(12))
-  return lax.bitcast_convert_type(bits, dtype)
+    Exact for every code and free of subnormals (so XLA:CPU's flush-to-zero
+    does not matter). With ``em`` the 3-bit magnitude code and ``s`` the
+    mantissa width minus one (6 for bf16, 9 for f16), ``(em << s) + bits(0.5)``
+    is the bit pattern of ``2^(e-1) * (1 + m/2)``, the E2M1 value of every
+    ``em >= 2``; ``em`` in {0, 1} (0 and the E2M1 subnormal 0.5) are selected.
+    The code's sign bit (bit 3) moves to bit 15.
+    """
+    mant_shift = jnp.finfo(dtype).nmant - 1
+    half = np.uint16(np.array(0.5, dtype).view(np.uint16))
+    code = lanes >> np.uint16(4 * q) if q else lanes
+    em = code & np.uint16(7)
+    normal = (em << np.uint16(mant_shift)) + half
+    subnormal = jnp.where(em == 0, np.uint16(0), half)
+    bits = jnp.where(em < 2, subnormal, normal)
+    bits = bits | ((code & np.uint16(8)) << np.uint16(12))
+    return lax.bitcast_convert_type(bits, dtype)
 
 
 def _decode_quarters_fast(lanes: jax.Array, dtype) -> tuple[jax.Array, ...]:
-  """GPU-only decode of all four nibbles of uint16 ``lanes [R, C]``.
+    """GPU-only decode of all four nibbles of uint16 ``lanes [R, C]``.
 
-  Works on whole 32-bit registers (two uint16 lanes, eight codes) with
-  32-bit shifts and masks, about 2.5 instructions per weight. Each code is
-  placed as ``sign << 15 | em << s`` (``s`` = mantissa bits - 1), which is the
-  E2M1 value times ``2^(1 - exponent_bias)``: codes 2..7 become normal
-  numbers and code 1 (0.5) the subnormal ``2^-exponent_bias``. The caller
-  multiplies by block scales pre-multiplied by ``2^scale_exponent``, so
-  that the products are the exact normal numbers ``v * s * 2^-7`` (the GPU's
-  bf16/f16 multiply keeps subnormal inputs); the epilogue multiplies by 2^7.
-  Not interpretable (uses ``plgpu.inline_mgpu``).
-  """
-  # Imported lazily: only the GPU lowering needs the MLIR bindings.
-  from jax._src.lib.mlir import ir
-  from jax._src.lib.mlir.dialects import arith
-  from jax.experimental.mosaic.gpu import fragmented_array as fa
-  from jax.experimental.mosaic.gpu import utils as mgpu_utils
+    Works on whole 32-bit registers (two uint16 lanes, eight codes) with
+    32-bit shifts and masks, about 2.5 instructions per weight. Each code is
+    placed as ``sign << 15 | em << s`` (``s`` = mantissa bits - 1), which is the
+    E2M1 value times ``2^(1 - exponent_bias)``: codes 2..7 become normal
+    numbers and code 1 (0.5) the subnormal ``2^-exponent_bias``. The caller
+    multiplies by block scales pre-multiplied by ``2^scale_exponent``, so
+    that the products are the exact normal numbers ``v * s * 2^-7`` (the GPU's
+    bf16/f16 multiply keeps subnormal inputs); the epilogue multiplies by 2^7.
+    Not interpretable (uses ``plgpu.inline_mgpu``).
+    """
+    # Imported lazily: only the GPU lowering needs the MLIR bindings.
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import arith
+    from jax.experimental.mosaic.gpu import fragmented_array as fa
+    from jax.experimental.mosaic.gpu import utils as mgpu_utils
 
-  mant_shift = jnp.finfo(dtype).nmant - 1
-  em_mask = (0x7 << mant_shift) * 0x10001
-  sign_mask = 0x80008000
-  layout = plgpu.Layout.WGMMA
-  ret = plgpu.ShapeDtypeStruct(lanes.shape, dtype, layout)
+    mant_shift = jnp.finfo(dtype).nmant - 1
+    em_mask = (0x7 << mant_shift) * 0x10001
+    sign_mask = 0x80008000
+    layout = plgpu.Layout.WGMMA
+    ret = plgpu.ShapeDtypeStruct(lanes.shape, dtype, layout)
 
-  @plgpu.inline_mgpu(arg_types=(layout,), return_type=(ret,) * _CODES_PER_LANE)
-  def decode(_, w):
-    i32 = ir.IntegerType.get_signless(32)
-    const = lambda v: arith.constant(i32, ir.IntegerAttr.get(i32, v - (1 << 32) if v >= 1 << 31 else v))
-    def shift(x, amount):
-      if amount > 0:
-        return arith.shli(x, const(amount))
-      if amount < 0:
-        return arith.shrui(x, const(-amount))
-      return x
-    outs = [np.empty_like(w.registers) for _ in range(_CODES_PER_LANE)]
-    for idx, reg in np.ndenumerate(w.registers):
-      out_ty = ir.VectorType.get(ir.VectorType(reg.type).shape, mgpu_utils.dtype_to_ir_type(dtype))
-      r = mgpu_utils.bitcast(reg, i32)
-      for q in range(_CODES_PER_LANE):
-        # Per 16-bit lane: magnitude bits 4q..4q+2 -> s..s+2, sign 4q+3 -> 15.
-        # Right shifts pull the high lane's low bits into the low lane's top
-        # bits, and left shifts the other way round; the masks discard both.
-        em = arith.andi(shift(r, mant_shift - 4 * q), const(em_mask))
-        sign = arith.andi(shift(r, 12 - 4 * q), const(sign_mask))
-        outs[q][idx] = mgpu_utils.bitcast(arith.ori(em, sign), out_ty)
-    return tuple(fa.FragmentedArray(_registers=o, _layout=w.layout, _is_signed=None)
-                 for o in outs)
+    @plgpu.inline_mgpu(arg_types=(layout,), return_type=(ret,) * _CODES_PER_LANE)
+    def decode(_, w):
+        i32 = ir.IntegerType.get_signless(32)
+        const = lambda v: arith.constant(
+            i32, ir.IntegerAttr.get(i32, v - (1 << 32) if v >= 1 << 31 else v)
+        )
 
-  return decode(lanes)
+        def shift(x, amount):
+            if amount > 0:
+                return arith.shli(x, const(amount))
+            if amount < 0:
+                return arith.shrui(x, const(-amount))
+            return x
+
+        outs = [np.empty_like(w.registers) for _ in range(_CODES_PER_LANE)]
+        for idx, reg in np.ndenumerate(w.registers):
+            out_ty = ir.VectorType.get(
+                ir.VectorType(reg.type).shape, mgpu_utils.dtype_to_ir_type(dtype)
+            )
+            r = mgpu_utils.bitcast(reg, i32)
+            for q in range(_CODES_PER_LANE):
+                # Per 16-bit lane: magnitude bits 4q..4q+2 -> s..s+2, sign 4q+3 -> 15.
+                # Right shifts pull the high lane's low bits into the low lane's top
+                # bits, and left shifts the other way round; the masks discard both.
+                em = arith.andi(shift(r, mant_shift - 4 * q), const(em_mask))
+                sign = arith.andi(shift(r, 12 - 4 * q), const(sign_mask))
+                outs[q][idx] = mgpu_utils.bitcast(arith.ori(em, sign), out_ty)
+        return tuple(
+            fa.FragmentedArray(_registers=o, _layout=w.layout, _is_signed=None) for o in outs
+        )
+
+    return decode(lanes)
 
 
 def _swizzle_transforms(minor_elems: int, dtype) -> tuple:
-  bits = jnp.dtype(dtype).itemsize * 8
-  swizzle = plgpu.find_swizzle(minor_elems * bits)
-  return (plgpu.TilingTransform((8, swizzle * 8 // bits)),
-          plgpu.SwizzleTransform(swizzle))
+    bits = jnp.dtype(dtype).itemsize * 8
+    swizzle = plgpu.find_swizzle(minor_elems * bits)
+    return (plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle))
 
 
 # -----------------------------------------------------------------------------
@@ -415,155 +422,170 @@ def _swizzle_transforms(minor_elems: int, dtype) -> tuple:
 
 
 def _gemm_kernel(
-    data_gmem, scales_gmem, x_gmem, ts_gmem, bias_gmem,  # inputs
+    data_gmem,
+    scales_gmem,
+    x_gmem,
+    ts_gmem,
+    bias_gmem,  # inputs
     out_gmem,  # output
-    a_smem, o_smem, bias_smem, bias_barrier,  # scratch
-    *, cfg: GemmConfig, tile_m: int, k_group: int, k_steps: int, dtype,
+    a_smem,
+    o_smem,
+    bias_smem,
+    bias_barrier,  # scratch
+    *,
+    cfg: GemmConfig,
+    tile_m: int,
+    k_group: int,
+    k_steps: int,
+    dtype,
     fused_epilogue: bool,
 ):
-  """One CTA: output tile (n, m) over the K range of split s.
+    """One CTA: output tile (n, m) over the K range of split s.
 
-  Warp-specialized: the last warpgroup issues the TMA copies of a
-  ``cfg.stages``-deep pipeline; each compute warpgroup owns ``rows`` output
-  features and, per k-group of a step, decodes its four quarters into
-  registers, issues four ``[rows, 16] x [16, tile_m]`` wgmmas and waits.
+    Warp-specialized: the last warpgroup issues the TMA copies of a
+    ``cfg.stages``-deep pipeline; each compute warpgroup owns ``rows`` output
+    features and, per k-group of a step, decodes its four quarters into
+    registers, issues four ``[rows, 16] x [16, tile_m]`` wgmmas and waits.
 
-  GMEM refs: data uint16 [K_pad/kg, N_pad, kg/4]; scales [K_pad/16, N_pad];
-  x [M, K]; ts f32 [1]; bias [N_pad] or None; out [M, N_out]
-  (``fused_epilogue``) or f32 partial sums [split_k, M, N_out].
-  """
-  num_wgs, rows = cfg.num_compute_wgs, cfg.wg_rows
-  lanes = k_group // _CODES_PER_LANE  # columns of one quarter
-  groups_per_step = cfg.tile_k // k_group
-  blocks_per_quarter = lanes // _BLOCK
-  fast = cfg.use_fast_decode
-  # Scales are stored times 2^stored_exp; the decode needs them times 2^exp.
-  stored_exp = scale_exponent(scales_gmem.dtype)
-  scale_exp = scale_exponent(dtype) if fast else 0
+    GMEM refs: data uint16 [K_pad/kg, N_pad, kg/4]; scales [K_pad/16, N_pad];
+    x [M, K]; ts f32 [1]; bias [N_pad] or None; out [M, N_out]
+    (``fused_epilogue``) or f32 partial sums [split_k, M, N_out].
+    """
+    num_wgs, rows = cfg.num_compute_wgs, cfg.wg_rows
+    lanes = k_group // _CODES_PER_LANE  # columns of one quarter
+    groups_per_step = cfg.tile_k // k_group
+    blocks_per_quarter = lanes // _BLOCK
+    fast = cfg.use_fast_decode
+    # Scales are stored times 2^stored_exp; the decode needs them times 2^exp.
+    stored_exp = scale_exponent(scales_gmem.dtype)
+    scale_exp = scale_exponent(dtype) if fast else 0
 
-  n_idx = lax.axis_index("n")
-  m_idx = lax.axis_index("m")
-  s_idx = lax.axis_index("s")
-  wg = lax.axis_index("wg")
-  k0 = s_idx * k_steps  # first pipeline step of this split
-  row_slice = pl.ds(wg * rows, rows)
+    n_idx = lax.axis_index("n")
+    m_idx = lax.axis_index("m")
+    s_idx = lax.axis_index("s")
+    wg = lax.axis_index("wg")
+    k0 = s_idx * k_steps  # first pipeline step of this split
+    row_slice = pl.ds(wg * rows, rows)
 
-  data_spec = plgpu.BlockSpec(
-      (groups_per_step, cfg.tile_n, lanes),
-      lambda k: (k0 + k, n_idx, 0),
-      transforms=_swizzle_transforms(lanes, jnp.uint16),
-  )
-  scales_spec = plgpu.BlockSpec(
-      (cfg.tile_k // _BLOCK, cfg.tile_n), lambda k: (k0 + k, n_idx))
-  x_spec = plgpu.BlockSpec(
-      (tile_m, cfg.tile_k),
-      lambda k: (m_idx, k0 + k),
-      transforms=_swizzle_transforms(lanes, dtype),
-  )
+    data_spec = plgpu.BlockSpec(
+        (groups_per_step, cfg.tile_n, lanes),
+        lambda k: (k0 + k, n_idx, 0),
+        transforms=_swizzle_transforms(lanes, jnp.uint16),
+    )
+    scales_spec = plgpu.BlockSpec((cfg.tile_k // _BLOCK, cfg.tile_n), lambda k: (k0 + k, n_idx))
+    x_spec = plgpu.BlockSpec(
+        (tile_m, cfg.tile_k),
+        lambda k: (m_idx, k0 + k),
+        transforms=_swizzle_transforms(lanes, dtype),
+    )
 
-  def block_scale(s_smem, block):
-    """Scales of one scale block as a dtype [rows, 16] WGMMA-layout tile."""
-    s = plgpu.load(s_smem.at[block, row_slice], layout=plgpu.Layout.WGMMA.reduce(1))
-    if s.dtype != dtype or stored_exp != scale_exp:  # exact: e4m3 fits f16/bf16
-      s = s.astype(jnp.float32) * np.float32(2.0 ** (scale_exp - stored_exp))
-      s = s.astype(dtype)
-    s = lax.broadcast_in_dim(s, (rows, _BLOCK), (0,))
-    return plgpu.layout_cast(s, plgpu.Layout.WGMMA)
+    def block_scale(s_smem, block):
+        """Scales of one scale block as a dtype [rows, 16] WGMMA-layout tile."""
+        s = plgpu.load(s_smem.at[block, row_slice], layout=plgpu.Layout.WGMMA.reduce(1))
+        if s.dtype != dtype or stored_exp != scale_exp:  # exact: e4m3 fits f16/bf16
+            s = s.astype(jnp.float32) * np.float32(2.0 ** (scale_exp - stored_exp))
+            s = s.astype(dtype)
+        s = lax.broadcast_in_dim(s, (rows, _BLOCK), (0,))
+        return plgpu.layout_cast(s, plgpu.Layout.WGMMA)
 
-  def decode_group(w_smem, s_smem, g):
-    """Dequantized k-group ``g`` of this step: 4 x dtype [rows, lanes] (WGMMA)."""
-    w = w_smem[g, row_slice, :]
-    if fast:
-      quarters = _decode_quarters_fast(w, dtype)
-    else:
-      quarters = [_decode_quarter(w, q, dtype) for q in range(_CODES_PER_LANE)]
-    out = []
-    for q, a in enumerate(quarters):
-      first = (g * _CODES_PER_LANE + q) * blocks_per_quarter
-      parts = [a[:, b * _BLOCK:(b + 1) * _BLOCK] * block_scale(s_smem, first + b)
-               for b in range(blocks_per_quarter)]
-      out.append(parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1))
-    return out
-
-  def mma_body(_, w_smem, s_smem, x_smem, acc_ref):
-    for g in range(groups_per_step):
-      # The whole k-group is decoded before its wgmmas are issued, and they
-      # are awaited before the next k-group is decoded: a register operand
-      # must stay untouched while an asynchronous wgmma reads it, and
-      # LLVM/ptxas may reuse a dead operand's registers for the next decode.
-      # The other compute warpgroups keep the tensor cores busy meanwhile.
-      for q, a in enumerate(decode_group(w_smem, s_smem, g)):
-        quarter = g * _CODES_PER_LANE + q
-        x_t = x_smem.at[:, pl.ds(quarter * lanes, lanes)].T
-        if cfg.a_operand == "smem":
-          a_ref = a_smem.at[wg, q]
-          a_ref[...] = a
-          plgpu.commit_smem()
-          plgpu.wgmma(acc_ref, a_ref, x_t)
+    def decode_group(w_smem, s_smem, g):
+        """Dequantized k-group ``g`` of this step: 4 x dtype [rows, lanes] (WGMMA)."""
+        w = w_smem[g, row_slice, :]
+        if fast:
+            quarters = _decode_quarters_fast(w, dtype)
         else:
-          plgpu.wgmma(acc_ref, a, x_t)
-      plgpu.wgmma_wait(0)
-    return acc_ref
+            quarters = [_decode_quarter(w, q, dtype) for q in range(_CODES_PER_LANE)]
+        out = []
+        for q, a in enumerate(quarters):
+            first = (g * _CODES_PER_LANE + q) * blocks_per_quarter
+            parts = [
+                a[:, b * _BLOCK : (b + 1) * _BLOCK] * block_scale(s_smem, first + b)
+                for b in range(blocks_per_quarter)
+            ]
+            out.append(parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1))
+        return out
 
-  def epilogue(acc):
-    """acc: f32 [rows, tile_m] (WGMMA layout) -> transposed TMA store."""
-    n0 = n_idx * cfg.tile_n + wg * rows
-    if fast:
-      acc = acc * np.float32(2.0 ** _FAST_SHIFT)
-    if fused_epilogue:
-      acc = acc * ts_gmem[0]
-      if bias_gmem is not None:
-        plgpu.barrier_wait(bias_barrier.at[wg])
-        bias = plgpu.load(bias_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
-        bias = lax.broadcast_in_dim(bias.astype(jnp.float32), acc.shape, (0,))
-        acc = acc + plgpu.layout_cast(bias, plgpu.Layout.WGMMA)
-      dst = out_gmem.at[pl.ds(m_idx * tile_m, tile_m), pl.ds(n0, rows)]
-    else:
-      dst = out_gmem.at[s_idx, pl.ds(m_idx * tile_m, tile_m), pl.ds(n0, rows)]
-    o_ref = o_smem.at[wg]
-    o_ref.T[...] = plgpu.layout_cast(acc.astype(o_smem.dtype),
-                                     plgpu.Layout.WGMMA_TRANSPOSED)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(o_ref, dst)
-    plgpu.wait_smem_to_gmem(0)
+    def mma_body(_, w_smem, s_smem, x_smem, acc_ref):
+        for g in range(groups_per_step):
+            # The whole k-group is decoded before its wgmmas are issued, and they
+            # are awaited before the next k-group is decoded: a register operand
+            # must stay untouched while an asynchronous wgmma reads it, and
+            # LLVM/ptxas may reuse a dead operand's registers for the next decode.
+            # The other compute warpgroups keep the tensor cores busy meanwhile.
+            for q, a in enumerate(decode_group(w_smem, s_smem, g)):
+                quarter = g * _CODES_PER_LANE + q
+                x_t = x_smem.at[:, pl.ds(quarter * lanes, lanes)].T
+                if cfg.a_operand == "smem":
+                    a_ref = a_smem.at[wg, q]
+                    a_ref[...] = a
+                    plgpu.commit_smem()
+                    plgpu.wgmma(acc_ref, a_ref, x_t)
+                else:
+                    plgpu.wgmma(acc_ref, a, x_t)
+            plgpu.wgmma_wait(0)
+        return acc_ref
 
-  def compute_context(eval_pipeline):
-    if fused_epilogue and bias_gmem is not None:  # overlaps with the main loop
-      plgpu.copy_gmem_to_smem(bias_gmem.at[pl.ds(n_idx * cfg.tile_n + wg * rows, rows)],
-                              bias_smem.at[wg], bias_barrier.at[wg])
+    def epilogue(acc):
+        """acc: f32 [rows, tile_m] (WGMMA layout) -> transposed TMA store."""
+        n0 = n_idx * cfg.tile_n + wg * rows
+        if fast:
+            acc = acc * np.float32(2.0**_FAST_SHIFT)
+        if fused_epilogue:
+            acc = acc * ts_gmem[0]
+            if bias_gmem is not None:
+                plgpu.barrier_wait(bias_barrier.at[wg])
+                bias = plgpu.load(bias_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
+                bias = lax.broadcast_in_dim(bias.astype(jnp.float32), acc.shape, (0,))
+                acc = acc + plgpu.layout_cast(bias, plgpu.Layout.WGMMA)
+            dst = out_gmem.at[pl.ds(m_idx * tile_m, tile_m), pl.ds(n0, rows)]
+        else:
+            dst = out_gmem.at[s_idx, pl.ds(m_idx * tile_m, tile_m), pl.ds(n0, rows)]
+        o_ref = o_smem.at[wg]
+        o_ref.T[...] = plgpu.layout_cast(acc.astype(o_smem.dtype), plgpu.Layout.WGMMA_TRANSPOSED)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_ref, dst)
+        plgpu.wait_smem_to_gmem(0)
 
-    def acc_scope(acc_ref):
-      eval_pipeline(acc_ref)
-      return acc_ref[...]
-    epilogue(pl.run_scoped(acc_scope, plgpu.ACC((rows, tile_m), jnp.float32)))
+    def compute_context(eval_pipeline):
+        if fused_epilogue and bias_gmem is not None:  # overlaps with the main loop
+            plgpu.copy_gmem_to_smem(
+                bias_gmem.at[pl.ds(n_idx * cfg.tile_n + wg * rows, rows)],
+                bias_smem.at[wg],
+                bias_barrier.at[wg],
+            )
 
-  plgpu.emit_pipeline_warp_specialized(
-      mma_body,
-      grid=(k_steps,),
-      memory_registers=40,
-      in_specs=[data_spec, scales_spec, x_spec],
-      wg_axis="wg",
-      num_compute_wgs=num_wgs,
-      max_concurrent_steps=min(cfg.stages, k_steps),
-      compute_context=compute_context,
-  )(data_gmem, scales_gmem, x_gmem)
+        def acc_scope(acc_ref):
+            eval_pipeline(acc_ref)
+            return acc_ref[...]
 
+        epilogue(pl.run_scoped(acc_scope, plgpu.ACC((rows, tile_m), jnp.float32)))
 
-def smem_bytes(cfg: GemmConfig, tile_m: int, dtype=jnp.bfloat16,
-               scale_itemsize: int = 2) -> int:
-  """Upper estimate of one CTA's SMEM: pipeline buffers + scratch + barriers."""
-  itemsize = jnp.dtype(dtype).itemsize
-  stage = (cfg.tile_n * cfg.tile_k // 2  # packed codes
-           + cfg.tile_n * cfg.tile_k // _BLOCK * scale_itemsize  # block scales
-           + tile_m * cfg.tile_k * itemsize)  # activations
-  out = cfg.tile_n * tile_m * (2 if cfg.split_k == 1 else 4)  # output tile
-  a = cfg.tile_n * 64 * itemsize if cfg.a_operand == "smem" else 0
-  return cfg.stages * stage + out + a + cfg.tile_n * 4 + 1024
+    plgpu.emit_pipeline_warp_specialized(
+        mma_body,
+        grid=(k_steps,),
+        memory_registers=40,
+        in_specs=[data_spec, scales_spec, x_spec],
+        wg_axis="wg",
+        num_compute_wgs=num_wgs,
+        max_concurrent_steps=min(cfg.stages, k_steps),
+        compute_context=compute_context,
+    )(data_gmem, scales_gmem, x_gmem)
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("n", "k", "out_dtype", "config", "interpret"))
+def smem_bytes(cfg: GemmConfig, tile_m: int, dtype=jnp.bfloat16, scale_itemsize: int = 2) -> int:
+    """Upper estimate of one CTA's SMEM: pipeline buffers + scratch + barriers."""
+    itemsize = jnp.dtype(dtype).itemsize
+    stage = (
+        cfg.tile_n * cfg.tile_k // 2  # packed codes
+        + cfg.tile_n * cfg.tile_k // _BLOCK * scale_itemsize  # block scales
+        + tile_m * cfg.tile_k * itemsize
+    )  # activations
+    out = cfg.tile_n * tile_m * (2 if cfg.split_k == 1 else 4)  # output tile
+    a = cfg.tile_n * 64 * itemsize if cfg.a_operand == "smem" else 0
+    return cfg.stages * stage + out + a + cfg.tile_n * 4 + 1024
+
+
+@functools.partial(jax.jit, static_argnames=("n", "k", "out_dtype", "config", "interpret"))
 def nvfp4_matmul(
     x2d: jax.Array,
     prepared: PreparedWeight,
@@ -575,113 +597,129 @@ def nvfp4_matmul(
     config: GemmConfig | None = None,
     interpret: bool = False,
 ) -> jax.Array:
-  """``x2d[M, K] @ W[K, N] * tensor_scale (+ bias)`` with an NVFP4 weight.
+    """``x2d[M, K] @ W[K, N] * tensor_scale (+ bias)`` with an NVFP4 weight.
 
-  Args:
-    x2d: bf16 or f16 ``[M, K]``, any M.
-    prepared: the output of :func:`prepare_weight` for ``W`` (``N`` features,
-      ``K`` inputs).
-    n, k: the logical N and K of the weight.
-    bias: optional ``[N]`` (any float dtype), added in fp32.
-    out_dtype: bf16 or f16; defaults to ``x2d.dtype``.
-    config: tiling; :func:`default_config` when None.
-    interpret: run in the Mosaic GPU CPU interpreter (needs
-      ``GemmConfig(a_operand="smem", fast_decode=False)``).
+    Args:
+      x2d: bf16 or f16 ``[M, K]``, any M.
+      prepared: the output of :func:`prepare_weight` for ``W`` (``N`` features,
+        ``K`` inputs).
+      n, k: the logical N and K of the weight.
+      bias: optional ``[N]`` (any float dtype), added in fp32.
+      out_dtype: bf16 or f16; defaults to ``x2d.dtype``.
+      config: tiling; :func:`default_config` when None.
+      interpret: run in the Mosaic GPU CPU interpreter (needs
+        ``GemmConfig(a_operand="smem", fast_decode=False)``).
 
-  Returns:
-    ``[M, N]`` in ``out_dtype``; fp32 accumulation.
-  """
-  if x2d.ndim != 2 or x2d.shape[1] != k:
-    raise ValueError(f"x2d must be [M, {k}], got {list(x2d.shape)}")
-  dtype = x2d.dtype
-  if dtype not in (jnp.bfloat16, jnp.float16):
-    raise ValueError(f"x2d must be bf16 or f16, got {dtype}")
-  out_dtype = jnp.dtype(out_dtype or dtype)
-  if out_dtype not in (jnp.bfloat16, jnp.float16):
-    raise ValueError(f"out_dtype must be bf16 or f16, got {out_dtype}")
-  k_group = prepared.k_group
-  k_pad = prepared.data.shape[0] * k_group
-  n_pad = prepared.data.shape[1]
-  if n_pad != _round_up(n, 16) or k_pad != _round_up(k, k_group):
-    raise ValueError(
-        f"prepared weight {prepared.data.shape} does not match n={n}, k={k}")
-  if bias is not None and bias.shape != (n,):
-    raise ValueError(f"bias must be [{n}], got {list(bias.shape)}")
-  m = x2d.shape[0]
-  cfg = config or default_config(m, n, k, dtype=dtype)
-  if cfg.tile_k % k_group:
-    raise ValueError(f"tile_k={cfg.tile_k} must be a multiple of k_group={k_group}")
-  if interpret and (cfg.a_operand != "smem" or cfg.use_fast_decode):
-    raise NotImplementedError(
-        "the Mosaic GPU interpreter runs neither register-operand wgmma nor"
-        " inline_mgpu; use GemmConfig(a_operand='smem', fast_decode=False)")
+    Returns:
+      ``[M, N]`` in ``out_dtype``; fp32 accumulation.
+    """
+    if x2d.ndim != 2 or x2d.shape[1] != k:
+        raise ValueError(f"x2d must be [M, {k}], got {list(x2d.shape)}")
+    dtype = x2d.dtype
+    if dtype not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(f"x2d must be bf16 or f16, got {dtype}")
+    out_dtype = jnp.dtype(out_dtype or dtype)
+    if out_dtype not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(f"out_dtype must be bf16 or f16, got {out_dtype}")
+    k_group = prepared.k_group
+    k_pad = prepared.data.shape[0] * k_group
+    n_pad = prepared.data.shape[1]
+    if n_pad != _round_up(n, 16) or k_pad != _round_up(k, k_group):
+        raise ValueError(f"prepared weight {prepared.data.shape} does not match n={n}, k={k}")
+    if bias is not None and bias.shape != (n,):
+        raise ValueError(f"bias must be [{n}], got {list(bias.shape)}")
+    m = x2d.shape[0]
+    cfg = config or default_config(m, n, k, dtype=dtype)
+    if cfg.tile_k % k_group:
+        raise ValueError(f"tile_k={cfg.tile_k} must be a multiple of k_group={k_group}")
+    if interpret and (cfg.a_operand != "smem" or cfg.use_fast_decode):
+        raise NotImplementedError(
+            "the Mosaic GPU interpreter runs neither register-operand wgmma nor"
+            " inline_mgpu; use GemmConfig(a_operand='smem', fast_decode=False)"
+        )
 
-  m_out = m
-  if m > 8 and m % 8:  # TMA of (8, .)-tiled GMEM views needs M % 8 == 0
-    m_out = _round_up(m, 8)
-    x2d = jnp.pad(x2d, ((0, m_out - m), (0, 0)))
-  tile_m = min(cfg.tile_m, _round_up(max(m, 1), 8))
-  m_tiles = -(-m_out // tile_m)
-  n_tiles = -(-n // cfg.tile_n)
-  total_k_steps = -(-k // cfg.tile_k)
-  if total_k_steps % cfg.split_k:
-    raise ValueError(
-        f"split_k={cfg.split_k} must divide the number of K steps {total_k_steps}")
-  k_steps = total_k_steps // cfg.split_k
-  fused = cfg.split_k == 1
+    m_out = m
+    if m > 8 and m % 8:  # TMA of (8, .)-tiled GMEM views needs M % 8 == 0
+        m_out = _round_up(m, 8)
+        x2d = jnp.pad(x2d, ((0, m_out - m), (0, 0)))
+    tile_m = min(cfg.tile_m, _round_up(max(m, 1), 8))
+    m_tiles = -(-m_out // tile_m)
+    n_tiles = -(-n // cfg.tile_n)
+    total_k_steps = -(-k // cfg.tile_k)
+    if total_k_steps % cfg.split_k:
+        raise ValueError(f"split_k={cfg.split_k} must divide the number of K steps {total_k_steps}")
+    k_steps = total_k_steps // cfg.split_k
+    fused = cfg.split_k == 1
 
-  # The transposed store goes through a (8, 64)-tiled SMEM tile, whose TMA
-  # needs N % 64 == 0: ragged N is padded here and sliced off below.
-  store_dtype = out_dtype if fused else jnp.dtype(jnp.float32)
-  n_out = _round_up(n, 64)
-  if fused and bias is not None:
-    bias = jnp.pad(bias, (0, n_tiles * cfg.tile_n - n))
-  out_shape = (m_out, n_out) if fused else (cfg.split_k, m_out, n_out)
+    # The transposed store goes through a (8, 64)-tiled SMEM tile, whose TMA
+    # needs N % 64 == 0: ragged N is padded here and sliced off below.
+    store_dtype = out_dtype if fused else jnp.dtype(jnp.float32)
+    n_out = _round_up(n, 64)
+    if fused and bias is not None:
+        bias = jnp.pad(bias, (0, n_tiles * cfg.tile_n - n))
+    out_shape = (m_out, n_out) if fused else (cfg.split_k, m_out, n_out)
 
-  num_wgs, rows = cfg.num_compute_wgs, cfg.wg_rows
-  lanes = k_group // _CODES_PER_LANE
-  scratch = [plgpu.SMEM((num_wgs, tile_m, rows), store_dtype)]
-  if cfg.a_operand == "smem":
-    scratch.append(plgpu.SMEM((num_wgs, _CODES_PER_LANE, rows, lanes), dtype,
-                              transforms=_swizzle_transforms(lanes, dtype)))
-  has_bias = bias is not None
-  if has_bias and fused:
-    scratch += [plgpu.SMEM((num_wgs, rows), bias.dtype),
-                plgpu.Barrier(num_barriers=num_wgs)]
+    num_wgs, rows = cfg.num_compute_wgs, cfg.wg_rows
+    lanes = k_group // _CODES_PER_LANE
+    scratch = [plgpu.SMEM((num_wgs, tile_m, rows), store_dtype)]
+    if cfg.a_operand == "smem":
+        scratch.append(
+            plgpu.SMEM(
+                (num_wgs, _CODES_PER_LANE, rows, lanes),
+                dtype,
+                transforms=_swizzle_transforms(lanes, dtype),
+            )
+        )
+    has_bias = bias is not None
+    if has_bias and fused:
+        scratch += [plgpu.SMEM((num_wgs, rows), bias.dtype), plgpu.Barrier(num_barriers=num_wgs)]
 
-  def kernel_body(*refs):
-    data, scales, x, ts, *refs = refs
-    bias_ref = refs.pop(0) if has_bias else None
-    out, o_smem, *refs = refs
-    a_smem = refs.pop(0) if cfg.a_operand == "smem" else None
-    bias_smem, bias_barrier = refs if refs else (None, None)
-    _gemm_kernel(
-        data, scales, x, ts, bias_ref, out, a_smem, o_smem, bias_smem,
-        bias_barrier, cfg=cfg, tile_m=tile_m, k_group=k_group, k_steps=k_steps,
-        dtype=dtype, fused_epilogue=fused)
+    def kernel_body(*refs):
+        data, scales, x, ts, *refs = refs
+        bias_ref = refs.pop(0) if has_bias else None
+        out, o_smem, *refs = refs
+        a_smem = refs.pop(0) if cfg.a_operand == "smem" else None
+        bias_smem, bias_barrier = refs if refs else (None, None)
+        _gemm_kernel(
+            data,
+            scales,
+            x,
+            ts,
+            bias_ref,
+            out,
+            a_smem,
+            o_smem,
+            bias_smem,
+            bias_barrier,
+            cfg=cfg,
+            tile_m=tile_m,
+            k_group=k_group,
+            k_steps=k_steps,
+            dtype=dtype,
+            fused_epilogue=fused,
+        )
 
-  kernel = plgpu.kernel(
-      kernel_body,
-      out_type=jax.ShapeDtypeStruct(out_shape, store_dtype),
-      scratch_types=scratch,
-      grid=(n_tiles, m_tiles, cfg.split_k),
-      grid_names=("n", "m", "s"),
-      num_threads=num_wgs + 1,
-      thread_name="wg",
-      compiler_params=plgpu.CompilerParams(
-          lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-      interpret=plgpu.InterpretGPUParams() if interpret else None,
-  )
-  args = (prepared.data, prepared.scales, x2d, prepared.tensor_scale)
-  out = kernel(*args) if bias is None else kernel(*args, bias)
-  if not fused:
-    out = out.sum(axis=0) * prepared.tensor_scale[0]
-    if bias is not None:
-      out = out + jnp.pad(bias.astype(jnp.float32), (0, n_out - n))
-    out = out.astype(out_dtype)
-  if (m_out, n_out) != (m, n):
-    out = out[:m, :n]
-  return out
+    kernel = plgpu.kernel(
+        kernel_body,
+        out_type=jax.ShapeDtypeStruct(out_shape, store_dtype),
+        scratch_types=scratch,
+        grid=(n_tiles, m_tiles, cfg.split_k),
+        grid_names=("n", "m", "s"),
+        num_threads=num_wgs + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        interpret=plgpu.InterpretGPUParams() if interpret else None,
+    )
+    args = (prepared.data, prepared.scales, x2d, prepared.tensor_scale)
+    out = kernel(*args) if bias is None else kernel(*args, bias)
+    if not fused:
+        out = out.sum(axis=0) * prepared.tensor_scale[0]
+        if bias is not None:
+            out = out + jnp.pad(bias.astype(jnp.float32), (0, n_out - n))
+        out = out.astype(out_dtype)
+    if (m_out, n_out) != (m, n):
+        out = out[:m, :n]
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -689,19 +727,12 @@ def nvfp4_matmul(
 # -----------------------------------------------------------------------------
 
 
-def dequantize_reference(data, scales, tensor_scale) -> jax.Array:
-  """Canonical NVFP4 ``[N, K/2]`` -> float32 ``W^T [N, K]`` (plain jnp)."""
-  n, half_k = data.shape
-  codes = jnp.stack([data & 0xF, data >> 4], axis=-1).reshape(n, 2 * half_k)
-  values = jnp.asarray(_E2M1_VALUES)[codes]
-  s = jnp.repeat(scales.astype(jnp.float32), _BLOCK, axis=1)
-  return values * (s * jnp.asarray(tensor_scale, jnp.float32))
-
-
 def reference(x2d, data, scales, tensor_scale, *, bias=None, out_dtype=None):
-  """Same contract as :func:`nvfp4_matmul`, on canonical storage, in plain jnp."""
-  w_t = dequantize_reference(data, scales, tensor_scale)
-  y = jnp.dot(x2d.astype(jnp.float32), w_t.T, precision=lax.Precision.HIGHEST)
-  if bias is not None:
-    y = y + bias.astype(jnp.float32)
-  return y.astype(out_dtype or x2d.dtype)
+    """Same contract as :func:`nvfp4_matmul`, on canonical storage, in plain jnp."""
+    w_t = nvfp4_reference.dequantize(
+        data, scales, jnp.asarray(tensor_scale, jnp.float32), jnp.float32
+    )
+    y = jnp.dot(x2d.astype(jnp.float32), w_t.T, precision=lax.Precision.HIGHEST)
+    if bias is not None:
+        y = y + bias.astype(jnp.float32)
+    return y.astype(out_dtype or x2d.dtype)
