@@ -49,16 +49,9 @@ def test_pallas_unavailable_on_old_gpu_is_an_error():
 
 
 def test_device_info_honours_abstract_mesh():
-    from jax.sharding import AbstractDevice, AbstractMesh
+    from cross_lowering import h100_mesh
 
-    mesh = AbstractMesh(
-        (1,),
-        ("x",),
-        abstract_device=AbstractDevice(
-            device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="cuda"
-        ),
-    )
-    with jax.sharding.use_abstract_mesh(mesh):
+    with jax.sharding.use_abstract_mesh(h100_mesh()):
         info = backends.device_info()
     assert info == backends.DeviceInfo("gpu", "NVIDIA H100 80GB HBM3", (9, 0), 132)
     assert info.is_hopper_or_newer

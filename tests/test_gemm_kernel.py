@@ -14,13 +14,12 @@ relative), so the bound is 1e-2 for bf16 and 2e-3 for f16. Layout and decode
 tests are exact.
 """
 
-import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-from jax.sharding import AbstractDevice, AbstractMesh
 
+from cross_lowering import cross_lower
 from nvfp4_jax.kernels import gemm
 
 
@@ -77,16 +76,6 @@ def _rel_err(y, ref):
 
 def _tolerance(out_dtype):
     return 1e-2 if jnp.dtype(out_dtype) == jnp.bfloat16 else 2e-3
-
-
-_H100 = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="cuda")
-
-
-def _cross_lower(fn, *args):
-    """Lowers ``fn`` for CUDA sm_90 from a CPU host; returns the StableHLO text."""
-    mesh = AbstractMesh((1,), ("x",), abstract_device=_H100)
-    with jax.sharding.use_abstract_mesh(mesh):
-        return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
 # -----------------------------------------------------------------------------
@@ -355,7 +344,7 @@ def test_cross_lowers_for_sm90(case):
     prep = gemm.prepare_weight(jnp.asarray(data), jnp.asarray(scales), ts)
     x = jnp.zeros((m, k), jnp.bfloat16)
     bias = jnp.zeros((n,), jnp.float32) if with_bias else None
-    text = _cross_lower(
+    text = cross_lower(
         lambda x, p: gemm.nvfp4_matmul(x, p, n=n, k=k, bias=bias, config=cfg), x, prep
     )
     assert "mosaic_gpu" in text
@@ -366,7 +355,7 @@ def test_cross_lowers_f16():
     data, scales, ts = _random_weight(n, k, seed=2)
     prep = gemm.prepare_weight(jnp.asarray(data), jnp.asarray(scales), ts, dtype=jnp.float16)
     x = jnp.zeros((m, k), jnp.float16)
-    text = _cross_lower(lambda x, p: gemm.nvfp4_matmul(x, p, n=n, k=k), x, prep)
+    text = cross_lower(lambda x, p: gemm.nvfp4_matmul(x, p, n=n, k=k), x, prep)
     assert "mosaic_gpu" in text
 
 
@@ -377,7 +366,7 @@ def test_oversized_config_is_rejected_at_lowering():
     x = jnp.zeros((m, k), jnp.bfloat16)
     cfg = G(tile_n=256, tile_m=256, tile_k=256, stages=4)
     with pytest.raises(Exception, match="shared memory"):
-        _cross_lower(lambda x, p: gemm.nvfp4_matmul(x, p, n=n, k=k, config=cfg), x, prep)
+        cross_lower(lambda x, p: gemm.nvfp4_matmul(x, p, n=n, k=k, config=cfg), x, prep)
 
 
 # -----------------------------------------------------------------------------

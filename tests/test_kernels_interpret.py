@@ -22,6 +22,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from cross_lowering import cross_lower
 from nvfp4_jax import layouts
 from nvfp4_jax.formats import encode_e2m1
 from nvfp4_jax.kernels import dequantize as kd
@@ -308,14 +309,17 @@ DEQ_SHAPES = [  # (packed shape, batched tensor scale)
 ]
 
 
+def _tensor_scale(shape, batched, rng):
+    """A random float32 tensor scale: one per batch entry, or a scalar."""
+    return rng.uniform(0.01, 4, shape[:1] if batched else ()).astype(np.float32)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
 @pytest.mark.parametrize("shape,batched", DEQ_SHAPES, ids=lambda s: str(s))
 @pytest.mark.parametrize("swizzled", [False, True], ids=["plain", "swizzled"])
 def test_dequantize_interpret(shape, batched, dtype, swizzled, rng):
     packed, sb = _random_packed(shape, rng)
-    ts = (rng.uniform(0.01, 4, shape[:1]) if batched else rng.uniform(0.01, 4, ())).astype(
-        np.float32
-    )
+    ts = _tensor_scale(shape, batched, rng)
     expect = oracle_dequantize(packed, sb, ts, dtype)
     if swizzled:
         lead = shape[:1] if batched else ()
@@ -398,20 +402,6 @@ def test_rejects_bad_input():
 # -- cross-lowering for sm_90 (CPU) --------------------------------------------------------
 
 
-def _cross_lower(fn, *args):
-    from jax.sharding import AbstractDevice, AbstractMesh
-
-    mesh = AbstractMesh(
-        (1,),
-        ("x",),
-        abstract_device=AbstractDevice(
-            device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="cuda"
-        ),
-    )
-    with jax.sharding.use_abstract_mesh(mesh):
-        return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-
-
 S = jax.ShapeDtypeStruct
 F32 = S((), jnp.float32)
 LOWER_CASES = {}
@@ -465,7 +455,7 @@ for _cfg in (kq.TileConfig(1, 1), kq.TileConfig(8, 4)):
 @pytest.mark.parametrize("name", sorted(LOWER_CASES))
 def test_cross_lowers_for_sm90(name):
     fn, args = LOWER_CASES[name]
-    text = _cross_lower(fn, *args)
+    text = cross_lower(fn, *args)
     assert "mosaic_gpu" in text, "no Mosaic GPU kernel in the lowered module"
 
 
@@ -514,9 +504,7 @@ def test_quant_dequant_gpu(dtype, with_ts, rng):
 @pytest.mark.parametrize("swizzled", [False, True], ids=["plain", "swizzled"])
 def test_dequantize_gpu(shape, batched, dtype, swizzled, rng):
     packed, sb = _random_packed(shape, rng)
-    ts = (rng.uniform(0.01, 4, shape[:1]) if batched else rng.uniform(0.01, 4, ())).astype(
-        np.float32
-    )
+    ts = _tensor_scale(shape, batched, rng)
     expect = oracle_dequantize(packed, sb, ts, dtype)
     lead = shape[:1] if batched else ()
     sb_in = oracle_swizzle(sb.reshape(*lead, -1, sb.shape[-1])) if swizzled else sb

@@ -65,7 +65,9 @@ def test_quant_dequant_straight_through_gradient(rng):
     g = jax.grad(lambda v: jnp.sum(nv.quant_dequant(v, tensor_scale=ts)))(x)
     np.testing.assert_array_equal(
         np.asarray(g),
-        (np.abs(np.asarray(x)) <= np.float32(ts) * np.float32(2688 * (1 + 2**-16))).astype(np.float32),
+        (np.abs(np.asarray(x)) <= np.float32(ts) * np.float32(2688 * (1 + 2**-16))).astype(
+            np.float32
+        ),
     )
     gj = jax.jit(jax.grad(lambda v: jnp.sum(nv.quant_dequant(v, axis=0))))(x)
     np.testing.assert_array_equal(np.asarray(gj), 1.0)
