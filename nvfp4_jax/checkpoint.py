@@ -87,7 +87,8 @@ import ml_dtypes
 import numpy as np
 
 from nvfp4_jax.array import NVFP4Array
-from nvfp4_jax.formats import BLOCK_SIZE, E4M3_MAX
+from nvfp4_jax._exact import div_rn
+from nvfp4_jax.formats import BLOCK_SIZE, round_to_e4m3
 
 FORMATS = ("modelopt", "compressed-tensors", "quark")
 
@@ -740,7 +741,7 @@ def rescale(
             f"{name}: the new tensor scale {float(new)} must be >= the current {float(old)}"
         )
     factor = a.scales.astype(jnp.float32) * old  # the block factor dequantize uses
-    scales = jnp.minimum(factor / new, E4M3_MAX).astype(jnp.float8_e4m3fn)
+    scales = round_to_e4m3(div_rn(factor, new))
     got = scales.astype(jnp.float32) * new
     exact = got == factor
     rel = jnp.where(factor > 0, jnp.abs(got - factor) / jnp.where(factor > 0, factor, 1.0), 0.0)

@@ -309,31 +309,29 @@ DEQ_SHAPES = [  # (packed shape, batched tensor scale)
 ]
 
 
-def _tensor_scale(shape, batched, rng):
-    """A random float32 tensor scale: one per batch entry, or a scalar."""
-    return rng.uniform(0.01, 4, shape[:1] if batched else ()).astype(np.float32)
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
-@pytest.mark.parametrize("shape,batched", DEQ_SHAPES, ids=lambda s: str(s))
-@pytest.mark.parametrize("swizzled", [False, True], ids=["plain", "swizzled"])
-def test_dequantize_interpret(shape, batched, dtype, swizzled, rng):
+def _dequantize_vs_oracle(shape, batched, dtype, swizzled, rng, *, interpret):
+    """Random packed codes, scales (plain or swizzled) and tensor scale(s) -> (kernel
+    output, oracle output)."""
     packed, sb = _random_packed(shape, rng)
-    ts = _tensor_scale(shape, batched, rng)
-    expect = oracle_dequantize(packed, sb, ts, dtype)
-    if swizzled:
-        lead = shape[:1] if batched else ()
-        sb_in = oracle_swizzle(sb.reshape(*lead, -1, sb.shape[-1]))
-    else:
-        sb_in = sb
+    ts = rng.uniform(0.01, 4, shape[:1] if batched else ()).astype(np.float32)
+    lead = shape[:1] if batched else ()
+    sb_in = oracle_swizzle(sb.reshape(*lead, -1, sb.shape[-1])) if swizzled else sb
     out = kd.dequantize(
         jnp.asarray(packed),
         jnp.asarray(sb_in.view(ml_dtypes.float8_e4m3fn)),
         jnp.asarray(ts),
         out_dtype=dtype,
         swizzled=swizzled,
-        interpret=True,
+        interpret=interpret,
     )
+    return out, oracle_dequantize(packed, sb, ts, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("shape,batched", DEQ_SHAPES, ids=lambda s: str(s))
+@pytest.mark.parametrize("swizzled", [False, True], ids=["plain", "swizzled"])
+def test_dequantize_interpret(shape, batched, dtype, swizzled, rng):
+    out, expect = _dequantize_vs_oracle(shape, batched, dtype, swizzled, rng, interpret=True)
     assert out.dtype == dtype
     assert_bits_equal(out, expect, "dequantized values")
 
@@ -503,18 +501,7 @@ def test_quant_dequant_gpu(dtype, with_ts, rng):
 )
 @pytest.mark.parametrize("swizzled", [False, True], ids=["plain", "swizzled"])
 def test_dequantize_gpu(shape, batched, dtype, swizzled, rng):
-    packed, sb = _random_packed(shape, rng)
-    ts = _tensor_scale(shape, batched, rng)
-    expect = oracle_dequantize(packed, sb, ts, dtype)
-    lead = shape[:1] if batched else ()
-    sb_in = oracle_swizzle(sb.reshape(*lead, -1, sb.shape[-1])) if swizzled else sb
-    out = kd.dequantize(
-        jnp.asarray(packed),
-        jnp.asarray(sb_in.view(ml_dtypes.float8_e4m3fn)),
-        jnp.asarray(ts),
-        out_dtype=dtype,
-        swizzled=swizzled,
-    )
+    out, expect = _dequantize_vs_oracle(shape, batched, dtype, swizzled, rng, interpret=False)
     assert_bits_equal(out, expect, "dequantized values")
 
 
