@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> dict[str, tuple]:
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--profile", action="store_true", help="cProfile forward, print the top")
     p.add_argument(
         "--backend", default=None, help="nvfp4_jax backend: xla or pallas (default: auto)"
     )
@@ -88,7 +89,12 @@ def main(argv: list[str] | None = None) -> dict[str, tuple]:
     layer = NVFP4Linear.from_linear(lin, backend=args.backend)
     x = torch.randn(args.m, args.k, dtype=torch.bfloat16, device=device)
 
-    _, _, fn, jargs = layer._jax_state()  # the exact jitted function and arrays forward uses
+    # The exact jitted function and arrays the JAX-dispatch forward uses.
+    _, _, fn, jargs, torch_launch = layer._jax_state()
+    os.environ["NVFP4_JAX_TORCH_LAUNCH"] = "0"
+    layer_jax = NVFP4Linear.from_linear(lin, backend=args.backend)
+    layer_jax._jax_state()
+    del os.environ["NVFP4_JAX_TORCH_LAUNCH"]
     from interop import to_jax
 
     xj = to_jax(x)
@@ -106,6 +112,10 @@ def main(argv: list[str] | None = None) -> dict[str, tuple]:
         rows["NVFP4Linear.forward"] = _timeit(
             lambda: layer(x), torch_sync, args.iters, args.warmup, args.repeats, events=cuda
         )
+        if torch_launch is not None:
+            rows["  forward, JAX dispatch"] = _timeit(
+                lambda: layer_jax(x), torch_sync, args.iters, args.warmup, args.repeats, events=cuda
+            )
         rows["direct jitted JAX"] = _timeit(
             lambda: fn(xj, *jargs), jax_sync, args.iters, args.warmup, args.repeats
         )
@@ -116,6 +126,29 @@ def main(argv: list[str] | None = None) -> dict[str, tuple]:
             args.warmup,
             args.repeats,
         )
+        from interop.dlpack import _export, _to_jax_fast
+
+        y_j = fn(xj, *jargs)
+        rows["  part: import x"] = _timeit(
+            lambda: _to_jax_fast(x), lambda o: None, args.iters, args.warmup, args.repeats
+        )
+        rows["  part: export y"] = _timeit(
+            lambda: _export(y_j, device), torch_sync, args.iters, args.warmup, args.repeats
+        )
+        rows["  part: layer state"] = _timeit(
+            layer._jax_state, lambda o: None, args.iters, args.warmup, args.repeats
+        )
+        if args.profile:
+            import cProfile
+            import pstats
+
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(args.iters):
+                layer(x)
+            prof.disable()
+            torch_sync(None)
+            pstats.Stats(prof).sort_stats("tottime").print_stats(20)
         rows["torch F.linear bf16"] = _timeit(
             lambda: F.linear(x, w), torch_sync, args.iters, args.warmup, args.repeats, events=cuda
         )
@@ -137,6 +170,8 @@ def main(argv: list[str] | None = None) -> dict[str, tuple]:
         f"added by interop per call (vs {base}): {fwd[0] - direct[0]:+.2f} us (call), "
         f"{fwd[1] - direct[1]:+.2f} us (wall)  [goal: <= 15 us]"
     )
+    dense = rows["torch F.linear bf16"]
+    print(f"forward vs torch F.linear bf16: {fwd[0] - dense[0]:+.2f} us (call)")
     return rows
 
 

@@ -28,21 +28,18 @@ NK_VALUES = ((4096, 4096), (14336, 4096), (4096, 14336), (28672, 8192))
 
 
 def sweep(m: int, n: int, k: int):
-    """The default config, then a grid around it (for ``--configs``)."""
+    """The default config, then a grid around it (for ``--configs``), each with and without
+    ``overlap_decode``."""
     base = gemm.default_config(m, n, k)
     yield base
     if m <= 64:
-        grid = itertools.product((128, 256), (128, 256, 512), (2, 4), (1, 2, 4, 8))
-        for tile_n, tile_k, stages, split_k in grid:
-            yield dataclasses.replace(
-                base, tile_n=tile_n, tile_k=tile_k, stages=stages, split_k=split_k
-            )
+        grid = itertools.product((128, 256), (128, 256), (4,), (1, 2, 4), (False, None))
+        keys = ("tile_n", "tile_k", "stages", "split_k", "overlap_decode")
     else:
-        grid = itertools.product((128, 256), (128, 256), (64, 128), (2, 3, 4))
-        for tile_n, tile_m, tile_k, stages in grid:
-            yield dataclasses.replace(
-                base, tile_n=tile_n, tile_m=tile_m, tile_k=tile_k, stages=stages
-            )
+        grid = itertools.product((128, 256), (128, 256), (64, 128), (3, 4), (False, None))
+        keys = ("tile_n", "tile_m", "tile_k", "stages", "overlap_decode")
+    for values in grid:
+        yield dataclasses.replace(base, **dict(zip(keys, values)))
 
 
 def main() -> None:
@@ -52,6 +49,11 @@ def main() -> None:
     p.add_argument("--configs", action="store_true")
     p.add_argument("--iterations", type=int, default=20)
     p.add_argument("--no-xla", action="store_true", help="skip the (slow) XLA dequant->dot path")
+    p.add_argument(
+        "--raw-scales",
+        action="store_true",
+        help="also time the kernel on raw E4M3 block scales (prepare_weight(dtype=None))",
+    )
     args = p.parse_args()
     hbm = common.hbm_copy_bandwidth()
     rows = []
@@ -64,10 +66,7 @@ def main() -> None:
         wq = nv.quantize(w_bf16[0].T, axis=0)
         prepared = nv.prepare(wq)
         fp4_bytes = prepared.prepared.data.nbytes + prepared.prepared.scales.nbytes
-        fp4_copies = [
-            jax.tree_util.tree_map(lambda a: a + 0 if a.dtype != jnp.float8_e4m3fn else a, prepared)
-            for _ in range(common.copies_for(fp4_bytes))
-        ]
+        fp4_copies = [common.fresh_copy(prepared) for _ in range(common.copies_for(fp4_bytes))]
         floor_us = fp4_bytes / (hbm * 1e9) * 1e6
         for m in args.m:
             x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
@@ -85,9 +84,26 @@ def main() -> None:
                 except Exception as e:  # noqa: BLE001 - a swept config may not fit SMEM
                     print(f"  skip {cfg}: {str(e).splitlines()[0][:100]}")
                     continue
+                if args.configs:
+                    print(f"  {t:.2f} us {cfg}", flush=True)
                 if best is None or t < best[0]:
                     best = (t, cfg or gemm.default_config(m, n, k))
             t_fp4, cfg = best
+            if args.raw_scales:
+                raw = gemm.prepare_weight(wq.data, wq.scales, wq.tensor_scale, dtype=None)
+                raw_bytes = raw.data.nbytes + raw.scales.nbytes
+                raw_copies = [common.fresh_copy(raw) for _ in range(common.copies_for(raw_bytes))]
+                for cfg in sweep(m, n, k) if args.configs else [gemm.default_config(m, n, k)]:
+                    try:
+                        t = common.time_per_call(
+                            lambda x, w, cfg=cfg: gemm.nvfp4_matmul(x, w, n=n, k=k, config=cfg),
+                            [(x, w) for w in raw_copies],
+                            args.iterations,
+                        )
+                    except Exception as e:  # noqa: BLE001
+                        print(f"  skip raw {cfg}: {str(e).splitlines()[0][:100]}")
+                        continue
+                    print(f"  raw-scales {t:.2f} us {cfg}", flush=True)
             t_xla = float("nan")
             if not args.no_xla:
                 t_xla = common.time_per_call(
@@ -105,7 +121,8 @@ def main() -> None:
                 f"{t_bf16 / t_fp4:.2f}x",
                 f"{t_xla / t_fp4:.1f}x",
                 f"{100 * floor_us / t_fp4:.0f}%",
-                f"n{cfg.tile_n} m{cfg.tile_m} k{cfg.tile_k} s{cfg.stages} sk{cfg.split_k}",
+                f"n{cfg.tile_n} m{cfg.tile_m} k{cfg.tile_k} s{cfg.stages} sk{cfg.split_k}"
+                + ("" if cfg.use_overlap_decode else " serial"),
             ]
             rows.append(row)
             print(row, flush=True)

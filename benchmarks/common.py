@@ -25,6 +25,11 @@ def copies_for(bytes_per_copy: int, minimum: int = 2) -> int:
     return max(minimum, -(-2 * L2_BYTES // max(bytes_per_copy, 1)) + 1)
 
 
+def fresh_copy(tree):
+    """A copy of every array leaf of ``tree`` in new device buffers (for copy rotation)."""
+    return jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True), tree)
+
+
 def time_per_call(fn: Callable, arg_sets: Sequence[tuple], iterations: int = 20) -> float:
     """Median GPU time in microseconds of ``fn(*args)``, rotating over ``arg_sets``."""
     from jax.experimental.mosaic.gpu import profiler

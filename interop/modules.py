@@ -1,8 +1,9 @@
 """``torch.nn`` wrappers that run nvfp4-jax: :class:`NVFP4Linear` and :func:`quantize_model_`.
 
-Inference only (W4A16): the weight is NVFP4, activations stay bf16/fp16, the product is
-``nvfp4_jax.linear`` (Pallas kernel on Hopper GPUs, XLA elsewhere) called through one cached
-``jax.jit`` and the zero-copy bridge of :mod:`interop.dlpack`.
+Inference only (W4A16): the weight is NVFP4, activations stay bf16/fp16. On Hopper GPUs the
+product is the Pallas GEMM kernel launched directly from torch (:mod:`interop.torch_kernel`);
+elsewhere (CPU tensors, other GPUs, ``$NVFP4_JAX_TORCH_LAUNCH=0``) it is ``nvfp4_jax.linear``
+called through one cached ``jax.jit`` and the zero-copy bridge of :mod:`interop.dlpack`.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import dataclasses
 import fnmatch
 import functools
 import operator
+import os
 import sys
 from typing import Any, Callable, Iterable
 
@@ -21,9 +23,11 @@ from torch import nn
 
 import nvfp4_jax
 from nvfp4_jax import NVFP4Array
+from nvfp4_jax import backends
 from nvfp4_jax.backends import Backend
 
 from interop.dlpack import _export, _to_jax_fast, to_jax, to_torch
+from interop.torch_kernel import TorchGemm
 
 __all__ = ["NVFP4Linear", "QuantizeReport", "quantize_model_"]
 
@@ -55,6 +59,19 @@ def _backend_for(backend: str | None, device: torch.device) -> str | None:
     if backend is None and device.type == "cpu" and jax.default_backend() != "cpu":
         return "xla"
     return backend
+
+
+def _launches_from_torch(backend: str | None) -> bool:
+    """Whether CUDA layers launch the Pallas kernel directly from torch
+    (``interop.torch_kernel``): when nvfp4_jax would pick the compiled Pallas GEMM and
+    ``$NVFP4_JAX_TORCH_LAUNCH`` is not ``0``."""
+    if os.environ.get("NVFP4_JAX_TORCH_LAUNCH", "1") == "0":
+        return False
+    try:
+        chosen = backends.select("matmul", backend)
+    except ValueError:
+        return False
+    return chosen is Backend.PALLAS and not backends.interpret_pallas()
 
 
 def _check_backend(backend: Any) -> str | None:
@@ -112,7 +129,10 @@ class NVFP4Linear(nn.Module):
 
     ``forward(x)``: ``x [..., in]`` bf16/fp16 on the buffers' device -> ``[..., out]`` in
     ``x.dtype`` on the same device (float32 accumulation). Leading dims are flattened, so
-    one XLA executable serves every shape with the same number of rows. The buffers are
+    one compiled kernel (CUDA) or XLA executable serves every shape with the same number of
+    rows. On a Hopper GPU the layer also keeps the kernel's prepared layout of the weight
+    (built on the first call per activation dtype: the packed codes re-interleaved plus the
+    block scales widened to 16 bits, about 1.1x the checkpoint buffers). The buffers are
     handed to JAX once (zero-copy) and reconverted only after ``load_state_dict``, ``.to()``
     or a buffer reassignment; in-place writes to a buffer (other than through
     ``load_state_dict``) need :meth:`refresh`. Inference only: an ``x`` that requires grad
@@ -169,7 +189,8 @@ class NVFP4Linear(nn.Module):
         self.register_buffer(
             "bias", torch.zeros(out_features, dtype=bias_dtype, **kw) if bias else None
         )
-        self._jax: tuple | None = None  # (source buffers, device, jitted fn, JAX args)
+        # (source buffers, device, jitted fn, JAX args, {dtype: TorchGemm} or None)
+        self._jax: tuple | None = None
 
     # -- constructors ---------------------------------------------------------------------
     @classmethod
@@ -330,11 +351,16 @@ class NVFP4Linear(nn.Module):
             axis=-1,
         )  # validates shapes, scale > 0
         jbias = None if bias is None else to_jax(bias, copy=None)
+        backend = _backend_for(self.backend, weight.device)
+        torch_gemms = None  # activation dtype -> TorchGemm, for the direct kernel launch
+        if weight.device.type == "cuda" and _launches_from_torch(backend):
+            torch_gemms = {}
         self._jax = (
             sources,
             weight.device,
-            _linear_fn(_backend_for(self.backend, weight.device)),
+            _linear_fn(backend),
             (a.data, a.scales, a.tensor_scale, jbias),
+            torch_gemms,
         )
         return self._jax
 
@@ -382,9 +408,22 @@ class NVFP4Linear(nn.Module):
             )
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"x must have shape [..., {self.in_features}], got {tuple(x.shape)}")
-        _, device, fn, args = self._jax_state()
+        _, device, fn, args, torch_gemms = self._jax_state()
         if x.device != device:
             raise ValueError(f"x is on {x.device}, but the layer's buffers are on {device}")
+        if torch_gemms is not None:  # the Pallas kernel launched from torch, no JAX dispatch
+            gemm = torch_gemms.get(x.dtype)
+            if gemm is None:
+                bias = self._buffers["bias"]
+                gemm = TorchGemm(*args[:3], None if bias is None else bias.detach(), x.dtype)
+                torch_gemms[x.dtype] = gemm
+            lead = x.shape[:-1]
+            if x.numel() == 0:
+                return x.new_empty(*lead, self.out_features)
+            x2d = x.reshape(-1, self.in_features)
+            return gemm(x2d if x2d.is_contiguous() else x2d.contiguous()).view(
+                *lead, self.out_features
+            )
         if x.dim() == 2:  # the common case, without the reshapes
             if x.shape[0] == 0:
                 return x.new_empty(0, self.out_features)

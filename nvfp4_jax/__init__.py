@@ -10,6 +10,7 @@ from nvfp4_jax.api import (
 )
 from nvfp4_jax.array import NVFP4Array
 from nvfp4_jax.matmul import linear, matmul, prepare
+from nvfp4_jax.grouped import grouped_matmul
 from nvfp4_jax.formats import (
     BLOCK_SIZE,
     e2m1_to_float,
@@ -33,7 +34,7 @@ from nvfp4_jax.scales import (
     tensor_scale_from_global_scale,
 )
 
-from nvfp4_jax import checkpoint, schemes
+from nvfp4_jax import checkpoint, moe, schemes
 from nvfp4_jax.checkpoint import CheckpointReader, load_checkpoint, save_checkpoint
 
 __version__ = "0.1.0"
@@ -48,6 +49,7 @@ __all__ = [
     "e2m1_to_float",
     "float_to_e2m1",
     "global_scale_from_tensor_scale",
+    "grouped_matmul",
     "linear",
     "load_checkpoint",
     "marlin_compute_scale_factor",
@@ -55,6 +57,7 @@ __all__ = [
     "marlin_process_global_scale",
     "marlin_process_scales",
     "matmul",
+    "moe",
     "pack_fp4",
     "pad_activation_for_cutlass",
     "pad_weight_for_cutlass",

@@ -77,13 +77,20 @@ def prepare(w: NVFP4Array, dtype: Any = jnp.bfloat16) -> NVFP4Array:
     interleaved into uint16 lanes, block scales transposed to ``[K/16, N]`` and pre-widened
     to ``dtype`` with the decode's power of two folded in, N and K zero-padded) is built
     once here and travels with the array through ``jit``/``vmap``, so ``matmul``/``linear``
-    never rebuild it. ``w`` is a 2-D weight quantized along K (either logical orientation).
+    never rebuild it. ``w`` is a 2-D weight quantized along K (either logical orientation)
+    with a scalar tensor scale, or a stack of expert weights (logical ``[E, K, N]`` or
+    ``[E, N, K]``, for ``grouped_matmul``) with a scalar or ``[E]`` tensor scale.
     """
     if not isinstance(w, NVFP4Array):
         raise TypeError(f"w must be an NVFP4Array, got {type(w).__name__}")
-    if w.data.ndim != 2 or jnp.ndim(w.tensor_scale) != 0:
+    stacked = w.data.ndim == 3 and w.axis in (-1, -2)
+    ts_shapes = ((), (w.data.shape[0],)) if stacked else ((),)
+    if not (w.data.ndim == 2 or stacked) or jnp.shape(w.tensor_scale) not in ts_shapes:
         raise ValueError(
-            f"prepare: w must be a 2-D weight with a scalar tensor scale, got logical shape {w.shape}"
+            "prepare: w must be a 2-D weight with a scalar tensor scale or a stack of expert "
+            "weights [E, K, N] quantized along K with a scalar or [E] tensor scale, got logical "
+            f"shape {w.shape} blocked on axis {w.axis + w.ndim}, tensor scale shape "
+            f"{jnp.shape(w.tensor_scale)}"
         )
     dtype = jnp.dtype(dtype)
     if dtype not in ACTIVATION_DTYPES:

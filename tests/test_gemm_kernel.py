@@ -266,6 +266,8 @@ def test_config_validation():
         G(tile_n=256, compute_wgs=4)
     with pytest.raises(ValueError):
         G(a_operand="tmem")
+    with pytest.raises(ValueError, match="overlap_decode needs a_operand='registers'"):
+        G(a_operand="smem", overlap_decode=True)
 
 
 def test_wrapper_validation():
@@ -334,6 +336,7 @@ _LOWER_CASES = {
         False,
     ),
     "odd_shapes": (70, 200, 48, G(tile_m=72, tile_k=64), True),
+    "decode_overlap": (16, 4096, 4096, G(tile_n=256, tile_m=16, overlap_decode=True), False),
 }
 
 
@@ -404,6 +407,14 @@ def test_gpu_registers_odd_shapes(m, n, k):
 
 
 @gpu
+@pytest.mark.parametrize("n", [64, 320])
+def test_gpu_warpgroup_past_the_last_feature(n):
+    """The last tile's second warpgroup holds no output feature (fused epilogue)."""
+    _gpu_check(4, n, 48, G(tile_n=128, tile_m=8, tile_k=64), bias=True)
+    _gpu_check(1, n, 48, bias=False)  # default config
+
+
+@gpu
 @pytest.mark.parametrize(
     "cfg",
     [
@@ -412,6 +423,8 @@ def test_gpu_registers_odd_shapes(m, n, k):
         G(tile_n=256, tile_m=128, tile_k=64, stages=4),
         G(tile_n=128, tile_m=256, tile_k=64, stages=4),
         G(tile_n=128, tile_m=16, fast_decode=False),
+        G(tile_n=256, tile_m=16, tile_k=256, overlap_decode=True),
+        G(tile_n=256, tile_m=128, tile_k=128, stages=3, overlap_decode=True),
         G(tile_n=128, tile_m=16, stages=2, a_operand="smem"),
     ],
     ids=str,
@@ -440,6 +453,8 @@ def test_gpu_fast_decode_matches_portable_bitwise():
     fast = gemm.nvfp4_matmul(x, prep, n=n, k=k, config=G(tile_m=64, fast_decode=True))
     portable = gemm.nvfp4_matmul(x, prep, n=n, k=k, config=G(tile_m=64, fast_decode=False))
     np.testing.assert_array_equal(np.asarray(fast), np.asarray(portable))
+    serial = gemm.nvfp4_matmul(x, prep, n=n, k=k, config=G(tile_m=64, overlap_decode=False))
+    np.testing.assert_array_equal(np.asarray(serial), np.asarray(portable))
 
 
 @gpu

@@ -6,6 +6,7 @@ the device plus CUDA stream ordering without explicit synchronization.
 """
 
 import copy
+import dataclasses
 import io
 import sys
 
@@ -603,3 +604,56 @@ def test_gpu_second_device():
     a = to_jax(t)  # torch's current device stays cuda:0
     assert {d.local_hardware_id for d in a.devices()} == {1} and _ptr(a) == t.data_ptr()
     assert to_torch(a).device == t.device
+
+
+def test_torch_launch_function_is_one_mosaic_kernel():
+    """The CUDA forward path compiles a lone Mosaic GPU call (as ``plgpu.as_torch_kernel``
+    requires) and launches it with its operands in the kernel's order: lower what it
+    compiles for an abstract H100 on the CPU, for a split-K config and a fused one with a
+    bias."""
+    from cross_lowering import h100_mesh
+    from interop.torch_kernel import kernel_fn, kernel_module
+    from nvfp4_jax.kernels import gemm
+
+    n, k = 512, 1024
+    prep = gemm.prepare_weight(
+        jnp.zeros((n, k // 2), jnp.uint8), jnp.ones((n, k // 16), jnp.float8_e4m3fn), 1.0
+    )
+    for m in (1, 64):
+        cfg = gemm.default_config(m, n, k, num_sms=132)
+        args = [jnp.zeros((m, k), jnp.bfloat16), *prep]
+        if m == 64:  # the launch path's fused epilogue, with a bias
+            cfg = dataclasses.replace(cfg, split_k=1)
+            args.append(jnp.zeros(-(-n // cfg.tile_n) * cfg.tile_n, jnp.bfloat16))
+        with jax.sharding.use_abstract_mesh(h100_mesh()):
+            asm, order, out = kernel_module(kernel_fn(n, k, cfg, m), args, ("cuda",))
+        assert isinstance(asm, bytes) and asm
+        # _launch passes (data, scales, x, ts[, bias]); the wrapper takes x first.
+        assert order == [1, 2, 0, 3] + ([4] if m == 64 else [])
+        n_out = -(-n // cfg.tile_n) * cfg.tile_n
+        assert out.shape == ((m, n_out) if cfg.split_k == 1 else (cfg.split_k, m, n_out))
+
+
+@_apply_marks
+@pytest.mark.parametrize("rows", [1, 13, 64, 300])
+def test_gpu_torch_launch_matches_jax_dispatch(rows, monkeypatch):
+    lin = _layer(k=1024, n=520).cuda()
+    fast = NVFP4Linear.from_linear(lin)
+    monkeypatch.setenv("NVFP4_JAX_TORCH_LAUNCH", "0")
+    slow = NVFP4Linear.from_linear(lin)
+    assert slow._jax_state()[4] is None
+    monkeypatch.delenv("NVFP4_JAX_TORCH_LAUNCH")
+    sd = fast.state_dict()
+    w_dq = _torch_dequantize(sd["weight"], sd["weight_scale"], sd["weight_scale_2"])
+    x = torch.randn(rows, 1024, dtype=torch.bfloat16, device="cuda")
+    with torch.no_grad():
+        y = fast(x)
+        gemms = fast._jax_state()[4]
+        assert gemms, "the CUDA forward must launch the kernel from torch"
+        launchers = [ln for g in gemms.values() for ln in g._launchers.values()]
+        assert launchers and all(ln.on_current_stream for ln in launchers), "direct launch"
+        z = slow(x)
+    assert y.shape == (rows, 520) and y.dtype == torch.bfloat16 and y.is_contiguous()
+    ref = F.linear(x.cpu().double(), w_dq, lin.bias.detach().cpu().double())
+    assert _rel(y.cpu(), ref) <= 1e-2
+    torch.testing.assert_close(y, z, rtol=2**-7, atol=1e-3 * float(ref.abs().max()))

@@ -1,0 +1,233 @@
+"""The Pallas GEMM launched straight from PyTorch: no JAX dispatch and no DLPack per call.
+
+:class:`TorchGemm` holds one NVFP4 weight prepared once in JAX
+(``kernels.gemm.prepare_weight``, shared with torch zero-copy) and one compiled kernel per
+row count ``M`` (shared by every layer of the same shapes). Per call it allocates the output
+and launches the kernel on torch's current stream, so stream semantics are those of
+``F.linear``. The launch uses the module that ``plgpu.as_torch_kernel`` would compile, minus
+that wrapper's per-call work (:class:`_DirectLaunch`); if jax's private entry points it needs
+are missing, it falls back to ``as_torch_kernel``, which launches on the default stream
+(ordered against the current one with events).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import warnings
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import torch
+import torch.nn.functional as F
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from interop.dlpack import to_torch
+from nvfp4_jax.kernels import gemm
+
+_JAX_DTYPE = {torch.bfloat16: jnp.bfloat16, torch.float16: jnp.float16}
+
+
+def kernel_fn(n: int, k: int, cfg: gemm.GemmConfig, m_rows: int) -> Callable:
+    """The JAX function ``(x2d, data, scales, ts[, bias])`` -> the kernel's raw output: one
+    Mosaic GPU kernel and nothing else, as ``as_torch_kernel`` requires."""
+    tile_m = min(cfg.tile_m, -(-m_rows // 8) * 8)
+    k_steps = -(-k // cfg.tile_k) // cfg.split_k
+
+    def fn(x2d, data, scales, ts, *bias):
+        return gemm._launch(
+            x2d,
+            data,
+            scales,
+            ts,
+            bias[0] if bias else None,
+            None,
+            n=n,
+            out_dtype=x2d.dtype,
+            cfg=cfg,
+            tile_m=tile_m,
+            m_tiles=-(-m_rows // tile_m),
+            k_steps=k_steps,
+            interpret=False,
+        )
+
+    return fn
+
+
+_kernel_fn_cached = functools.cache(kernel_fn)  # one function object per shape and config
+
+
+def kernel_module(fn: Callable, structs, platforms: tuple[str, ...] | None = None):
+    """Lower ``fn`` (one Mosaic GPU kernel and nothing else) as ``as_torch_kernel`` does.
+
+    Returns ``(module_asm, order, out_info)``: the serialized Mosaic GPU module, the index
+    into ``structs`` of each kernel operand, and the output's ``ShapeDtypeStruct``. Raises
+    ``NotImplementedError`` if the kernel needs operands the wrapper would make up
+    (constants, scratch allocations) or aliases its output.
+    """
+    from jax._src.lib.mlir import passmanager
+    from jax._src.pallas.mosaic_gpu import torch as mgpu_torch
+    from jax.experimental import mosaic
+
+    traced = jax.jit(fn).trace(*structs)
+    module = traced.lower(lowering_platforms=platforms).compiler_ir()
+    with module.context:
+        mosaic.gpu.dialect.register_inliner_extensions(module.context)
+        passmanager.PassManager.parse("builtin.module(inline{default-pipeline=})").run(
+            module.operation
+        )
+        call, prepare_args, _, _ = mgpu_torch._find_mgpu_call_in_module(module)
+        sentinels = [object() for _ in structs]
+        position = {id(v): i for i, v in enumerate(sentinels)}
+        operands = prepare_args(*sentinels, device=None)
+        if any(id(v) not in position for v in operands):
+            raise NotImplementedError("kernel operands are not plain arguments")
+        if call.output_operand_aliases:
+            raise NotImplementedError("kernel aliases an output to an input")
+        module_asm = call.attributes["mhlo.backend_config"]["module"].value_bytes
+    return module_asm, [position[id(v)] for v in operands], traced.out_info
+
+
+class _DirectLaunch:
+    """One compiled Mosaic GPU kernel launched with ``cuLaunchKernel`` arguments built from
+    tensor pointers, on torch's *current* stream: what ``plgpu.as_torch_kernel`` does,
+    without its per-call signature checks, argument environment and default-stream launch
+    (tens of microseconds per call on a slow host). Uses jax 0.11's private
+    ``_find_mgpu_call_in_module`` and ``MosaicGpuCompile``; :func:`_compile` falls back to
+    the public wrapper if they change.
+
+    The device must be the current CUDA device while it is built and launched (the kernel
+    module is loaded into the current context)."""
+
+    def __init__(self, fn: Callable, args: list[torch.Tensor]):
+        import ctypes
+
+        structs = [jax.ShapeDtypeStruct(a.shape, str(a.dtype).split(".")[-1]) for a in args]
+        module_asm, self._order, out = kernel_module(fn, structs)
+        self.out_shape = tuple(out.shape)
+        self.out_dtype = getattr(torch, jnp.dtype(out.dtype).name)
+        try:
+            import jax_plugins.xla_cuda13 as cuda_plugin
+        except ImportError:
+            import jax_plugins.xla_cuda12 as cuda_plugin
+        dll = ctypes.CDLL(cuda_plugin._get_library_path())
+        dll.MosaicGpuCompile.argtypes = [ctypes.c_char_p, ctypes.c_int]
+        dll.MosaicGpuCompile.restype = ctypes.POINTER(ctypes.c_void_p)
+        torch.cuda.init()
+        compiled = dll.MosaicGpuCompile(module_asm, len(module_asm))
+        if not compiled:
+            raise RuntimeError("MosaicGpuCompile failed")
+        self._compiled = compiled  # kept for the life of the process (cached launcher)
+        self._function = compiled[0]
+        self._launch = ctypes.CFUNCTYPE(
+            None, ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p)
+        )(compiled[1])
+        self._buffers = ctypes.c_void_p * (len(self._order) + 1)
+
+    def __call__(self, *args: torch.Tensor) -> torch.Tensor:
+        x = args[0]
+        out = torch.empty(self.out_shape, dtype=self.out_dtype, device=x.device)
+        ptrs = self._buffers(*[args[i].data_ptr() for i in self._order], out.data_ptr())
+        self._launch(self._function, torch.cuda.current_stream(x.device).cuda_stream, ptrs)
+        return out
+
+
+def _compile(n: int, k: int, cfg: gemm.GemmConfig, m_rows: int, args) -> tuple[Callable, bool]:
+    """(launcher, on_current_stream) for :func:`kernel_fn` on tensors shaped like ``args``;
+    shared by every layer of the same shapes."""
+    key = (n, k, cfg, m_rows, tuple((tuple(a.shape), a.dtype) for a in args))
+    if key not in _LAUNCHERS:
+        fn = _kernel_fn_cached(n, k, cfg, m_rows)
+        try:
+            _LAUNCHERS[key] = (_DirectLaunch(fn, args), True)
+        except (ImportError, AttributeError, NotImplementedError, OSError, RuntimeError) as e:
+            warnings.warn(
+                f"nvfp4_jax interop: direct kernel launch unavailable ({e!r}); falling back "
+                "to plgpu.as_torch_kernel (default stream)",
+                stacklevel=2,
+            )
+            _LAUNCHERS[key] = (plgpu.as_torch_kernel(fn), False)  # default stream
+    return _LAUNCHERS[key]
+
+
+_LAUNCHERS: dict[tuple, tuple[Callable, bool]] = {}
+
+
+@dataclasses.dataclass
+class _Launcher:
+    apply: Callable
+    on_current_stream: bool
+    rows: int  # M rounded up to what the kernel's TMA needs
+    bias: torch.Tensor | None  # padded to whole output tiles
+
+
+class TorchGemm:
+    """``y = x @ W.T * tensor_scale (+ bias)`` for torch CUDA tensors, ``W [N, K]`` NVFP4.
+
+    Args:
+      data, scales, tensor_scale: the weight as JAX arrays on the GPU (``uint8 [N, K/2]``,
+        ``float8_e4m3fn [N, K/16]``, float32 scalar).
+      bias: ``[N]`` torch tensor or None.
+      dtype: the activation dtype (bf16 or fp16) the weight is prepared for.
+    """
+
+    def __init__(self, data, scales, tensor_scale, bias: torch.Tensor | None, dtype: torch.dtype):
+        self.n, self.k = data.shape[0], 2 * data.shape[1]
+        self.dtype = dtype
+        prepared = gemm.prepare_weight(data, scales, tensor_scale, dtype=_JAX_DTYPE[dtype])
+        self._prepared = prepared  # JAX owns the memory the torch views below share
+        codes = to_torch(jax.lax.bitcast_convert_type(prepared.data, jnp.uint8))
+        self.data = codes.view(torch.uint16).reshape(prepared.data.shape)
+        self.scales = to_torch(prepared.scales)
+        self.tensor_scale = to_torch(prepared.tensor_scale)
+        self.bias = bias
+        self._launchers: dict[int, _Launcher] = {}
+
+    def _launcher(self, m: int, device: torch.device) -> _Launcher:
+        # One launch per call: split-K would add three torch ops (sum of partials, scale,
+        # cast), more host time than the GPU time it saves at the sizes where it applies.
+        cfg = gemm.default_config(m, self.n, self.k, dtype=_JAX_DTYPE[self.dtype])
+        cfg = gemm._fit_stages(dataclasses.replace(cfg, split_k=1), m, _JAX_DTYPE[self.dtype])
+        rows = m if m <= 8 else -(-m // 8) * 8  # TMA of (8, .)-tiled views
+        n_out = -(-self.n // cfg.tile_n) * cfg.tile_n
+        args = [torch.empty(rows, self.k, dtype=self.dtype, device=device)]
+        args += [self.data, self.scales, self.tensor_scale]
+        bias = None
+        if self.bias is not None:
+            bias = F.pad(self.bias, (0, n_out - self.n)).contiguous()
+            args.append(bias)
+        with torch.cuda.device(device):
+            apply, on_current = _compile(self.n, self.k, cfg, rows, args)
+        launcher = _Launcher(apply, on_current, rows, bias)
+        self._launchers[m] = launcher
+        return launcher
+
+    def __call__(self, x2d: torch.Tensor) -> torch.Tensor:
+        """``x2d``: contiguous ``[M, K]`` CUDA tensor of ``dtype`` -> ``[M, N]``."""
+        m = x2d.shape[0]
+        device = x2d.device
+        launcher = self._launchers.get(m) or self._launcher(m, device)
+        if launcher.rows != m:
+            x2d = F.pad(x2d, (0, 0, 0, launcher.rows - m))
+        args = (x2d, self.data, self.scales, self.tensor_scale)
+        if launcher.bias is not None:
+            args += (launcher.bias,)
+        if launcher.on_current_stream:
+            if device.index == torch.cuda.current_device():
+                out = launcher.apply(*args)
+            else:  # the kernel module lives in the device's context
+                with torch.cuda.device(device):
+                    out = launcher.apply(*args)
+        else:  # as_torch_kernel launches on the default stream
+            current = torch.cuda.current_stream(device)
+            default = torch.cuda.default_stream(device)
+            if current != default:
+                default.wait_stream(current)
+            with torch.cuda.device(device):
+                out = launcher.apply(*args)
+            if current != default:
+                current.wait_stream(default)
+        if out.shape != (m, self.n):
+            out = out[:m, : self.n].contiguous()
+        return out
