@@ -111,19 +111,7 @@ def main() -> None:
                     [(x, w) for w in fp4_copies],
                     max(5, args.iterations // 4),
                 )
-            row = [
-                m,
-                n,
-                k,
-                t_bf16,
-                t_fp4,
-                t_xla,
-                f"{t_bf16 / t_fp4:.2f}x",
-                f"{t_xla / t_fp4:.1f}x",
-                f"{100 * floor_us / t_fp4:.0f}%",
-                f"n{cfg.tile_n} m{cfg.tile_m} k{cfg.tile_k} s{cfg.stages} sk{cfg.split_k}"
-                + ("" if cfg.use_overlap_decode else " serial"),
-            ]
+            row = [m, n, k] + common.timing_cells(t_bf16, t_fp4, t_xla, floor_us, cfg)
             rows.append(row)
             print(row, flush=True)
     text = "\n".join(

@@ -100,21 +100,8 @@ def main() -> None:
                     )
                 # Bytes of the active experts' FP4 weights: the decode-time floor.
                 floor_us = fp4_bytes * active / e / (hbm * 1e9) * 1e6
-                row = [
-                    model,
-                    proj,
-                    t,
-                    rows,
-                    active,
-                    t_bf16,
-                    t_fp4,
-                    t_xla,
-                    f"{t_bf16 / t_fp4:.2f}x",
-                    f"{t_xla / t_fp4:.1f}x",
-                    f"{100 * floor_us / t_fp4:.0f}%",
-                    f"n{cfg.tile_n} m{cfg.tile_m} k{cfg.tile_k} s{cfg.stages} sk{cfg.split_k}"
-                    + ("" if cfg.use_overlap_decode else " serial"),
-                ]
+                row = [model, proj, t, rows, active]
+                row += common.timing_cells(t_bf16, t_fp4, t_xla, floor_us, cfg)
                 rows_out.append(row)
                 print(row, flush=True)
     text = "\n".join(

@@ -49,6 +49,21 @@ def hbm_copy_bandwidth(nbytes: int = 2**30) -> float:
     return 2 * nbytes / (us * 1e-6) / 1e9
 
 
+def timing_cells(t_bf16: float, t_fp4: float, t_xla: float, floor_us: float, cfg) -> list:
+    """The shared columns of the GEMM tables: the three times, the two ratios, the share of
+    the FP4 byte floor and the kernel config."""
+    return [
+        t_bf16,
+        t_fp4,
+        t_xla,
+        f"{t_bf16 / t_fp4:.2f}x",
+        f"{t_xla / t_fp4:.1f}x",
+        f"{100 * floor_us / t_fp4:.0f}%",
+        f"n{cfg.tile_n} m{cfg.tile_m} k{cfg.tile_k} s{cfg.stages} sk{cfg.split_k}"
+        + ("" if cfg.use_overlap_decode else " serial"),
+    ]
+
+
 def device_line() -> str:
     d = jax.devices()[0]
     return (
