@@ -156,9 +156,31 @@ def grouped_matmul(
 
     Returns:
       ``[T, N]`` in ``out_dtype`` (float32 accumulation); rows past ``sum(group_sizes)``
-      are zero.
+      are zero. Under ``vmap`` (over ``x``, ``group_sizes`` or ``w``) the products run one
+      after another.
     """
     x, group_sizes, n, out_dtype = _validate(x, w, group_sizes, out_dtype)
     if x.shape[0] == 0:
         return jnp.zeros((0, n), out_dtype)
-    return backends.call("grouped_matmul", backend, x, w, group_sizes, out_dtype, config)
+    return _grouped(x, w, group_sizes, out_dtype, backend, config)
+
+
+def _grouped(x, w, group_sizes, out_dtype, backend, config):
+    """Dispatch one grouped product; under ``vmap`` the batch runs as a sequence of them
+    (``ragged_dot`` has no batching rule beyond its leading dim, the kernel none at all)."""
+
+    @jax.custom_batching.custom_vmap
+    def run(x, w, group_sizes):
+        return backends.call("grouped_matmul", backend, x, w, group_sizes, out_dtype, config)
+
+    @run.def_vmap
+    def run_vmap(axis_size, in_batched, x, w, group_sizes):
+        args = jax.tree_util.tree_map(
+            lambda v, b: v if b else jnp.broadcast_to(v, (axis_size,) + jnp.shape(v)),
+            (x, w, group_sizes),
+            tuple(in_batched),
+        )
+        out = lax.map(lambda a: _grouped(*a, out_dtype, backend, config), args)
+        return out, True
+
+    return run(x, w, group_sizes)

@@ -92,12 +92,16 @@ def test_fp16_prepared_and_jit_with_dynamic_group_sizes(rng, backend):
         traces.append(1)
         return nv.grouped_matmul(x, w, gs, backend=backend)
 
-    for sizes in ([3, 10, 4], [0, 0, 17], [6, 0, 2]):
+    for i, sizes in enumerate(([3, 10, 4], [0, 0, 17], [6, 0, 2])):
         gs = jnp.asarray(sizes, jnp.int32)
         y = f(x, w, gs)
         assert y.dtype == jnp.float16
         _check(y, x, w, gs, tol=2e-3)
-    assert len(traces) == 1, "changing the routing must not retrace"
+        if i == 0:
+            # The first Pallas call may import (and register config flags of) the Mosaic
+            # GPU interpreter, which changes JAX's tracing context once.
+            first = len(traces)
+    assert len(traces) == first, "changing the routing must not retrace"
 
 
 @pytest.mark.parametrize(
@@ -310,3 +314,19 @@ def test_moe_example_runs(monkeypatch, capsys):
     err = float(out.split("same NVFP4 weights: ")[1].split()[0])
     assert err < 1e-2, out
     assert "MiB NVFP4" in out
+
+
+@pytest.mark.parametrize("backend", ["xla", "pallas"])
+def test_vmap_over_tokens_group_sizes_and_weights(rng, backend):
+    e, k, n, t = 3, 32, 24, 7
+    w = _experts(rng, e, k, n)
+    x = jnp.asarray(rng.standard_normal((2, t, k)), jnp.bfloat16)
+    gs = jnp.asarray([[2, 0, 5], [1, 4, 1]], jnp.int32)
+    y = jax.vmap(lambda xi, gi: nv.grouped_matmul(xi, w, gi, backend=backend))(x, gs)
+    assert y.shape == (2, t, n)
+    for i in range(2):
+        _check(y[i], x[i], w, gs[i])
+    ws = jax.tree_util.tree_map(lambda a: jnp.stack([a, a[::-1]]), w)  # two stacks of experts
+    y = jax.vmap(lambda wi: nv.grouped_matmul(x[0], wi, gs[0], backend=backend))(ws)
+    for i in range(2):
+        _check(y[i], x[0], jax.tree_util.tree_map(lambda a: a[i], ws), gs[0])
