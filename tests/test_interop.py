@@ -657,3 +657,7 @@ def test_gpu_torch_launch_matches_jax_dispatch(rows, monkeypatch):
     ref = F.linear(x.cpu().double(), w_dq, lin.bias.detach().cpu().double())
     assert _rel(y.cpu(), ref) <= 1e-2
     torch.testing.assert_close(y, z, rtol=2**-7, atol=1e-3 * float(ref.abs().max()))
+    with torch.no_grad():  # fp16 activations: a second prepared layout on the same layer
+        y16 = fast(x.half())
+    assert y16.dtype == torch.float16 and set(fast._jax_state()[4]) == {x.dtype, torch.float16}
+    assert _rel(y16.cpu(), F.linear(x.half().cpu().double(), w_dq, lin.bias.cpu().double())) <= 1e-2
