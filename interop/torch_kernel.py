@@ -176,9 +176,10 @@ class TorchGemm:
         self.n, self.k = data.shape[0], 2 * data.shape[1]
         self.dtype = dtype
         prepared = gemm.prepare_weight(data, scales, tensor_scale, dtype=_JAX_DTYPE[dtype])
-        self._prepared = prepared  # JAX owns the memory the torch views below share
-        codes = to_torch(jax.lax.bitcast_convert_type(prepared.data, jnp.uint8))
-        self.data = codes.view(torch.uint16).reshape(prepared.data.shape)
+        codes = jax.lax.bitcast_convert_type(prepared.data, jnp.uint8)  # torch has few uint16 ops
+        # The JAX arrays whose memory the torch views below share (prepared.data is dropped).
+        self._jax_buffers = (codes, prepared.scales, prepared.tensor_scale)
+        self.data = to_torch(codes).view(torch.uint16).reshape(prepared.data.shape)
         self.scales = to_torch(prepared.scales)
         self.tensor_scale = to_torch(prepared.tensor_scale)
         self.bias = bias
