@@ -206,10 +206,11 @@ def default_config(
     Decode is bound by streaming the weights and by the decode ALU work: two
     compute warpgroups (64 rows each while the 128-feature tiles fit in one
     wave, with split-K so that ``n_tiles * split_k`` covers the SMs; 128 rows
-    beyond), a token tile of ``round_up(M, 8)``. Prefill is bound by the tensor cores and by the
-    decode ALU work, which is amortized over ``tile_m`` tokens and over
-    128-row warpgroups. Stages are the most that fit in SMEM (at most 4).
-    Measured on H100 (jax 0.11.2), see benchmarks/bench_gemm_kernel_draft.py.
+    beyond), a token tile of ``round_up(M, 8)``. Prefill is bound by the tensor
+    cores and by the decode ALU work, which is amortized over ``tile_m`` tokens
+    and over 128-row warpgroups. Stages are the most that fit in SMEM (at most
+    4). Measured on H100 (jax 0.11.2) with ``benchmarks/bench_matmul.py
+    --configs`` (results in benchmarks/results/matmul_sweep-*.md).
     """
     num_sms = num_sms or _get_num_sms()
     if m <= 64:
