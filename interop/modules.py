@@ -411,28 +411,20 @@ class NVFP4Linear(nn.Module):
         _, device, fn, args, torch_gemms = self._jax_state()
         if x.device != device:
             raise ValueError(f"x is on {x.device}, but the layer's buffers are on {device}")
+        lead = x.shape[:-1]
+        if x.numel() == 0:
+            return x.new_empty(*lead, self.out_features)
+        x2d = x if x.dim() == 2 else x.reshape(-1, self.in_features)
         if torch_gemms is not None:  # the Pallas kernel launched from torch, no JAX dispatch
             gemm = torch_gemms.get(x.dtype)
             if gemm is None:
                 bias = self._buffers["bias"]
                 gemm = TorchGemm(*args[:3], None if bias is None else bias.detach(), x.dtype)
                 torch_gemms[x.dtype] = gemm
-            lead = x.shape[:-1]
-            if x.numel() == 0:
-                return x.new_empty(*lead, self.out_features)
-            x2d = x.reshape(-1, self.in_features)
-            return gemm(x2d if x2d.is_contiguous() else x2d.contiguous()).view(
-                *lead, self.out_features
-            )
-        if x.dim() == 2:  # the common case, without the reshapes
-            if x.shape[0] == 0:
-                return x.new_empty(0, self.out_features)
-            return _export(fn(_to_jax_fast(x), *args), device)
-        lead = x.shape[:-1]
-        if x.numel() == 0:
-            return x.new_empty(*lead, self.out_features)
-        y = fn(_to_jax_fast(x.reshape(-1, self.in_features)), *args)
-        return _export(y, device).view(*lead, self.out_features)
+            y = gemm(x2d if x2d.is_contiguous() else x2d.contiguous())
+        else:
+            y = _export(fn(_to_jax_fast(x2d), *args), device)
+        return y if x.dim() == 2 else y.view(*lead, self.out_features)
 
     # -- torch.nn.Module plumbing -----------------------------------------------------------
     def __getstate__(self):  # pickling / deepcopy: the JAX view is rebuilt on demand
