@@ -40,21 +40,12 @@ def _expert_scales(w: NVFP4Array) -> jax.Array:
     return jnp.broadcast_to(jnp.asarray(w.tensor_scale, jnp.float32), w.data.shape[:1])
 
 
-def _row_experts(group_sizes: jax.Array, rows: int) -> jax.Array:
-    """The group of every row (clamped to the last group past the end)."""
-    ends = jnp.cumsum(group_sizes.astype(jnp.int32))
-    e = jnp.searchsorted(
-        ends, jnp.arange(rows, dtype=jnp.int32), side="right", method="compare_all"
-    )
-    return jnp.minimum(e, group_sizes.shape[0] - 1)
-
-
 def _xla_grouped_matmul(x, w: NVFP4Array, group_sizes, out_dtype, config=None) -> jax.Array:
     """XLA path: exact per-expert dequantization to ``x.dtype``, ``ragged_dot`` in f32."""
     del config
     wt = reference.dequantize(w.data, w.scales, jnp.float32(1.0), x.dtype)  # [E, N, K]
     acc = lax.ragged_dot(x, jnp.swapaxes(wt, 1, 2), group_sizes, preferred_element_type=jnp.float32)
-    row_scale = _expert_scales(w)[_row_experts(group_sizes, x.shape[0])]
+    row_scale = _expert_scales(w)[gemm.group_of(jnp.cumsum(group_sizes), x.shape[0])]
     return (acc * row_scale[:, None]).astype(out_dtype)
 
 

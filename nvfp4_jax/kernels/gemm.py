@@ -876,6 +876,16 @@ def default_grouped_config(
     return _fit_stages(cfg, cfg.tile_m, dtype)  # the grouped kernel uses all of tile_m
 
 
+def group_of(ends: jax.Array, count: int) -> jax.Array:
+    """int32 ``[count]``: for each index ``0 .. count-1`` the group whose range
+    ``[ends[g-1], ends[g])`` holds it (``ends``: cumulative group sizes), clamped to the
+    last group for indices past ``ends[-1]``. A compare-all search: one fusion, where
+    ``searchsorted``'s default binary search is a loop of small kernels on the GPU."""
+    idx = jnp.arange(count, dtype=jnp.int32)
+    g = jnp.searchsorted(ends, idx, side="right", method="compare_all")
+    return jnp.minimum(g, ends.shape[0] - 1).astype(jnp.int32)
+
+
 def _tile_schedule(group_sizes: jax.Array, rows: int, tile_m: int, max_tiles: int):
     """Maps sorted token rows onto expert-aligned token tiles (all jnp, dynamic sizes).
 
@@ -891,10 +901,7 @@ def _tile_schedule(group_sizes: jax.Array, rows: int, tile_m: int, max_tiles: in
     tile_ends = jnp.cumsum(tiles)
     tile_starts = tile_ends - tiles
     t = jnp.arange(max_tiles, dtype=jnp.int32)
-    tile_expert = jnp.searchsorted(tile_ends, t, side="right", method="compare_all").astype(
-        jnp.int32
-    )
-    tile_expert = jnp.where(t < tile_ends[-1], tile_expert, -1)
+    tile_expert = jnp.where(t < tile_ends[-1], group_of(tile_ends, max_tiles), -1)
 
     padded = jnp.arange(max_tiles * tile_m, dtype=jnp.int32)
     e = tile_expert[padded // tile_m]
@@ -903,7 +910,7 @@ def _tile_schedule(group_sizes: jax.Array, rows: int, tile_m: int, max_tiles: in
     gather = jnp.where((e >= 0) & (local < gs[e_safe]), starts[e_safe] + local, rows)
 
     r = jnp.arange(rows, dtype=jnp.int32)
-    re = jnp.minimum(jnp.searchsorted(ends, r, side="right", method="compare_all"), gs.shape[0] - 1)
+    re = group_of(ends, rows)
     local = r - starts[re]
     scatter = (tile_starts[re] + local // tile_m) * tile_m + local % tile_m
     scatter = jnp.where(r < ends[-1], scatter, -1)
