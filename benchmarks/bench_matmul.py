@@ -27,19 +27,39 @@ M_VALUES = (1, 16, 64, 256, 1024, 4096)
 NK_VALUES = ((4096, 4096), (14336, 4096), (4096, 14336), (28672, 8192))
 
 
-def sweep(m: int, n: int, k: int):
-    """The default config, then a grid around it (for ``--configs``), each with and without
-    ``overlap_decode``."""
+def sweep(m: int, n: int, k: int, num_sms: int = 132):
+    """The default config, then a grid around it (for ``--configs``). Decode (M <= 64):
+    64/128/256-feature tiles, tile_k 128/256, every split-K that keeps the grid within one
+    wave, each split-K > 1 reduced in the kernel and by XLA. Prefill: tile shapes, tile_k,
+    stages, with and without ``overlap_decode``."""
     base = gemm.default_config(m, n, k)
     yield base
     if m <= 64:
-        grid = itertools.product((128, 256), (128, 256), (4,), (1, 2, 4), (False, None))
-        keys = ("tile_n", "tile_k", "stages", "split_k", "overlap_decode")
+        for tile_n, tile_k in itertools.product((64, 128, 256), (128, 256)):
+            tiles = -(-n // tile_n) * -(-m // base.tile_m)
+            steps = -(-k // tile_k)
+            for split_k in (1, 2, 4, 8, 16):
+                if steps % split_k or (tiles * split_k > num_sms and split_k > 1):
+                    continue
+                for reduce in ("kernel", "xla") if split_k > 1 else (None,):
+                    yield gemm._fit_stages(
+                        dataclasses.replace(
+                            base,
+                            tile_n=tile_n,
+                            tile_k=tile_k,
+                            split_k=split_k,
+                            split_k_reduce=reduce,
+                            stages=4,
+                            compute_wgs=None,
+                        ),
+                        m,
+                        jnp.bfloat16,
+                    )
     else:
         grid = itertools.product((128, 256), (128, 256), (64, 128), (3, 4), (False, None))
         keys = ("tile_n", "tile_m", "tile_k", "stages", "overlap_decode")
-    for values in grid:
-        yield dataclasses.replace(base, **dict(zip(keys, values)))
+        for values in grid:
+            yield dataclasses.replace(base, **dict(zip(keys, values)))
 
 
 def main() -> None:
@@ -47,6 +67,11 @@ def main() -> None:
     p.add_argument("--m", type=int, nargs="*", default=list(M_VALUES))
     p.add_argument("--nk", nargs="*", default=[f"{n}x{k}" for n, k in NK_VALUES])
     p.add_argument("--configs", action="store_true")
+    p.add_argument(
+        "--reduce",
+        choices=("kernel", "xla"),
+        help="split_k_reduce of the default configs (default: the library's choice)",
+    )
     p.add_argument("--iterations", type=int, default=20)
     p.add_argument("--no-xla", action="store_true", help="skip the (slow) XLA dequant->dot path")
     p.add_argument(
@@ -74,7 +99,10 @@ def main() -> None:
                 lambda x, w: x @ w.T, [(x, w) for w in w_bf16], args.iterations
             )
             best = None
-            for cfg in sweep(m, n, k) if args.configs else [None]:
+            default = gemm.default_config(m, n, k)
+            if args.reduce:
+                default = dataclasses.replace(default, split_k_reduce=args.reduce)
+            for cfg in sweep(m, n, k) if args.configs else [default]:
                 try:
                     t = common.time_per_call(
                         lambda x, w, cfg=cfg: nv.matmul(x, w, backend="pallas", config=cfg),
@@ -87,7 +115,7 @@ def main() -> None:
                 if args.configs:
                     print(f"  {t:.2f} us {cfg}", flush=True)
                 if best is None or t < best[0]:
-                    best = (t, cfg or gemm.default_config(m, n, k))
+                    best = (t, cfg)
             t_fp4, cfg = best
             if args.raw_scales:
                 raw = gemm.prepare_weight(wq.data, wq.scales, wq.tensor_scale, dtype=None)
