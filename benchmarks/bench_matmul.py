@@ -29,32 +29,21 @@ NK_VALUES = ((4096, 4096), (14336, 4096), (4096, 14336), (28672, 8192))
 
 def sweep(m: int, n: int, k: int, num_sms: int = 132):
     """The default config, then a grid around it (for ``--configs``). Decode (M <= 64):
-    64/128/256-feature tiles, tile_k 128/256, every split-K that keeps the grid within one
-    wave, each split-K > 1 reduced in the kernel and by XLA. Prefill: tile shapes, tile_k,
-    stages, with and without ``overlap_decode``."""
+    128/256-feature tiles, tile_k 64/128, 4 or 8 pipeline stages (fewer where SMEM is
+    short), and the two largest split-K values that keep the grid within one wave. Prefill:
+    tile shapes, tile_k, stages, with and without ``overlap_decode``."""
     base = gemm.default_config(m, n, k)
     yield base
     if m <= 64:
-        for tile_n, tile_k in itertools.product((64, 128, 256), (128, 256)):
+        for tile_n, tile_k, stages in itertools.product((128, 256), (64, 128), (4, 8)):
             tiles = -(-n // tile_n) * -(-m // base.tile_m)
             steps = -(-k // tile_k)
-            for split_k in (1, 2, 4, 8, 16):
-                if steps % split_k or (tiles * split_k > num_sms and split_k > 1):
-                    continue
-                for reduce in ("kernel", "xla") if split_k > 1 else (None,):
-                    yield gemm._fit_stages(
-                        dataclasses.replace(
-                            base,
-                            tile_n=tile_n,
-                            tile_k=tile_k,
-                            split_k=split_k,
-                            split_k_reduce=reduce,
-                            stages=4,
-                            compute_wgs=None,
-                        ),
-                        m,
-                        jnp.bfloat16,
-                    )
+            splits = [s for s in range(1, 17) if steps % s == 0 and tiles * s <= num_sms] or [1]
+            for split_k in splits[-2:]:
+                cfg = dataclasses.replace(
+                    base, tile_n=tile_n, tile_k=tile_k, split_k=split_k, stages=stages
+                )
+                yield gemm._fit_stages(cfg, m, jnp.bfloat16)
     else:
         grid = itertools.product((128, 256), (128, 256), (64, 128), (3, 4), (False, None))
         keys = ("tile_n", "tile_m", "tile_k", "stages", "overlap_decode")
@@ -67,11 +56,7 @@ def main() -> None:
     p.add_argument("--m", type=int, nargs="*", default=list(M_VALUES))
     p.add_argument("--nk", nargs="*", default=[f"{n}x{k}" for n, k in NK_VALUES])
     p.add_argument("--configs", action="store_true")
-    p.add_argument(
-        "--reduce",
-        choices=("kernel", "xla"),
-        help="split_k_reduce of the default configs (default: the library's choice)",
-    )
+
     p.add_argument("--iterations", type=int, default=20)
     p.add_argument("--no-xla", action="store_true", help="skip the (slow) XLA dequant->dot path")
     p.add_argument(
@@ -99,10 +84,7 @@ def main() -> None:
                 lambda x, w: x @ w.T, [(x, w) for w in w_bf16], args.iterations
             )
             best = None
-            default = gemm.default_config(m, n, k)
-            if args.reduce:
-                default = dataclasses.replace(default, split_k_reduce=args.reduce)
-            for cfg in sweep(m, n, k) if args.configs else [default]:
+            for cfg in sweep(m, n, k) if args.configs else [gemm.default_config(m, n, k)]:
                 try:
                     t = common.time_per_call(
                         lambda x, w, cfg=cfg: nv.matmul(x, w, backend="pallas", config=cfg),

@@ -41,11 +41,6 @@ def main() -> None:
     p.add_argument("--iterations", type=int, default=10)
     p.add_argument("--no-xla", action="store_true", help="skip the XLA dequant->ragged_dot path")
     p.add_argument("--configs", action="store_true", help="sweep kernel configs, report the best")
-    p.add_argument(
-        "--reduce",
-        choices=("kernel", "xla"),
-        help="split_k_reduce of the configs (default: the library's choice)",
-    )
     args = p.parse_args()
     hbm = common.hbm_copy_bandwidth()
     rows_out = []
@@ -78,8 +73,6 @@ def main() -> None:
                         dataclasses.replace(base, tile_m=min(tm, 256), split_k=sk)
                         for tm, sk in grid
                     ]
-                if args.reduce:
-                    configs = [dataclasses.replace(c, split_k_reduce=args.reduce) for c in configs]
                 best = None
                 for cfg in configs:
                     try:

@@ -60,7 +60,6 @@ def timing_cells(t_bf16: float, t_fp4: float, t_xla: float, floor_us: float, cfg
         f"{t_xla / t_fp4:.1f}x",
         f"{100 * floor_us / t_fp4:.0f}%",
         f"n{cfg.tile_n} m{cfg.tile_m} k{cfg.tile_k} s{cfg.stages} sk{cfg.split_k}"
-        + (" xla-reduce" if cfg.split_k > 1 and not cfg.use_kernel_reduce else "")
         + ("" if cfg.use_overlap_decode else " serial"),
     ]
 

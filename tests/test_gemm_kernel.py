@@ -14,8 +14,6 @@ relative), so the bound is 1e-2 for bf16 and 2e-3 for f16. Layout and decode
 tests are exact.
 """
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -271,20 +269,6 @@ def test_config_validation():
         G(a_operand="tmem")
     with pytest.raises(ValueError, match="overlap_decode needs a_operand='registers'"):
         G(a_operand="smem", overlap_decode=True)
-    with pytest.raises(ValueError, match="split_k_reduce"):
-        G(split_k=2, split_k_reduce="atomic")
-
-
-def test_split_k_reduce_defaults():
-    assert not G(split_k=1).use_kernel_reduce
-    assert G(split_k=2).use_kernel_reduce  # registers: in the kernel
-    assert not G(split_k=2, a_operand="smem").use_kernel_reduce  # interpretable
-    assert not G(split_k=2, split_k_reduce="xla").use_kernel_reduce
-    assert G(split_k=2, a_operand="smem", split_k_reduce="kernel").use_kernel_reduce
-    # The reduction buffers count against SMEM.
-    assert gemm.smem_bytes(G(split_k=4), 64) - gemm.smem_bytes(G(split_k=4, split_k_reduce="xla"), 64) == (
-        128 * 64 * (4 * 3 - 2)
-    )
 
 
 def test_wrapper_validation():
@@ -299,11 +283,6 @@ def test_wrapper_validation():
         gemm.nvfp4_matmul(x, prep, n=64, k=128, config=G(split_k=3, tile_k=64))
     with pytest.raises(NotImplementedError):
         gemm.nvfp4_matmul(x, prep, n=64, k=128, config=G(), interpret=True)
-    with pytest.raises(NotImplementedError, match="semaphores"):
-        smem_kernel_reduce = G(
-            tile_k=64, split_k=2, a_operand="smem", fast_decode=False, split_k_reduce="kernel"
-        )
-        gemm.nvfp4_matmul(x, prep, n=64, k=128, config=smem_kernel_reduce, interpret=True)
     with pytest.raises(ValueError):
         gemm.prepare_weight(jnp.asarray(data), jnp.asarray(scales[:, :3]), ts)
 
@@ -359,21 +338,8 @@ _LOWER_CASES = {
     ),
     "odd_shapes": (70, 200, 48, G(tile_m=72, tile_k=64), True),
     "decode_overlap": (16, 4096, 4096, G(tile_n=256, tile_m=16, overlap_decode=True), False),
-    "splitk_kernel_reduce_m1_bias": (1, 4096, 4096, G(tile_m=8, tile_k=128, split_k=4), True),
-    "splitk_kernel_reduce_odd": (
-        3,
-        200,
-        1024,
-        G(tile_n=256, tile_m=8, tile_k=128, split_k=8),
-        True,
-    ),
-    "splitk_kernel_reduce_3wgs": (
-        64,
-        4096,
-        4096,
-        G(tile_n=192, compute_wgs=3, tile_m=64, tile_k=128, split_k=2, stages=2),
-        False,
-    ),
+    "splitk_m1_bias": (1, 4096, 4096, G(tile_m=8, tile_k=128, split_k=4), True),
+    "splitk_odd": (3, 200, 1024, G(tile_n=256, tile_m=8, tile_k=128, split_k=8), True),
 }
 
 
@@ -472,7 +438,6 @@ def test_gpu_configs(cfg):
 
 
 @gpu
-@pytest.mark.parametrize("reduce", ["kernel", "xla"])
 @pytest.mark.parametrize(
     "m,n,k,cfg",
     [
@@ -482,18 +447,18 @@ def test_gpu_configs(cfg):
         (64, 4096, 4096, G(tile_n=192, compute_wgs=3, tile_m=64, tile_k=128, split_k=2, stages=3)),
         (130, 320, 4096, G(tile_n=128, tile_m=64, tile_k=128, split_k=4, stages=3)),  # 3 m-tiles
     ],
-    ids=lambda v: str(v) if not isinstance(v, G) else f"n{v.tile_n}m{v.tile_m}k{v.tile_k}sk{v.split_k}",
+    ids=lambda v: (
+        str(v) if not isinstance(v, G) else f"n{v.tile_n}m{v.tile_m}k{v.tile_k}sk{v.split_k}"
+    ),
 )
-def test_gpu_split_k(m, n, k, cfg, reduce):
-    cfg = dataclasses.replace(cfg, split_k_reduce=reduce)
+def test_gpu_split_k(m, n, k, cfg):
     _gpu_check(m, n, k, cfg, bias=True)
     _gpu_check(m, n, k, cfg, bias=False, dtype=jnp.float16, scale_dtype=jnp.float16)
 
 
 @gpu
-def test_gpu_split_k_kernel_reduce_is_deterministic():
-    """The last split adds the partials in a fixed order, and the semaphores are reset
-    (zero-initialized per call): repeated calls, also back to back, agree bitwise."""
+def test_gpu_split_k_is_deterministic():
+    """Repeated split-K calls, also back to back in one program, agree bitwise."""
     m, n, k = 16, 2048, 4096
     data, scales, ts = _random_weight(n, k, seed=11)
     x = _random_x(m, k, jnp.bfloat16, seed=11)

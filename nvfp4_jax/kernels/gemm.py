@@ -28,10 +28,8 @@ against column slices of ``x_smem.T`` and waits for them before decoding the
 next k-group, or (``overlap_decode``, the default with register operands)
 decodes k-group g + 1 while the wgmmas of k-group g run and waits once per step.
 The fp32 epilogue applies tensor scale and bias and stores the transposed
-tile through SMEM with TMA. With ``split_k > 1`` the last split's CTA of each
-output tile waits on a GMEM semaphore for the other splits' fp32 partial tiles
-and writes the sum (``split_k_reduce="kernel"``), or every split stores fp32
-partial sums that a small XLA fusion reduces (``"xla"``, interpretable).
+tile through SMEM with TMA; with ``split_k > 1`` it stores fp32 partial sums
+that a small XLA fusion reduces.
 
 Two switches: ``a_operand`` ("registers": register-A wgmma, GPU only;
 "smem": the decoded tile goes through swizzled SMEM, which the Mosaic GPU CPU
@@ -45,8 +43,11 @@ dimension of the stacked prepared weights), unused tiles exit at once.
 
 Measured on H100 80GB HBM3 (jax 0.11.2, weights rotated beyond L2, device
 time incl. the split-K reduction; benchmarks/results/matmul-2026-11-23.md)
-against bf16 ``jnp.dot``: M <= 16 is 1.5-1.8x faster at N=K=4096 and
-1.7-2.4x at 14336x4096 .. 28672x8192; M=64 1.5-1.9x; M >= 256 0.7-0.9x.
+against bf16 ``jnp.dot``: M <= 16 is 1.7-1.8x faster at N=K=4096 and
+1.9-2.4x at 14336x4096 .. 28672x8192; M=64 1.5-1.9x; M >= 256 0.7-0.9x.
+Reducing the split-K partials inside the kernel (last split waits on a GMEM
+semaphore) measured 0.3-0.8 us slower than the XLA fusion on H100
+(benchmarks/results/split_k_reduce-2026-11-23.md), so XLA reduces them.
 
 Public entry points: :class:`GemmConfig`, :func:`default_config`,
 :func:`default_grouped_config`, :func:`prepare_weight`, :func:`nvfp4_matmul`,
@@ -84,7 +85,6 @@ _FAST_SHIFT = 7
 
 
 AOperand = Literal["registers", "smem"]
-SplitKReduce = Literal["kernel", "xla"]
 
 
 # -----------------------------------------------------------------------------
@@ -121,13 +121,6 @@ class GemmConfig:
         until the wait); False: wait after each k-group. None: True for
         "registers" (1-10% faster on H100, bitwise the same result), False for
         "smem" (whose one operand buffer the next k-group rewrites).
-      split_k_reduce: where the ``split_k`` partial sums meet. "kernel": the
-        CTA of the last split waits on a GMEM semaphore per output tile for the
-        others' fp32 partials (stored by TMA to a workspace), adds them and
-        writes the final tile (GPU only: the interpreter has no semaphores).
-        "xla": every split stores fp32 partials and a small XLA fusion reduces
-        them (a second kernel). None: "kernel" for "registers", "xla" for
-        "smem". Ignored when ``split_k == 1``.
     """
 
     tile_n: int = 128
@@ -139,7 +132,6 @@ class GemmConfig:
     fast_decode: bool | None = None
     compute_wgs: int | None = None
     overlap_decode: bool | None = None
-    split_k_reduce: SplitKReduce | None = None
 
     def __post_init__(self):
         if self.tile_n % _WGMMA_ROWS or not 64 <= self.tile_n <= 256:  # TMA box <= 256
@@ -154,10 +146,6 @@ class GemmConfig:
             raise ValueError(f"split_k must be >= 1, got {self.split_k}")
         if self.a_operand not in ("registers", "smem"):
             raise ValueError(f"a_operand must be 'registers' or 'smem', got {self.a_operand!r}")
-        if self.split_k_reduce not in (None, "kernel", "xla"):
-            raise ValueError(
-                f"split_k_reduce must be 'kernel', 'xla' or None, got {self.split_k_reduce!r}"
-            )
         if self.overlap_decode is True and self.a_operand == "smem":
             raise ValueError(
                 "overlap_decode needs a_operand='registers' (the SMEM operand buffer is"
@@ -184,15 +172,6 @@ class GemmConfig:
         if self.overlap_decode is None:
             return self.a_operand == "registers"
         return self.overlap_decode
-
-    @property
-    def use_kernel_reduce(self) -> bool:
-        """Whether the split-K partial sums are reduced inside the kernel."""
-        if self.split_k == 1:
-            return False
-        if self.split_k_reduce is None:
-            return self.a_operand == "registers"
-        return self.split_k_reduce == "kernel"
 
     @property
     def num_compute_wgs(self) -> int:
@@ -223,21 +202,37 @@ def _largest_divisor_at_most(n: int, bound: int) -> int:
 
 
 def default_config(
-    m: int, n: int, k: int, *, dtype=jnp.bfloat16, num_sms: int | None = None
+    m: int,
+    n: int,
+    k: int,
+    *,
+    dtype=jnp.bfloat16,
+    num_sms: int | None = None,
+    wide_decode: bool = True,
 ) -> GemmConfig:
     """Heuristic tiling per shape bucket (decode: M <= 64, prefill: M > 64).
 
     Decode is bound by streaming the weights and by the decode ALU work: two
-    compute warpgroups (64 rows each while the 128-feature tiles fit in one
-    wave, with split-K so that ``n_tiles * split_k`` covers the SMs; 128 rows
-    beyond), a token tile of ``round_up(M, 8)``. Prefill is bound by the tensor
+    compute warpgroups and a token tile of ``round_up(M, 8)``, with split-K so
+    that ``n_tiles * split_k`` covers the SMs. M <= 16: 128 rows per
+    warpgroup, tile_k 64 while split-K applies; M <= 64: 64 rows each while the
+    128-feature tiles fit in one wave, 128 rows beyond (also for M <= 16 when
+    not ``wide_decode``: the grouped kernel's choice, tuned on MoE shapes). Prefill is bound by the tensor
     cores and by the decode ALU work, which is amortized over ``tile_m`` tokens
     and over 128-row warpgroups. Stages are the most that fit in SMEM (at most
     4). Measured on H100 (jax 0.11.2) with ``benchmarks/bench_matmul.py
     --configs`` (results in benchmarks/results/matmul_sweep-*.md).
     """
     num_sms = num_sms or _get_num_sms()
-    if m <= 64:
+    if m <= 16 and wide_decode:
+        # 128-row warpgroups; while two splits of every 256-feature tile fit in one
+        # wave, split-K over short K ranges (tile_k 64) fills the SMs. Measured 4-14%
+        # faster than 128-feature tiles at M=1 (H100, 4096x4096 and 14336x4096).
+        two_splits_fit = 2 * -(-n // 256) <= num_sms
+        cfg = GemmConfig(
+            tile_n=256, tile_m=_round_up(max(m, 1), 8), tile_k=64 if two_splits_fit else 256
+        )
+    elif m <= 64:
         tile_m = _round_up(max(m, 1), 8)
         if -(-n // 128) > num_sms:  # more than a wave of 128-feature tiles
             cfg = GemmConfig(tile_n=256, tile_m=tile_m, tile_k=256)
@@ -254,14 +249,8 @@ def default_config(
 
 
 def _fit_stages(cfg: GemmConfig, m: int, dtype) -> GemmConfig:
-    """``cfg`` with the most pipeline stages (at most its own, at least 2) that fit SMEM;
-    a default (None) split-K reduction moves to XLA when its buffers leave room for
-    fewer than 2 stages (large prefill tiles)."""
-    tile_m = min(cfg.tile_m, _round_up(m, 8))
-    if cfg.split_k_reduce is None and cfg.use_kernel_reduce:
-        if smem_bytes(dataclasses.replace(cfg, stages=2), tile_m, dtype) > _SMEM_BYTES:
-            cfg = dataclasses.replace(cfg, split_k_reduce="xla")
-    while cfg.stages > 2 and smem_bytes(cfg, tile_m, dtype) > _SMEM_BYTES:
+    """``cfg`` with the most pipeline stages (at most its own, at least 2) that fit SMEM."""
+    while cfg.stages > 2 and smem_bytes(cfg, min(cfg.tile_m, _round_up(m, 8)), dtype) > _SMEM_BYTES:
         cfg = dataclasses.replace(cfg, stages=cfg.stages - 1)
     return cfg
 
@@ -482,19 +471,6 @@ def _decode_quarters_fast(lanes: jax.Array, dtype) -> tuple[jax.Array, ...]:
     return decode(lanes)
 
 
-def _fence_proxy_async_global() -> None:
-    """``fence.proxy.async.global``: orders this thread's earlier generic-proxy accesses
-    (a semaphore acquire) before its later TMA (async-proxy) accesses of global memory.
-    GPU only."""
-    from jax.experimental.mosaic.gpu import utils as mgpu_utils
-
-    @plgpu.inline_mgpu()
-    def fence(_):
-        mgpu_utils.inline_ptx("fence.proxy.async.global;", has_side_effects=True)
-
-    fence()
-
-
 def _swizzle_transforms(minor_elems: int, dtype) -> tuple:
     bits = jnp.dtype(dtype).itemsize * 8
     swizzle = plgpu.find_swizzle(minor_elems * bits)
@@ -513,21 +489,18 @@ def _gemm_kernel(
     ts_gmem,
     bias_gmem,
     tile_expert_gmem,  # inputs
-    out_gmem,
-    partials_gmem,  # outputs
+    out_gmem,  # output
     a_smem,
     o_smem,
     bias_smem,
-    bias_barrier,
-    red_smem,
-    red_barrier,  # scratch
+    bias_barrier,  # scratch
     *,
     cfg: GemmConfig,
     tile_m: int,
-    m_tiles: int,
     k_group: int,
     k_steps: int,
     dtype,
+    fused_epilogue: bool,
 ):
     """One CTA: output tile (n, m) over the K range of split s.
 
@@ -542,17 +515,8 @@ def _gemm_kernel(
 
     GMEM refs: data uint16 [(E,) K_pad/kg, N_pad, kg/4]; scales [(E,) K_pad/16,
     N_pad]; x [M, K]; ts f32 [1] or [E]; bias [N_pad] or None; tile_expert
-    int32 [m_tiles] or None; out [M, N_out], or f32 partial sums
-    [split_k, M, N_out] when XLA reduces them; partials: the f32 workspace
-    [split_k - 1, M, N_out] of the in-kernel split-K reduction, or None.
-
-    In-kernel split-K reduction: splits ``s < split_k - 1`` store their scaled
-    fp32 partial tile to ``partials[s]`` with TMA, wait for the store and add 1
-    to the tile's (per warpgroup) GMEM semaphore with release semantics; the
-    last split adds the bias, waits until the semaphore reaches
-    ``split_k - 1`` (resetting it to 0), loads the partials by TMA, adds them
-    in registers and writes the sum. CUDA dispatches CTAs in grid order and ``s`` is the slowest grid axis,
-    so every CTA a last-split CTA waits for is resident or done: no deadlock.
+    int32 [m_tiles] or None; out [M, N_out]
+    (``fused_epilogue``) or f32 partial sums [split_k, M, N_out].
     """
     num_wgs, rows = cfg.num_compute_wgs, cfg.wg_rows
     lanes = k_group // _CODES_PER_LANE  # columns of one quarter
@@ -640,70 +604,29 @@ def _gemm_kernel(
             plgpu.wgmma_wait(0)
         return acc_ref
 
-    kernel_reduce = partials_gmem is not None
-    final_output = cfg.split_k == 1 or kernel_reduce  # else f32 partials for XLA
-    if kernel_reduce:
-        n_tiles = out_gmem.shape[-1] // cfg.tile_n
-        sems = pl.get_global(plgpu.SemaphoreType.REGULAR((n_tiles * m_tiles * num_wgs,)))
-
-    def add_bias(acc):
-        bias = plgpu.load(bias_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
-        bias = lax.broadcast_in_dim(bias.astype(jnp.float32), acc.shape, (0,))
-        return acc + plgpu.layout_cast(bias, plgpu.Layout.WGMMA)
-
-    def store_transposed(acc, ref, dst):
-        """acc f32 [rows, tile_m] (WGMMA) -> ref [tile_m, rows] in SMEM -> TMA to dst."""
-        ref.T[...] = plgpu.layout_cast(acc.astype(ref.dtype), plgpu.Layout.WGMMA_TRANSPOSED)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(ref, dst)
-        plgpu.wait_smem_to_gmem(0, wait_read_only=not kernel_reduce)
-
     def epilogue(acc):
         """acc: f32 [rows, tile_m] (WGMMA layout) -> transposed TMA store."""
         n0 = n_idx * cfg.tile_n + wg * rows
-        tile = (pl.ds(m_idx * tile_m, tile_m), pl.ds(n0, rows))
         if fast:
             acc = acc * np.float32(2.0**_FAST_SHIFT)
-        if not final_output:
-            store_transposed(acc, o_smem.at[wg], out_gmem.at[(s_idx, *tile)])
-            return
-        acc = acc * ts_gmem[0 if expert is None else expert]
-        if bias_gmem is not None:  # every CTA waits: its bias copy must land before exit
-            plgpu.barrier_wait(bias_barrier.at[wg])
-        if not kernel_reduce:
-            acc = add_bias(acc) if bias_gmem is not None else acc
-            store_transposed(acc, o_smem.at[wg], out_gmem.at[tile])
-            return
-        last = cfg.split_k - 1
-        sem = sems.at[(n_idx * m_tiles + m_idx) * num_wgs + wg]
-
-        @pl.when(s_idx < last)
-        def _store_partial():
-            # Staged through the first partial buffer (the reducer's load target).
-            store_transposed(acc, red_smem.at[wg, 0], partials_gmem.at[(s_idx, *tile)])
-            plgpu.semaphore_signal(sem, 1, memory_scope="gpu")
-
-        @pl.when(s_idx == last)
-        def _reduce():
-            total = add_bias(acc) if bias_gmem is not None else acc
-            total = plgpu.layout_cast(total, plgpu.Layout.WGMMA_TRANSPOSED)
-            plgpu.semaphore_wait(sem, last, memory_scope="gpu")
-            _fence_proxy_async_global()  # the TMA reads below follow the acquire
-            plgpu.copy_gmem_to_smem(
-                partials_gmem.at[(slice(None), *tile)], red_smem.at[wg], red_barrier.at[wg]
-            )
-            plgpu.barrier_wait(red_barrier.at[wg])
-            for i in range(last):
-                part = red_smem.at[wg, i].T
-                total = total + plgpu.load(part, layout=plgpu.Layout.WGMMA_TRANSPOSED)
-            out_ref = o_smem.at[wg]
-            out_ref.T[...] = total.astype(out_ref.dtype)
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(out_ref, out_gmem.at[tile])
-            plgpu.wait_smem_to_gmem(0)
+        if fused_epilogue:
+            acc = acc * ts_gmem[0 if expert is None else expert]
+            if bias_gmem is not None:
+                plgpu.barrier_wait(bias_barrier.at[wg])
+                bias = plgpu.load(bias_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
+                bias = lax.broadcast_in_dim(bias.astype(jnp.float32), acc.shape, (0,))
+                acc = acc + plgpu.layout_cast(bias, plgpu.Layout.WGMMA)
+            dst = out_gmem.at[pl.ds(m_idx * tile_m, tile_m), pl.ds(n0, rows)]
+        else:
+            dst = out_gmem.at[s_idx, pl.ds(m_idx * tile_m, tile_m), pl.ds(n0, rows)]
+        o_ref = o_smem.at[wg]
+        o_ref.T[...] = plgpu.layout_cast(acc.astype(o_smem.dtype), plgpu.Layout.WGMMA_TRANSPOSED)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_ref, dst)
+        plgpu.wait_smem_to_gmem(0)
 
     def compute_context(eval_pipeline):
-        if final_output and bias_gmem is not None:  # overlaps with the main loop
+        if fused_epilogue and bias_gmem is not None:  # overlaps with the main loop
             plgpu.copy_gmem_to_smem(
                 bias_gmem.at[pl.ds(n_idx * cfg.tile_n + wg * rows, rows)],
                 bias_smem.at[wg],
@@ -742,9 +665,7 @@ def smem_bytes(cfg: GemmConfig, tile_m: int, dtype=jnp.bfloat16, scale_itemsize:
         + cfg.tile_n * cfg.tile_k // _BLOCK * scale_itemsize  # block scales
         + tile_m * cfg.tile_k * itemsize
     )  # activations
-    out = cfg.tile_n * tile_m * (4 if cfg.split_k > 1 and not cfg.use_kernel_reduce else 2)
-    if cfg.use_kernel_reduce:  # the other splits' partials
-        out += cfg.tile_n * tile_m * 4 * (cfg.split_k - 1)
+    out = cfg.tile_n * tile_m * (2 if cfg.split_k == 1 else 4)  # output tile
     a = cfg.tile_n * 64 * itemsize if cfg.a_operand == "smem" else 0
     return cfg.stages * stage + out + a + cfg.tile_n * 4 + 1024
 
@@ -764,11 +685,10 @@ def _check_config(cfg: GemmConfig, k: int, k_group: int, interpret: bool) -> int
     """Validates ``cfg`` against the weight; returns the K steps of one split."""
     if cfg.tile_k % k_group:
         raise ValueError(f"tile_k={cfg.tile_k} must be a multiple of k_group={k_group}")
-    if interpret and (cfg.a_operand != "smem" or cfg.use_fast_decode or cfg.use_kernel_reduce):
+    if interpret and (cfg.a_operand != "smem" or cfg.use_fast_decode):
         raise NotImplementedError(
-            "the Mosaic GPU interpreter runs neither register-operand wgmma, inline_mgpu"
-            " nor GMEM semaphores; use GemmConfig(a_operand='smem', fast_decode=False,"
-            " split_k_reduce='xla')"
+            "the Mosaic GPU interpreter runs neither register-operand wgmma nor"
+            " inline_mgpu; use GemmConfig(a_operand='smem', fast_decode=False)"
         )
     total_k_steps = -(-k // cfg.tile_k)
     if total_k_steps % cfg.split_k:
@@ -794,27 +714,21 @@ def _launch(
 ):
     """Runs the kernel over ``m_tiles`` token tiles of ``x2d`` (rows a multiple of 8 or
     at most 8). Returns the product ``[rows, n_tiles * tile_n]`` in ``out_dtype`` with
-    tensor scale and bias applied (``split_k == 1`` or the in-kernel split-K
-    reduction), or float32 partial sums ``[split_k, rows, n_tiles * tile_n]``
-    without them."""
+    tensor scale and bias applied (``split_k == 1``), or float32 partial sums
+    ``[split_k, rows, n_tiles * tile_n]`` without them."""
     dtype = x2d.dtype
     k_group = data.shape[-1] * _CODES_PER_LANE
-    kernel_reduce = cfg.use_kernel_reduce
-    final = cfg.split_k == 1 or kernel_reduce
+    fused = cfg.split_k == 1
     n_tiles = -(-n // cfg.tile_n)
     # The output is padded to whole tiles and sliced by the caller: the transposed
     # store goes through a (8, 64)-tiled SMEM tile (TMA needs N % 64 == 0), and a
     # warpgroup whose rows lie entirely past the end of the output must still
     # store in bounds (a fully out-of-bounds TMA store zeroed the whole output
     # of the fused epilogue on an H100).
-    store_dtype = out_dtype if final else jnp.dtype(jnp.float32)
+    store_dtype = out_dtype if fused else jnp.dtype(jnp.float32)
     n_out = n_tiles * cfg.tile_n
     rows_out = x2d.shape[0]
-    out_type = [
-        jax.ShapeDtypeStruct(
-            (rows_out, n_out) if final else (cfg.split_k, rows_out, n_out), store_dtype
-        )
-    ]
+    out_shape = (rows_out, n_out) if fused else (cfg.split_k, rows_out, n_out)
 
     num_wgs, rows = cfg.num_compute_wgs, cfg.wg_rows
     lanes = k_group // _CODES_PER_LANE
@@ -827,29 +741,20 @@ def _launch(
                 transforms=_swizzle_transforms(lanes, dtype),
             )
         )
-    has_bias = final and bias is not None
+    has_bias = fused and bias is not None
     if has_bias:
         if bias.shape[0] != n_out:
             bias = jnp.pad(bias, (0, n_out - bias.shape[0]))
         scratch += [plgpu.SMEM((num_wgs, rows), bias.dtype), plgpu.Barrier(num_barriers=num_wgs)]
-    if kernel_reduce:
-        out_type.append(jax.ShapeDtypeStruct((cfg.split_k - 1, rows_out, n_out), jnp.float32))
-        scratch += [
-            plgpu.SMEM((num_wgs, cfg.split_k - 1, tile_m, rows), jnp.float32),
-            plgpu.Barrier(num_barriers=num_wgs),
-        ]
     grouped = tile_expert is not None
 
     def kernel_body(*refs):
         data, scales, x, ts, *refs = refs
         bias_ref = refs.pop(0) if has_bias else None
         expert_ref = refs.pop(0) if grouped else None
-        out = refs.pop(0)
-        partials = refs.pop(0) if kernel_reduce else None
-        o_smem = refs.pop(0)
+        out, o_smem, *refs = refs
         a_smem = refs.pop(0) if cfg.a_operand == "smem" else None
-        bias_smem, bias_barrier = (refs.pop(0), refs.pop(0)) if has_bias else (None, None)
-        red_smem, red_barrier = refs if kernel_reduce else (None, None)
+        bias_smem, bias_barrier = refs if refs else (None, None)
         _gemm_kernel(
             data,
             scales,
@@ -858,24 +763,21 @@ def _launch(
             bias_ref,
             expert_ref,
             out,
-            partials,
             a_smem,
             o_smem,
             bias_smem,
             bias_barrier,
-            red_smem,
-            red_barrier,
             cfg=cfg,
             tile_m=tile_m,
-            m_tiles=m_tiles,
             k_group=k_group,
             k_steps=k_steps,
             dtype=dtype,
+            fused_epilogue=fused,
         )
 
     kernel = plgpu.kernel(
         kernel_body,
-        out_type=tuple(out_type),
+        out_type=jax.ShapeDtypeStruct(out_shape, store_dtype),
         scratch_types=scratch,
         grid=(n_tiles, m_tiles, cfg.split_k),
         grid_names=("n", "m", "s"),
@@ -887,7 +789,7 @@ def _launch(
     args = [data, scales, x2d, ts]
     args += [bias] if has_bias else []
     args += [tile_expert] if grouped else []
-    return kernel(*args)[0]
+    return kernel(*args)
 
 
 @functools.partial(jax.jit, static_argnames=("n", "k", "out_dtype", "config", "interpret"))
@@ -950,7 +852,7 @@ def nvfp4_matmul(
         k_steps=k_steps,
         interpret=interpret,
     )
-    if cfg.split_k > 1 and not cfg.use_kernel_reduce:
+    if cfg.split_k > 1:
         out = out.sum(axis=0) * prepared.tensor_scale[0]
         if bias is not None:
             out = out[:, :n] + bias.astype(jnp.float32)
@@ -980,7 +882,7 @@ def default_grouped_config(
     num_sms = num_sms or _get_num_sms()
     active = max(1, min(num_experts, rows))
     typical = -(-3 * max(rows, 1) // (2 * active)) + 4
-    cfg = default_config(typical, n, k, dtype=dtype, num_sms=num_sms)
+    cfg = default_config(typical, n, k, dtype=dtype, num_sms=num_sms, wide_decode=False)
     tiles = max(-(-rows // cfg.tile_m), active)
     tiles = max(1, min(tiles, max_token_tiles(rows, num_experts, cfg.tile_m)))
     if typical <= 64 and -(-n // 128) * tiles > num_sms:
@@ -1104,7 +1006,7 @@ def nvfp4_grouped_matmul(
         interpret=interpret,
     )
     valid = (scatter >= 0)[:, None]
-    if cfg.split_k > 1 and not cfg.use_kernel_reduce:
+    if cfg.split_k > 1:
         out = jnp.take(out[:, :, :n], scatter, axis=1, mode="clip").sum(axis=0)
         expert = tile_expert[jnp.maximum(scatter, 0) // tile_m]
         out = out * prepared.tensor_scale[jnp.maximum(expert, 0)][:, None]
