@@ -296,6 +296,14 @@ def test_default_config_buckets():
             assert (-(-k // cfg.tile_k)) % cfg.split_k == 0
             if m <= 64:
                 assert cfg.tile_m == -(-m // 8) * 8
+    # M <= 16: 256-feature tiles, split-K over tile_k 64 filling one wave; without split-K
+    # (narrow_decode, e.g. the torch launch) 128-feature tiles that fill more SMs.
+    wide = gemm.default_config(1, 4096, 4096, num_sms=132)
+    assert (wide.tile_n, wide.tile_k, wide.split_k) == (256, 64, 8)
+    narrow = gemm.default_config(1, 4096, 4096, num_sms=132, narrow_decode=True)
+    assert (narrow.tile_n, narrow.tile_k, narrow.split_k) == (128, 128, 4)
+    big = gemm.default_config(16, 28672, 8192, num_sms=132)  # 112 tiles: no split
+    assert (big.tile_n, big.tile_k, big.split_k) == (256, 256, 1)
 
 
 # -----------------------------------------------------------------------------
