@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from cross_lowering import cross_lower
+from race_detection import RACES, races_found
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -120,6 +121,19 @@ def test_kernel_configs_in_interpreter(rng, cfg):
     x = jnp.asarray(rng.standard_normal((t, k)), jnp.bfloat16)
     gs = jnp.asarray(sizes, jnp.int32)
     y = gemm.nvfp4_grouped_matmul(x, prep, gs, n=n, k=k, config=cfg, interpret=True)
+    _check(y, x, w, gs)
+
+
+def test_grouped_kernel_has_no_races(rng):
+    """Expert tiles (and unused tiles that exit at once) under the interpreter's race detector."""
+    sizes, t, k, n = [9, 0, 3], 15, 128, 72
+    w = _experts(rng, len(sizes), k, n)
+    prep = gemm.prepare_weight(w.data, w.scales, w.tensor_scale)
+    x = jnp.asarray(rng.standard_normal((t, k)), jnp.bfloat16)
+    gs = jnp.asarray(sizes, jnp.int32)
+    cfg = G(tile_n=128, tile_m=8, tile_k=64, stages=2, a_operand="smem")
+    y = gemm.nvfp4_grouped_matmul(x, prep, gs, n=n, k=k, config=cfg, interpret=RACES)
+    assert not races_found()
     _check(y, x, w, gs)
 
 

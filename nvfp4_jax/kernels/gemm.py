@@ -68,6 +68,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nvfp4_jax import reference as nvfp4_reference
+from nvfp4_jax.kernels.quantize import interpret_params
 
 # Rows of one wgmma instruction on the M side (= output features here).
 _WGMMA_ROWS = 64
@@ -683,7 +684,7 @@ def _check_activations(x2d, k: int, out_dtype, name: str = "x2d"):
     return out_dtype
 
 
-def _check_config(cfg: GemmConfig, k: int, k_group: int, interpret: bool) -> int:
+def _check_config(cfg: GemmConfig, k: int, k_group: int, interpret) -> int:
     """Validates ``cfg`` against the weight; returns the K steps of one split."""
     if cfg.tile_k % k_group:
         raise ValueError(f"tile_k={cfg.tile_k} must be a multiple of k_group={k_group}")
@@ -786,7 +787,7 @@ def _launch(
         num_threads=num_wgs + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        interpret=plgpu.InterpretGPUParams() if interpret else None,
+        interpret=interpret_params(interpret),
     )
     args = [data, scales, x2d, ts]
     args += [bias] if has_bias else []
@@ -804,7 +805,7 @@ def nvfp4_matmul(
     bias: jax.Array | None = None,
     out_dtype=None,
     config: GemmConfig | None = None,
-    interpret: bool = False,
+    interpret: bool | plgpu.InterpretGPUParams = False,
 ) -> jax.Array:
     """``x2d[M, K] @ W[K, N] * tensor_scale (+ bias)`` with an NVFP4 weight.
 
@@ -817,7 +818,8 @@ def nvfp4_matmul(
       out_dtype: bf16 or f16; defaults to ``x2d.dtype``.
       config: tiling; :func:`default_config` when None.
       interpret: run in the Mosaic GPU CPU interpreter (needs
-        ``GemmConfig(a_operand="smem", fast_decode=False)``).
+        ``GemmConfig(a_operand="smem", fast_decode=False)``): True, or
+        ``plgpu.InterpretGPUParams`` (e.g. ``detect_races=True``).
 
     Returns:
       ``[M, N]`` in ``out_dtype``; fp32 accumulation.
@@ -948,7 +950,7 @@ def nvfp4_grouped_matmul(
     k: int,
     out_dtype=None,
     config: GemmConfig | None = None,
-    interpret: bool = False,
+    interpret: bool | plgpu.InterpretGPUParams = False,
 ) -> jax.Array:
     """Grouped product: rows ``[start_e, start_e + g_e)`` of ``x2d`` times expert ``e``.
 
