@@ -189,7 +189,7 @@ class TorchGemm:
         # One launch per call: split-K would add three torch ops (sum of partials, scale,
         # cast), more host time than the GPU time it saves at the sizes where it applies.
         cfg = gemm.default_config(
-            m, self.n, self.k, dtype=_JAX_DTYPE[self.dtype], narrow_decode=True
+            m, self.n, self.k, dtype=_JAX_DTYPE[self.dtype], narrow_decode=True, tuned=False
         )
         cfg = gemm._fit_stages(dataclasses.replace(cfg, split_k=1), m, _JAX_DTYPE[self.dtype])
         rows = m if m <= 8 else -(-m // 8) * 8  # TMA of (8, .)-tiled views

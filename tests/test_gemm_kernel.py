@@ -22,9 +22,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from cross_lowering import cross_lower
+from cross_lowering import cross_lower, h100_mesh
 from race_detection import RACES, races_found
-from nvfp4_jax.kernels import gemm
+from nvfp4_jax.kernels import gemm, gemm_tuned
 
 
 # The value of every E2M1 code 0..15 (independent of the code under test).
@@ -374,6 +374,60 @@ def test_default_config_buckets():
     assert (narrow.tile_n, narrow.tile_k, narrow.split_k) == (128, 128, 4)
     big = gemm.default_config(16, 28672, 8192, num_sms=132)  # 112 tiles: no split
     assert (big.tile_n, big.tile_k, big.split_k) == (256, 256, 1)
+
+
+def test_tuned_table_entries_are_valid():
+    for device, entries in gemm_tuned.TUNED.items():
+        for (bucket, n, k), e in entries.items():
+            assert bucket in gemm_tuned.M_BUCKETS, (device, bucket)
+            cfg = G(
+                tile_n=e.tile_n,
+                tile_m=e.tile_m,
+                tile_k=e.tile_k,
+                stages=e.stages,
+                split_k=e.split_k,
+            )
+            assert (-(-k // cfg.tile_k)) % cfg.split_k == 0, (device, bucket, n, k)
+            assert gemm.smem_bytes(cfg, min(cfg.tile_m, bucket)) <= gemm._SMEM_BYTES
+            assert e.us > 0 and e.date
+
+
+def test_default_config_consults_the_tuned_table():
+    assert [gemm_tuned.m_bucket(m) for m in (1, 8, 9, 16, 17, 4096, 10**5)] == [
+        8,
+        8,
+        16,
+        16,
+        32,
+        4096,
+        4096,
+    ]
+    (bucket, n, k), e = next(iter(gemm_tuned.TUNED["NVIDIA H100 80GB HBM3"].items()))
+    with jax.sharding.use_abstract_mesh(h100_mesh()):  # an H100 as seen from this CPU
+        cfg = gemm.default_config(bucket, n, k)
+        heuristic = gemm.default_config(bucket, n, k, tuned=False)
+    assert (cfg.tile_n, cfg.tile_m, cfg.tile_k, cfg.stages, cfg.split_k) == e[:5]
+    assert heuristic == gemm.default_config(bucket, n, k, num_sms=132)  # CPU: no table entry
+    assert gemm_tuned.lookup("some other GPU", bucket, n, k) is None
+
+
+def test_tune_script_rewrites_only_the_table(tmp_path):
+    from benchmarks import tune_matmul
+
+    path = tmp_path / "gemm_tuned.py"
+    source = open(tune_matmul.TABLE_PATH).read()
+    path.write_text(source)
+    tune_matmul.write_table(gemm_tuned.TUNED, str(path))
+    assert path.read_text() == source  # the checked-in table is in the script's format
+    table = {d: dict(e) for d, e in gemm_tuned.TUNED.items()}
+    table.setdefault("NVIDIA H200", {})[(64, 512, 1024)] = gemm_tuned.Tuned(
+        128, 64, 128, 4, 2, 3.5, "2026-11-24"
+    )
+    tune_matmul.write_table(table, str(path))
+    namespace = {}
+    exec(compile(path.read_text(), str(path), "exec"), namespace)
+    assert namespace["TUNED"] == table
+    assert path.read_text().split("# BEGIN TUNED")[0] == source.split("# BEGIN TUNED")[0]
 
 
 # -----------------------------------------------------------------------------

@@ -68,6 +68,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from nvfp4_jax import reference as nvfp4_reference
+from nvfp4_jax.backends import device_info
+from nvfp4_jax.kernels import gemm_tuned
 from nvfp4_jax.kernels.quantize import interpret_params
 
 # Rows of one wgmma instruction on the M side (= output features here).
@@ -185,15 +187,6 @@ class GemmConfig:
         return self.tile_n // self.num_compute_wgs
 
 
-def _get_num_sms() -> int:
-    """SM count of the target device; honours an abstract (cross-lowering) mesh."""
-    abstract_device = jax.sharding.get_abstract_mesh().abstract_device
-    if abstract_device is not None and abstract_device.num_cores:
-        return abstract_device.num_cores
-    device = jax.devices()[0]
-    return getattr(device, "core_count", None) or 132
-
-
 def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
@@ -210,8 +203,11 @@ def default_config(
     dtype=jnp.bfloat16,
     num_sms: int | None = None,
     narrow_decode: bool = False,
+    tuned: bool = True,
 ) -> GemmConfig:
-    """Heuristic tiling per shape bucket (decode: M <= 64, prefill: M > 64).
+    """Tiling for one product: the measured best of :mod:`gemm_tuned` for this device and
+    shape where the table has one (``tuned``), else a heuristic per shape bucket (decode:
+    M <= 64, prefill: M > 64).
 
     Decode is bound by streaming the weights and by the decode ALU work: two
     compute warpgroups and a token tile of ``round_up(M, 8)``, with split-K so
@@ -226,7 +222,18 @@ def default_config(
     4). Measured on H100 (jax 0.11.2) with ``benchmarks/bench_matmul.py
     --configs`` (results in benchmarks/results/matmul_sweep-*.md).
     """
-    num_sms = num_sms or _get_num_sms()
+    device = device_info()
+    num_sms = num_sms or device.num_sms or 132
+    entry = gemm_tuned.lookup(device.device_kind, m, n, k) if tuned else None
+    if entry is not None:
+        cfg = GemmConfig(
+            tile_n=entry.tile_n,
+            tile_m=entry.tile_m,
+            tile_k=entry.tile_k,
+            stages=entry.stages,
+            split_k=entry.split_k,
+        )
+        return _fit_stages(cfg, m, dtype)
     if m <= 16 and not narrow_decode:
         # 128-row warpgroups; while two splits of every 256-feature tile fit in one
         # wave, split-K over short K ranges (tile_k 64) fills the SMs. Measured 4-14%
@@ -883,10 +890,12 @@ def default_grouped_config(
     rows)`` tokens) plus 4, so that most routed groups fit in one token tile: a group
     longer than ``tile_m`` streams its expert's weights once per tile. Split-K is sized
     for the expected number of token tiles."""
-    num_sms = num_sms or _get_num_sms()
+    num_sms = num_sms or device_info().num_sms or 132
     active = max(1, min(num_experts, rows))
     typical = -(-3 * max(rows, 1) // (2 * active)) + 4
-    cfg = default_config(typical, n, k, dtype=dtype, num_sms=num_sms, narrow_decode=True)
+    cfg = default_config(
+        typical, n, k, dtype=dtype, num_sms=num_sms, narrow_decode=True, tuned=False
+    )
     tiles = max(-(-rows // cfg.tile_m), active)
     tiles = max(1, min(tiles, max_token_tiles(rows, num_experts, cfg.tile_m)))
     if typical <= 64 and -(-n // 128) * tiles > num_sms:

@@ -1,0 +1,118 @@
+"""Regenerate ``nvfp4_jax/kernels/gemm_tuned.py``: time ``bench_matmul.py``'s config grid for
+each (M bucket, N, K) on this GPU and record the fastest config per shape.
+
+Run on the target GPU (about 3 s per config):
+    PYTHONPATH=. python benchmarks/tune_matmul.py [--m 8 16 64 1024] [--nk 4096x4096 ...]
+                                                 [--dry-run]
+
+M values must be buckets of ``gemm_tuned.M_BUCKETS`` (a bucket is timed at its largest M).
+Entries of other devices and shapes are kept; re-tuned entries are replaced. The table of
+the timings is printed and saved under ``benchmarks/results/tune_matmul-<date>.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import pprint
+import re
+
+import jax
+import jax.numpy as jnp
+
+import nvfp4_jax as nv
+from benchmarks import common
+from benchmarks.bench_matmul import NK_VALUES, sweep
+from nvfp4_jax.kernels import gemm_tuned
+
+TABLE_PATH = os.path.join(os.path.dirname(gemm_tuned.__file__), "gemm_tuned.py")
+_BLOCK = re.compile(r"(# BEGIN TUNED[^\n]*\n)(.*?)(# END TUNED)", re.DOTALL)
+
+
+def render(tuned: dict) -> str:
+    """Python source of the ``TUNED`` table (entries sorted per device)."""
+    lines = ["TUNED: dict[str, dict[tuple[int, int, int], Tuned]] = {"]
+    for device in sorted(tuned):
+        lines.append(f"    {json.dumps(device)}: {{")
+        for key in sorted(tuned[device]):
+            fields = ", ".join(json.dumps(v) for v in tuned[device][key])
+            lines.append(f"        {key}: Tuned({fields}),")
+        lines.append("    },")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def write_table(tuned: dict, path: str = TABLE_PATH) -> None:
+    with open(path) as f:
+        source = f.read()
+    if not _BLOCK.search(source):
+        raise RuntimeError(f"{path} lacks the '# BEGIN TUNED' / '# END TUNED' markers")
+    table = render(tuned).replace("\\", "\\\\")
+    with open(path, "w") as f:
+        f.write(_BLOCK.sub(lambda m: m.group(1) + table + m.group(3), source))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--m", type=int, nargs="*", default=[8, 16, 64, 256, 1024, 4096])
+    p.add_argument("--nk", nargs="*", default=[f"{n}x{k}" for n, k in NK_VALUES])
+    p.add_argument("--iterations", type=int, default=20)
+    p.add_argument("--dry-run", action="store_true", help="print the table, do not write it")
+    args = p.parse_args()
+    if bad := [m for m in args.m if m not in gemm_tuned.M_BUCKETS]:
+        raise SystemExit(f"--m values must be buckets {gemm_tuned.M_BUCKETS}, got {bad}")
+    device = jax.devices()[0].device_kind
+    today = datetime.date.today().isoformat()
+    tuned = {d: dict(entries) for d, entries in gemm_tuned.TUNED.items()}
+    rows = []
+    for nk in args.nk:
+        n, k = (int(v) for v in nk.split("x"))
+        w = jax.random.normal(jax.random.key(0), (k, n), jnp.bfloat16)
+        prepared = nv.prepare(nv.quantize(w, axis=0))
+        nbytes = prepared.prepared.data.nbytes + prepared.prepared.scales.nbytes
+        copies = [common.fresh_copy(prepared) for _ in range(common.copies_for(nbytes))]
+        for m in args.m:
+            x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
+            best = None
+            for cfg in sweep(m, n, k):
+                try:
+                    t = common.time_per_call(
+                        lambda x, w, cfg=cfg: nv.matmul(x, w, backend="pallas", config=cfg),
+                        [(x, c) for c in copies],
+                        args.iterations,
+                    )
+                except Exception as e:  # noqa: BLE001 - a swept config may not fit SMEM
+                    print(f"  skip {cfg}: {str(e).splitlines()[0][:100]}")
+                    continue
+                print(f"  {t:.2f} us {cfg}", flush=True)
+                if best is None or t < best[0]:
+                    best = (t, cfg)
+            t, cfg = best
+            entry = gemm_tuned.Tuned(
+                cfg.tile_n, cfg.tile_m, cfg.tile_k, cfg.stages, cfg.split_k, round(t, 2), today
+            )
+            tuned.setdefault(device, {})[(m, n, k)] = entry
+            rows.append([m, n, k, t, common.timing_cells(t, t, t, 0, cfg)[-1]])
+            print(rows[-1], flush=True)
+    text = "\n".join(
+        [
+            "# Tuned nvfp4_jax.matmul configs (fastest of bench_matmul.py's grid per shape)",
+            "",
+            common.device_line(),
+            "",
+            common.table(["M bucket", "N", "K", "us", "config"], rows),
+        ]
+    )
+    print(text)
+    if args.dry_run:
+        pprint.pprint(tuned)
+        return
+    write_table(tuned)
+    print("updated", TABLE_PATH)
+    print("saved", common.save("tune_matmul", text))
+
+
+if __name__ == "__main__":
+    main()
