@@ -51,6 +51,29 @@ def sweep(m: int, n: int, k: int, num_sms: int = 132):
             yield dataclasses.replace(base, **dict(zip(keys, values)))
 
 
+def fastest(configs, x, copies, iterations: int, verbose: bool = True):
+    """(time in us, config) of the fastest of ``configs`` for ``nv.matmul(x, w)`` rotating
+    over the prepared weight ``copies``; configs that fail to compile are skipped."""
+    best = None
+    for cfg in configs:
+        try:
+            t = common.time_per_call(
+                lambda x, w, cfg=cfg: nv.matmul(x, w, backend="pallas", config=cfg),
+                [(x, w) for w in copies],
+                iterations,
+            )
+        except Exception as e:  # noqa: BLE001 - a swept config may not fit SMEM
+            print(f"  skip {cfg}: {str(e).splitlines()[0][:100]}")
+            continue
+        if verbose:
+            print(f"  {t:.2f} us {cfg}", flush=True)
+        if best is None or t < best[0]:
+            best = (t, cfg)
+    if best is None:
+        raise RuntimeError(f"no config ran for x {list(x.shape)}")
+    return best
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--m", type=int, nargs="*", default=list(M_VALUES))
@@ -73,32 +96,15 @@ def main() -> None:
         w_bf16 = [
             jax.random.normal(jax.random.key(i), (n, k), jnp.bfloat16) for i in range(bf16_copies)
         ]
-        wq = nv.quantize(w_bf16[0].T, axis=0)
-        prepared = nv.prepare(wq)
-        fp4_bytes = prepared.prepared.data.nbytes + prepared.prepared.scales.nbytes
-        fp4_copies = [common.fresh_copy(prepared) for _ in range(common.copies_for(fp4_bytes))]
+        wq, fp4_copies, fp4_bytes = common.prepared_copies(w_bf16[0].T)
         floor_us = fp4_bytes / (hbm * 1e9) * 1e6
         for m in args.m:
             x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
             t_bf16 = common.time_per_call(
                 lambda x, w: x @ w.T, [(x, w) for w in w_bf16], args.iterations
             )
-            best = None
-            for cfg in sweep(m, n, k) if args.configs else [gemm.default_config(m, n, k)]:
-                try:
-                    t = common.time_per_call(
-                        lambda x, w, cfg=cfg: nv.matmul(x, w, backend="pallas", config=cfg),
-                        [(x, w) for w in fp4_copies],
-                        args.iterations,
-                    )
-                except Exception as e:  # noqa: BLE001 - a swept config may not fit SMEM
-                    print(f"  skip {cfg}: {str(e).splitlines()[0][:100]}")
-                    continue
-                if args.configs:
-                    print(f"  {t:.2f} us {cfg}", flush=True)
-                if best is None or t < best[0]:
-                    best = (t, cfg)
-            t_fp4, cfg = best
+            configs = sweep(m, n, k) if args.configs else [gemm.default_config(m, n, k)]
+            t_fp4, cfg = fastest(configs, x, fp4_copies, args.iterations, verbose=args.configs)
             if args.raw_scales:
                 raw = gemm.prepare_weight(wq.data, wq.scales, wq.tensor_scale, dtype=None)
                 raw_bytes = raw.data.nbytes + raw.scales.nbytes

@@ -16,7 +16,6 @@ import dataclasses
 import statistics
 
 import jax
-import jax.numpy as jnp
 
 import nvfp4_jax as nv
 from benchmarks import common
@@ -45,30 +44,23 @@ def main() -> None:
     p.add_argument("--split-k", type=int, nargs="*", default=[])
     args = p.parse_args()
     rows = []
-    for nk in args.nk:
-        n, k = (int(v) for v in nk.split("x"))
-        w = jax.random.normal(jax.random.key(0), (k, n), jnp.bfloat16)
-        prepared = nv.prepare(nv.quantize(w, axis=0))
-        nbytes = prepared.prepared.data.nbytes + prepared.prepared.scales.nbytes
-        copies = [common.fresh_copy(prepared) for _ in range(common.copies_for(nbytes))]
-        for m in args.m:
-            x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
-            base = gemm.default_config(m, n, k)
-            configs = [base] + [
-                dataclasses.replace(base, split_k=s)
-                for s in args.split_k
-                if s != base.split_k and (-(-k // base.tile_k)) % s == 0
-            ]
-            for cfg in configs:
-                times = kernel_times(
-                    lambda x, w, cfg=cfg: nv.matmul(x, w, backend="pallas", config=cfg),
-                    [(x, c) for c in copies],
-                )
-                total = sum(times.values())
-                detail = ", ".join(f"{name[:40]} {t:.2f}" for name, t in times.items())
-                row = [m, n, k, f"n{cfg.tile_n} k{cfg.tile_k} sk{cfg.split_k}", total, detail]
-                rows.append(row)
-                print(row, flush=True)
+    for m, n, k, x, copies in common.matmul_problems(args.nk, args.m):
+        base = gemm.default_config(m, n, k)
+        configs = [base] + [
+            dataclasses.replace(base, split_k=s)
+            for s in args.split_k
+            if s != base.split_k and (-(-k // base.tile_k)) % s == 0
+        ]
+        for cfg in configs:
+            times = kernel_times(
+                lambda x, w, cfg=cfg: nv.matmul(x, w, backend="pallas", config=cfg),
+                [(x, c) for c in copies],
+            )
+            total = sum(times.values())
+            detail = ", ".join(f"{name[:40]} {t:.2f}" for name, t in times.items())
+            row = [m, n, k, f"n{cfg.tile_n} k{cfg.tile_k} sk{cfg.split_k}", total, detail]
+            rows.append(row)
+            print(row, flush=True)
     text = "\n".join(
         [
             "# Per-kernel times of nvfp4_jax.matmul (CUPTI, us per call, median)",

@@ -20,11 +20,9 @@ import pprint
 import re
 
 import jax
-import jax.numpy as jnp
 
-import nvfp4_jax as nv
 from benchmarks import common
-from benchmarks.bench_matmul import NK_VALUES, sweep
+from benchmarks.bench_matmul import NK_VALUES, fastest, sweep
 from nvfp4_jax.kernels import gemm_tuned
 
 TABLE_PATH = os.path.join(os.path.dirname(gemm_tuned.__file__), "gemm_tuned.py")
@@ -67,35 +65,14 @@ def main() -> None:
     today = datetime.date.today().isoformat()
     tuned = {d: dict(entries) for d, entries in gemm_tuned.TUNED.items()}
     rows = []
-    for nk in args.nk:
-        n, k = (int(v) for v in nk.split("x"))
-        w = jax.random.normal(jax.random.key(0), (k, n), jnp.bfloat16)
-        prepared = nv.prepare(nv.quantize(w, axis=0))
-        nbytes = prepared.prepared.data.nbytes + prepared.prepared.scales.nbytes
-        copies = [common.fresh_copy(prepared) for _ in range(common.copies_for(nbytes))]
-        for m in args.m:
-            x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
-            best = None
-            for cfg in sweep(m, n, k):
-                try:
-                    t = common.time_per_call(
-                        lambda x, w, cfg=cfg: nv.matmul(x, w, backend="pallas", config=cfg),
-                        [(x, c) for c in copies],
-                        args.iterations,
-                    )
-                except Exception as e:  # noqa: BLE001 - a swept config may not fit SMEM
-                    print(f"  skip {cfg}: {str(e).splitlines()[0][:100]}")
-                    continue
-                print(f"  {t:.2f} us {cfg}", flush=True)
-                if best is None or t < best[0]:
-                    best = (t, cfg)
-            t, cfg = best
-            entry = gemm_tuned.Tuned(
-                cfg.tile_n, cfg.tile_m, cfg.tile_k, cfg.stages, cfg.split_k, round(t, 2), today
-            )
-            tuned.setdefault(device, {})[(m, n, k)] = entry
-            rows.append([m, n, k, t, common.timing_cells(t, t, t, 0, cfg)[-1]])
-            print(rows[-1], flush=True)
+    for m, n, k, x, copies in common.matmul_problems(args.nk, args.m):
+        t, cfg = fastest(sweep(m, n, k), x, copies, args.iterations)
+        entry = gemm_tuned.Tuned(
+            cfg.tile_n, cfg.tile_m, cfg.tile_k, cfg.stages, cfg.split_k, round(t, 2), today
+        )
+        tuned.setdefault(device, {})[(m, n, k)] = entry
+        rows.append([m, n, k, t, common.timing_cells(t, t, t, 0, cfg)[-1]])
+        print(rows[-1], flush=True)
     text = "\n".join(
         [
             "# Tuned nvfp4_jax.matmul configs (fastest of bench_matmul.py's grid per shape)",

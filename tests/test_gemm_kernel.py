@@ -69,6 +69,14 @@ def _random_x(m, k, dtype, seed):
     return jnp.asarray(rng.standard_normal((m, k)).astype(np.float32)).astype(dtype)
 
 
+def _random_problem(m, n, k, seed):
+    """Random weight (canonical and prepared) and bf16 activations ``[m, k]``."""
+    data, scales, ts = _random_weight(n, k, seed)
+    x = _random_x(m, k, jnp.bfloat16, seed)
+    prep = gemm.prepare_weight(jnp.asarray(data), jnp.asarray(scales), ts)
+    return data, scales, ts, x, prep
+
+
 def _dequant64(data, scales, tensor_scale):
     codes = np.stack([data & 0xF, data >> 4], axis=-1).reshape(data.shape[0], -1)
     values = E2M1_BY_CODE.astype(np.float64)[codes]
@@ -310,10 +318,8 @@ def test_race_detector_sees_a_race():
 )
 def test_interpreter_finds_no_races(cfg):
     m, n, k = 20, 136, 512
-    data, scales, ts = _random_weight(n, k, seed=21)
-    x = _random_x(m, k, jnp.bfloat16, seed=21)
+    data, scales, ts, x, prep = _random_problem(m, n, k, seed=21)
     bias = jnp.asarray(np.random.default_rng((_SALT, 21)).standard_normal(n).astype(np.float32))
-    prep = gemm.prepare_weight(jnp.asarray(data), jnp.asarray(scales), ts)
     y = gemm.nvfp4_matmul(x, prep, n=n, k=k, bias=bias, config=cfg, interpret=RACES)
     assert not races_found()
     assert _rel_err(y, _reference64(x, data, scales, ts, bias)) <= _tolerance(jnp.bfloat16)
@@ -380,13 +386,7 @@ def test_tuned_table_entries_are_valid():
     for device, entries in gemm_tuned.TUNED.items():
         for (bucket, n, k), e in entries.items():
             assert bucket in gemm_tuned.M_BUCKETS, (device, bucket)
-            cfg = G(
-                tile_n=e.tile_n,
-                tile_m=e.tile_m,
-                tile_k=e.tile_k,
-                stages=e.stages,
-                split_k=e.split_k,
-            )
+            cfg = gemm.tuned_config(e)
             assert (-(-k // cfg.tile_k)) % cfg.split_k == 0, (device, bucket, n, k)
             assert gemm.smem_bytes(cfg, min(cfg.tile_m, bucket)) <= gemm._SMEM_BYTES
             assert e.us > 0 and e.date
@@ -592,9 +592,7 @@ def test_gpu_split_k(m, n, k, cfg):
 def test_gpu_split_k_is_deterministic():
     """Repeated split-K calls, also back to back in one program, agree bitwise."""
     m, n, k = 16, 2048, 4096
-    data, scales, ts = _random_weight(n, k, seed=11)
-    x = _random_x(m, k, jnp.bfloat16, seed=11)
-    prep = gemm.prepare_weight(jnp.asarray(data), jnp.asarray(scales), ts)
+    data, scales, ts, x, prep = _random_problem(m, n, k, seed=11)
     cfg = G(tile_n=128, tile_m=16, tile_k=128, split_k=8)
     f = jax.jit(lambda x, p: [gemm.nvfp4_matmul(x, p, n=n, k=k, config=cfg) for _ in range(3)])
     outs = [np.asarray(y) for y in f(x, prep)] + [np.asarray(y) for y in f(x, prep)]
@@ -617,9 +615,7 @@ def test_gpu_dtypes(dtype, scale_dtype):
 def test_gpu_fast_decode_matches_portable_bitwise():
     """Both decodes feed the MMA exact products (up to a power of two)."""
     m, n, k = 64, 1024, 2048
-    data, scales, ts = _random_weight(n, k, seed=9)
-    x = _random_x(m, k, jnp.bfloat16, seed=9)
-    prep = gemm.prepare_weight(jnp.asarray(data), jnp.asarray(scales), ts)
+    _, _, _, x, prep = _random_problem(m, n, k, seed=9)
     fast = gemm.nvfp4_matmul(x, prep, n=n, k=k, config=G(tile_m=64, fast_decode=True))
     portable = gemm.nvfp4_matmul(x, prep, n=n, k=k, config=G(tile_m=64, fast_decode=False))
     np.testing.assert_array_equal(np.asarray(fast), np.asarray(portable))

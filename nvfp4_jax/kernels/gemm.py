@@ -226,14 +226,7 @@ def default_config(
     num_sms = num_sms or device.num_sms or 132
     entry = gemm_tuned.lookup(device.device_kind, m, n, k) if tuned else None
     if entry is not None:
-        cfg = GemmConfig(
-            tile_n=entry.tile_n,
-            tile_m=entry.tile_m,
-            tile_k=entry.tile_k,
-            stages=entry.stages,
-            split_k=entry.split_k,
-        )
-        return _fit_stages(cfg, m, dtype)
+        return _fit_stages(tuned_config(entry), m, dtype)
     if m <= 16 and not narrow_decode:
         # 128-row warpgroups; while two splits of every 256-feature tile fit in one
         # wave, split-K over short K ranges (tile_k 64) fills the SMs. Measured 4-14%
@@ -256,6 +249,17 @@ def default_config(
     ctas = -(-n // cfg.tile_n) * -(-m // cfg.tile_m)
     split_k = _largest_divisor_at_most(k_steps, max(1, num_sms // ctas))
     return _fit_stages(dataclasses.replace(cfg, split_k=split_k), m, dtype)
+
+
+def tuned_config(entry: gemm_tuned.Tuned) -> GemmConfig:
+    """The :class:`GemmConfig` of a :mod:`gemm_tuned` table entry."""
+    return GemmConfig(
+        tile_n=entry.tile_n,
+        tile_m=entry.tile_m,
+        tile_k=entry.tile_k,
+        stages=entry.stages,
+        split_k=entry.split_k,
+    )
 
 
 def _fit_stages(cfg: GemmConfig, m: int, dtype) -> GemmConfig:
