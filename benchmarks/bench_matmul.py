@@ -21,19 +21,21 @@ import jax.numpy as jnp
 
 import nvfp4_jax as nv
 from benchmarks import common
+from nvfp4_jax.backends import device_info
 from nvfp4_jax.kernels import gemm
 
 M_VALUES = (1, 16, 64, 256, 1024, 4096)
 NK_VALUES = ((4096, 4096), (14336, 4096), (4096, 14336), (28672, 8192))
 
 
-def sweep(m: int, n: int, k: int, num_sms: int = 132):
+def sweep(m: int, n: int, k: int):
     """The default config, then a grid around it (for ``--configs``). Decode (M <= 64):
     128/256-feature tiles, tile_k 64/128, 4 or 8 pipeline stages (fewer where SMEM is
     short), and the two largest split-K values that keep the grid within one wave. Prefill:
     tile shapes, tile_k, stages, with and without ``overlap_decode``."""
     base = gemm.default_config(m, n, k)
     yield base
+    num_sms = device_info().num_sms or 132
     if m <= 64:
         for tile_n, tile_k, stages in itertools.product((128, 256), (64, 128), (4, 8)):
             tiles = -(-n // tile_n) * -(-m // base.tile_m)
@@ -79,7 +81,6 @@ def main() -> None:
     p.add_argument("--m", type=int, nargs="*", default=list(M_VALUES))
     p.add_argument("--nk", nargs="*", default=[f"{n}x{k}" for n, k in NK_VALUES])
     p.add_argument("--configs", action="store_true")
-
     p.add_argument("--iterations", type=int, default=20)
     p.add_argument("--no-xla", action="store_true", help="skip the (slow) XLA dequant->dot path")
     p.add_argument(

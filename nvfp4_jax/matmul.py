@@ -52,9 +52,7 @@ def _pallas_matmul(x2d, w: NVFP4Array, bias, out_dtype, config=None) -> jax.Arra
         prepared = _prepare_layout(w, x2d.dtype)
     interpret = backends.interpret_pallas()
     if config is None:
-        config = gemm.default_config(
-            x2d.shape[0], n, k, dtype=x2d.dtype, num_sms=backends.device_info().num_sms
-        )
+        config = gemm.default_config(x2d.shape[0], n, k, dtype=x2d.dtype)
         if interpret:  # the interpreter runs only the SMEM-operand variant
             config = dataclasses.replace(config, a_operand="smem")
     return gemm.nvfp4_matmul(
