@@ -131,32 +131,29 @@ def main() -> None:
             row = [m, n, k] + common.timing_cells(t_bf16, t_fp4, t_xla, floor_us, cfg)
             rows.append(row)
             print(row, flush=True)
-    text = "\n".join(
+    common.report(
+        "matmul" + ("_sweep" if args.configs else ""),
+        "nvfp4_jax.matmul (weight-only NVFP4, Pallas Mosaic GPU) vs bf16",
         [
-            "# nvfp4_jax.matmul (weight-only NVFP4, Pallas Mosaic GPU) vs bf16",
-            "",
-            common.device_line(),
-            f"HBM copy bandwidth this run: {hbm:.0f} GB/s; times in us (CUPTI, median, weights rotated past 2x L2)",
-            "",
-            common.table(
-                [
-                    "M",
-                    "N",
-                    "K",
-                    "bf16",
-                    "nvfp4",
-                    "xla dq+dot",
-                    "vs bf16",
-                    "vs xla",
-                    "% of FP4 floor",
-                    "config",
-                ],
-                rows,
-            ),
-        ]
+            "M",
+            "N",
+            "K",
+            "bf16",
+            "nvfp4",
+            "xla dq+dot",
+            "vs bf16",
+            "vs xla",
+            "% of FP4 floor",
+            "config",
+        ],
+        rows,
+        [
+            (
+                f"HBM copy bandwidth this run: {hbm:.0f} GB/s; times in us (CUPTI, median, weights"
+                " rotated past 2x L2)"
+            )
+        ],
     )
-    print(text)
-    print("saved", common.save("matmul" + ("_sweep" if args.configs else ""), text))
 
 
 if __name__ == "__main__":

@@ -58,20 +58,15 @@ def main() -> None:
             )
             total = sum(times.values())
             detail = ", ".join(f"{name[:40]} {t:.2f}" for name, t in times.items())
-            row = [m, n, k, f"n{cfg.tile_n} k{cfg.tile_k} sk{cfg.split_k}", total, detail]
+            row = [m, n, k, common.config_label(cfg), total, detail]
             rows.append(row)
             print(row, flush=True)
-    text = "\n".join(
-        [
-            "# Per-kernel times of nvfp4_jax.matmul (CUPTI, us per call, median)",
-            "",
-            common.device_line(),
-            "",
-            common.table(["M", "N", "K", "config", "total", "kernels (name us)"], rows),
-        ]
+    common.report(
+        "matmul_breakdown",
+        "Per-kernel times of nvfp4_jax.matmul (CUPTI, us per call, median)",
+        ["M", "N", "K", "config", "total", "kernels (name us)"],
+        rows,
     )
-    print(text)
-    print("saved", common.save("matmul_breakdown", text))
 
 
 if __name__ == "__main__":

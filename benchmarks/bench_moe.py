@@ -104,37 +104,31 @@ def main() -> None:
                 row += common.timing_cells(t_bf16, t_fp4, t_xla, floor_us, cfg)
                 rows_out.append(row)
                 print(row, flush=True)
-    text = "\n".join(
+    common.report(
+        "moe" + ("_sweep" if args.configs else ""),
+        "nvfp4_jax.grouped_matmul (NVFP4 experts, Pallas Mosaic GPU) vs bf16 ragged_dot",
         [
-            "# nvfp4_jax.grouped_matmul (NVFP4 experts, Pallas Mosaic GPU) vs bf16 ragged_dot",
-            "",
-            common.device_line(),
+            "model",
+            "proj",
+            "T",
+            "rows",
+            "experts hit",
+            "bf16 ragged_dot",
+            "nvfp4",
+            "xla dq+ragged",
+            "vs bf16",
+            "vs xla",
+            "% of floor",
+            "config",
+        ],
+        rows_out,
+        [
             (
                 f"HBM copy bandwidth this run: {hbm:.0f} GB/s; times in us (CUPTI, median,"
                 " weights rotated past 2x L2); floor = active experts' FP4 bytes / HBM bandwidth"
-            ),
-            "",
-            common.table(
-                [
-                    "model",
-                    "proj",
-                    "T",
-                    "rows",
-                    "experts hit",
-                    "bf16 ragged_dot",
-                    "nvfp4",
-                    "xla dq+ragged",
-                    "vs bf16",
-                    "vs xla",
-                    "% of floor",
-                    "config",
-                ],
-                rows_out,
-            ),
-        ]
+            )
+        ],
     )
-    print(text)
-    print("saved", common.save("moe" + ("_sweep" if args.configs else ""), text))
 
 
 if __name__ == "__main__":

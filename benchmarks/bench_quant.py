@@ -77,21 +77,18 @@ def main() -> None:
                 f"{t_xla / t_pallas:.2f}x",
             ]
         )
-    text = "\n".join(
+    common.report(
+        "quant_kernels",
+        "NVFP4 memory-bound kernels",
+        ["op", "min bytes", "pallas us", "xla us", "pallas GB/s", "% of HBM", "vs xla"],
+        rows,
         [
-            "# NVFP4 memory-bound kernels",
-            "",
-            common.device_line(),
-            f"input: {r} x {k} bf16 ({n / 2**20:.0f} Mi elements); HBM copy bandwidth this run: {hbm:.0f} GB/s",
-            "",
-            common.table(
-                ["op", "min bytes", "pallas us", "xla us", "pallas GB/s", "% of HBM", "vs xla"],
-                rows,
-            ),
-        ]
+            (
+                f"input: {r} x {k} bf16 ({n / 2**20:.0f} Mi elements); HBM copy bandwidth this"
+                f" run: {hbm:.0f} GB/s"
+            )
+        ],
     )
-    print(text)
-    print("saved", common.save("quant_kernels", text))
 
 
 if __name__ == "__main__":

@@ -80,9 +80,15 @@ def timing_cells(t_bf16: float, t_fp4: float, t_xla: float, floor_us: float, cfg
         f"{t_bf16 / t_fp4:.2f}x",
         f"{t_xla / t_fp4:.1f}x",
         f"{100 * floor_us / t_fp4:.0f}%",
-        f"n{cfg.tile_n} m{cfg.tile_m} k{cfg.tile_k} s{cfg.stages} sk{cfg.split_k}"
-        + ("" if cfg.use_overlap_decode else " serial"),
+        config_label(cfg),
     ]
+
+
+def config_label(cfg) -> str:
+    """A GemmConfig in a table cell, e.g. ``n256 m8 k64 s4 sk8``."""
+    return f"n{cfg.tile_n} m{cfg.tile_m} k{cfg.tile_k} s{cfg.stages} sk{cfg.split_k}" + (
+        "" if cfg.use_overlap_decode else " serial"
+    )
 
 
 def device_line() -> str:
@@ -105,6 +111,23 @@ def _fmt(c) -> str:
     if isinstance(c, float):
         return f"{c:.3g}" if abs(c) < 1000 else f"{c:.0f}"
     return str(c)
+
+
+def report(
+    name: str,
+    title: str,
+    headers: Sequence[str],
+    rows: Sequence[Sequence],
+    notes: Sequence[str] = (),
+    write: bool = True,
+) -> str:
+    """A result table as markdown (title, device line, ``notes``, table): printed, and with
+    ``write`` saved by :func:`save` under ``name``. Returns the text."""
+    text = "\n".join([f"# {title}", "", device_line(), *notes, "", table(headers, rows)])
+    print(text)
+    if write:
+        print("saved", save(name, text))
+    return text
 
 
 def save(name: str, text: str, out_dir: str | None = None) -> str:

@@ -73,24 +73,20 @@ def main() -> None:
             cfg.tile_n, cfg.tile_m, cfg.tile_k, cfg.stages, cfg.split_k, round(t, 2), today
         )
         tuned.setdefault(device, {})[(m, n, k)] = entry
-        rows.append([m, n, k, t, common.timing_cells(t, t, t, 0, cfg)[-1]])
+        rows.append([m, n, k, t, common.config_label(cfg)])
         print(rows[-1], flush=True)
-    text = "\n".join(
-        [
-            "# Tuned nvfp4_jax.matmul configs (fastest of bench_matmul.py's grid per shape)",
-            "",
-            common.device_line(),
-            "",
-            common.table(["M bucket", "N", "K", "us", "config"], rows),
-        ]
+    common.report(
+        "tune_matmul",
+        "Tuned nvfp4_jax.matmul configs (fastest of bench_matmul.py's grid per shape)",
+        ["M bucket", "N", "K", "us", "config"],
+        rows,
+        write=not args.dry_run,
     )
-    print(text)
     if args.dry_run:
         pprint.pprint(tuned)
         return
     write_table(tuned)
     print("updated", TABLE_PATH)
-    print("saved", common.save("tune_matmul", text))
 
 
 if __name__ == "__main__":
