@@ -31,7 +31,8 @@ NK_VALUES = ((4096, 4096), (14336, 4096), (4096, 14336), (28672, 8192))
 def sweep(m: int, n: int, k: int):
     """The default config, then a grid around it (for ``--configs``). Decode (M <= 64):
     128/256-feature tiles, tile_k 64/128, 4 or 8 pipeline stages (fewer where SMEM is
-    short), and the two largest split-K values that keep the grid within one wave. Prefill:
+    short), and the two largest split-K values that keep the grid within one wave, with
+    XLA and (split-K 2 to 4; 8-CTA clusters measured slower) cluster reduction. Prefill:
     tile shapes, tile_k, stages, with and without ``overlap_decode``."""
     base = gemm.default_config(m, n, k)
     yield base
@@ -45,7 +46,9 @@ def sweep(m: int, n: int, k: int):
                 cfg = dataclasses.replace(
                     base, tile_n=tile_n, tile_k=tile_k, split_k=split_k, stages=stages
                 )
-                yield gemm._fit_stages(cfg, m, jnp.bfloat16)
+                for reduce in ("xla", "cluster") if 2 <= split_k <= 4 else ("xla",):
+                    cfg = dataclasses.replace(cfg, split_k_reduce=reduce)
+                    yield gemm._fit_stages(cfg, m, jnp.bfloat16)
     else:
         grid = itertools.product((128, 256), (128, 256), (64, 128), (3, 4), (False, None))
         keys = ("tile_n", "tile_m", "tile_k", "stages", "overlap_decode")

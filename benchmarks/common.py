@@ -86,8 +86,10 @@ def timing_cells(t_bf16: float, t_fp4: float, t_xla: float, floor_us: float, cfg
 
 def config_label(cfg) -> str:
     """A GemmConfig in a table cell, e.g. ``n256 m8 k64 s4 sk8``."""
-    return f"n{cfg.tile_n} m{cfg.tile_m} k{cfg.tile_k} s{cfg.stages} sk{cfg.split_k}" + (
-        "" if cfg.use_overlap_decode else " serial"
+    return (
+        f"n{cfg.tile_n} m{cfg.tile_m} k{cfg.tile_k} s{cfg.stages} sk{cfg.split_k}"
+        + (" cluster" if cfg.cluster_reduce else "")
+        + ("" if cfg.use_overlap_decode else " serial")
     )
 
 

@@ -35,7 +35,10 @@ def render(tuned: dict) -> str:
     for device in sorted(tuned):
         lines.append(f"    {json.dumps(device)}: {{")
         for key in sorted(tuned[device]):
-            fields = ", ".join(json.dumps(v) for v in tuned[device][key])
+            values = list(tuned[device][key])
+            if values[-1] == "xla":  # the default split_k_reduce is left out
+                values.pop()
+            fields = ", ".join(json.dumps(v) for v in values)
             lines.append(f"        {key}: Tuned({fields}),")
         lines.append("    },")
     lines.append("}")
@@ -70,7 +73,14 @@ def main() -> None:
         configs = [c for c in sweep(m, n, k) if c.overlap_decode is None]
         t, cfg = fastest(configs, x, copies, args.iterations)
         entry = gemm_tuned.Tuned(
-            cfg.tile_n, cfg.tile_m, cfg.tile_k, cfg.stages, cfg.split_k, round(t, 2), today
+            cfg.tile_n,
+            cfg.tile_m,
+            cfg.tile_k,
+            cfg.stages,
+            cfg.split_k,
+            round(t, 2),
+            today,
+            cfg.split_k_reduce if cfg.split_k > 1 else "xla",
         )
         tuned.setdefault(device, {})[(m, n, k)] = entry
         rows.append([m, n, k, t, common.config_label(cfg)])

@@ -186,12 +186,12 @@ class TorchGemm:
         self._launchers: dict[int, _Launcher] = {}
 
     def _launcher(self, m: int, device: torch.device) -> _Launcher:
-        # One launch per call: split-K would add three torch ops (sum of partials, scale,
-        # cast), more host time than the GPU time it saves at the sizes where it applies.
-        cfg = gemm.default_config(
-            m, self.n, self.k, dtype=_JAX_DTYPE[self.dtype], narrow_decode=True, tuned=False
-        )
-        cfg = gemm._fit_stages(dataclasses.replace(cfg, split_k=1), m, _JAX_DTYPE[self.dtype])
+        # One launch per call: the JAX path's tiling, with split-K reduced inside the
+        # kernel (thread-block clusters); XLA-reduced partials would need three more torch
+        # ops per call (sum, scale, cast).
+        dtype = _JAX_DTYPE[self.dtype]
+        cfg = gemm.default_config(m, self.n, self.k, dtype=dtype)
+        cfg = gemm.single_kernel_config(cfg, m, self.k, dtype)
         rows = m if m <= 8 else -(-m // 8) * 8  # TMA of (8, .)-tiled views
         n_out = -(-self.n // cfg.tile_n) * cfg.tile_n
         args = [torch.empty(rows, self.k, dtype=self.dtype, device=device)]

@@ -105,6 +105,15 @@ def _tolerance(out_dtype):
 # -----------------------------------------------------------------------------
 
 
+def _place_code(code, q):
+    """Lane bits of E2M1 ``code`` as quarter ``q`` (the documented prepared layout)."""
+    return sum(((code >> i) & 1) << pos for i, pos in enumerate(gemm._LANE_BITS[q]))
+
+
+def _lane_code(lane, q):
+    return sum(((int(lane) >> pos) & 1) << i for i, pos in enumerate(gemm._LANE_BITS[q]))
+
+
 @pytest.mark.parametrize("k_group", [64, 128])
 def test_prepared_layout_bits(k_group):
     n, k = 40, 144
@@ -126,11 +135,12 @@ def test_prepared_layout_bits(k_group):
         (1, 17, 7, 1),
     ]:
         kk = g * k_group + q * lanes + j
-        assert (packed[g, nn, j] >> (4 * q)) & 0xF == codes[nn, kk]
+        assert _lane_code(packed[g, nn, j], q) == codes[nn, kk]
     # Full check against a vectorized re-derivation.
     c = codes.reshape(n_pad, k_pad // k_group, 4, lanes)
-    expect = sum(c[:, :, q, :].astype(np.uint32) << (4 * q) for q in range(4))
+    expect = sum(_place_code(c[:, :, q, :].astype(np.uint32), q) for q in range(4))
     np.testing.assert_array_equal(packed, expect.transpose(1, 0, 2))
+    assert sorted(b for q in gemm._LANE_BITS for b in q) == list(range(16))
     s = np.zeros((n_pad, k_pad // 16), np.float32)
     s[:n, : k // 16] = scales.astype(np.float32)
     np.testing.assert_array_equal(np.asarray(prep.scales.astype(jnp.float32)), s.T)
@@ -147,14 +157,35 @@ def test_prepared_widened_scales(dtype):
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_portable_decode_is_exact(dtype):
-    # Every code in every nibble position.
-    codes = np.arange(16, dtype=np.uint16)
-    lanes = (codes[:, None] << (4 * np.arange(4, dtype=np.uint16))[None, :]).sum(1)
+    # Every code in every quarter, with a different code in each other quarter.
+    codes = np.arange(16, dtype=np.uint32)
+    lanes = sum(_place_code((codes + 5 * q) % 16, q) for q in range(4))
     lanes = jnp.asarray(lanes.astype(np.uint16)).reshape(16, 1)
     for q in range(4):
         got = np.asarray(gemm._decode_quarter(lanes, q, dtype).astype(jnp.float32))[:, 0]
-        np.testing.assert_array_equal(got, E2M1_BY_CODE)
-        assert np.array_equal(np.signbit(got), np.signbit(E2M1_BY_CODE))
+        expect = E2M1_BY_CODE[(np.arange(16) + 5 * q) % 16]
+        np.testing.assert_array_equal(got, expect)
+        assert np.array_equal(np.signbit(got), np.signbit(expect))
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_fast_decode_plan_places_every_code(dtype):
+    """The fast decode's shift/mask terms, run on uint32 in numpy, give ``sign << 15 |
+    em << s`` in both 16-bit halves for every code of every quarter (the GPU runs the
+    same terms in inline PTX-level arith)."""
+    s = jnp.finfo(dtype).nmant - 1
+    rng = np.random.default_rng()
+    lo, hi = rng.integers(0, 16, (2, 4, 4096), dtype=np.uint32)
+    lanes_lo = sum(_place_code(lo[q], q) for q in range(4))
+    lanes_hi = sum(_place_code(hi[q], q) for q in range(4))
+    r = (lanes_lo | lanes_hi << 16).astype(np.uint32)
+    for q, terms in enumerate(gemm._fast_decode_plan(dtype)):
+        bits = np.zeros_like(r)
+        for amount, mask in terms:
+            shifted = r << np.uint32(amount) if amount >= 0 else r >> np.uint32(-amount)
+            bits |= shifted & np.uint32(mask)
+        for half, code in ((bits & 0xFFFF, lo[q]), (bits >> 16, hi[q])):
+            np.testing.assert_array_equal(half, ((code & 8) << 12) | ((code & 7) << s))
 
 
 def test_fast_decode_bit_pattern_is_exact():
@@ -359,6 +390,13 @@ def test_wrapper_validation():
         gemm.nvfp4_matmul(x, prep, n=64, k=128, config=G(split_k=3, tile_k=64))
     with pytest.raises(NotImplementedError):
         gemm.nvfp4_matmul(x, prep, n=64, k=128, config=G(), interpret=True)
+    cluster = G(tile_k=64, split_k=2, split_k_reduce="cluster", a_operand="smem")
+    with pytest.raises(NotImplementedError, match="cluster"):
+        gemm.nvfp4_matmul(x, prep, n=64, k=128, config=cluster, interpret=True)
+    with pytest.raises(ValueError, match="split_k <= 8"):
+        G(split_k=9, split_k_reduce="cluster")
+    with pytest.raises(ValueError, match="split_k_reduce"):
+        G(split_k=2, split_k_reduce="atomic")
     with pytest.raises(ValueError):
         gemm.prepare_weight(jnp.asarray(data), jnp.asarray(scales[:, :3]), ts)
 
@@ -402,6 +440,25 @@ def test_tuned_table_entries_are_valid():
                 assert "mosaic_gpu" in text
 
 
+def test_single_kernel_config_reduces_split_k_in_clusters():
+    xla = G(tile_n=256, tile_m=8, tile_k=64, split_k=8)
+    one = gemm.single_kernel_config(xla, 1, 4096)
+    assert (one.split_k, one.split_k_reduce, one.tile_n, one.tile_k) == (4, "cluster", 256, 64)
+    # The largest divisor of the K steps (6 of 64) up to 4.
+    assert (
+        gemm.single_kernel_config(G(tile_n=256, tile_m=8, tile_k=64, split_k=6), 1, 384).split_k
+        == 3
+    )
+    assert gemm.single_kernel_config(G(tile_n=256, tile_m=8, tile_k=64), 1, 384).split_k == 1
+    tall = gemm.single_kernel_config(G(tile_n=128, tile_m=64, tile_k=128, split_k=8), 64, 4096)
+    assert gemm.smem_bytes(tall, 64) <= gemm._SMEM_BYTES and tall.stages >= 2  # red buffer fits
+    # Prefill tiles: no split whose partial sums fit SMEM next to the pipeline.
+    wide = gemm.single_kernel_config(G(tile_n=256, tile_m=128, tile_k=64, split_k=8), 300, 1024)
+    assert wide.split_k == 1 and gemm.smem_bytes(wide, 128) <= gemm._SMEM_BYTES
+    for cfg in (one, tall, wide):  # no XLA work after the kernel
+        assert not gemm._stores_partials(cfg)
+
+
 def test_default_config_consults_the_tuned_table():
     assert [gemm_tuned.m_bucket(m) for m in (1, 8, 9, 16, 17, 4096, 10**5)] == [
         8,
@@ -417,6 +474,7 @@ def test_default_config_consults_the_tuned_table():
         cfg = gemm.default_config(bucket, n, k)
         heuristic = gemm.default_config(bucket, n, k, tuned=False)
     assert (cfg.tile_n, cfg.tile_m, cfg.tile_k, cfg.stages, cfg.split_k) == e[:5]
+    assert cfg.split_k_reduce == e.split_k_reduce
     assert heuristic == gemm.default_config(bucket, n, k, num_sms=132)  # CPU: no table entry
     assert gemm_tuned.lookup("some other GPU", bucket, n, k) is None
 
@@ -431,8 +489,9 @@ def test_tune_script_rewrites_only_the_table(tmp_path):
     assert path.read_text() == source  # the checked-in table is in the script's format
     table = {d: dict(e) for d, e in gemm_tuned.TUNED.items()}
     table.setdefault("NVIDIA H200", {})[(64, 512, 1024)] = gemm_tuned.Tuned(
-        128, 64, 128, 4, 2, 3.5, "2026-11-24"
+        128, 64, 128, 4, 2, 3.5, "2026-11-24", "cluster"
     )
+    table["NVIDIA H200"][(8, 512, 1024)] = gemm_tuned.Tuned(128, 8, 64, 4, 4, 2.5, "2026-11-24")
     tune_matmul.write_table(table, str(path))
     namespace = {}
     exec(compile(path.read_text(), str(path), "exec"), namespace)
@@ -482,6 +541,20 @@ _LOWER_CASES = {
     "decode_overlap": (16, 4096, 4096, G(tile_n=256, tile_m=16, overlap_decode=True), False),
     "splitk_m1_bias": (1, 4096, 4096, G(tile_m=8, tile_k=128, split_k=4), True),
     "splitk_odd": (3, 200, 1024, G(tile_n=256, tile_m=8, tile_k=128, split_k=8), True),
+    "cluster_m1_bias": (
+        1,
+        4096,
+        4096,
+        G(tile_n=256, tile_m=8, tile_k=64, split_k=8, split_k_reduce="cluster"),
+        True,
+    ),
+    "cluster_m16": (
+        16,
+        4096,
+        4096,
+        G(tile_n=128, tile_m=16, tile_k=128, split_k=4, split_k_reduce="cluster"),
+        False,
+    ),
 }
 
 
@@ -588,9 +661,26 @@ def test_gpu_configs(cfg):
         (17, 1000, 2048, G(tile_n=256, tile_m=24, tile_k=128, split_k=4, stages=2)),
         (64, 4096, 4096, G(tile_n=192, compute_wgs=3, tile_m=64, tile_k=128, split_k=2, stages=3)),
         (130, 320, 4096, G(tile_n=128, tile_m=64, tile_k=128, split_k=4, stages=3)),  # 3 m-tiles
+        (1, 4096, 4096, G(tile_n=256, tile_m=8, tile_k=64, split_k=8, split_k_reduce="cluster")),
+        (3, 200, 1024, G(tile_n=128, tile_m=8, tile_k=64, split_k=8, split_k_reduce="cluster")),
+        (16, 14336, 4096, G(tile_n=256, tile_m=16, tile_k=64, split_k=2, split_k_reduce="cluster")),
+        (
+            17,
+            1000,
+            2048,
+            G(tile_n=256, tile_m=24, tile_k=128, split_k=4, stages=2, split_k_reduce="cluster"),
+        ),
+        (
+            130,
+            320,
+            4096,
+            G(tile_n=128, tile_m=64, tile_k=128, split_k=4, stages=2, split_k_reduce="cluster"),
+        ),
     ],
     ids=lambda v: (
-        str(v) if not isinstance(v, G) else f"n{v.tile_n}m{v.tile_m}k{v.tile_k}sk{v.split_k}"
+        str(v)
+        if not isinstance(v, G)
+        else f"n{v.tile_n}m{v.tile_m}k{v.tile_k}sk{v.split_k}" + ("c" if v.cluster_reduce else "")
     ),
 )
 def test_gpu_split_k(m, n, k, cfg):
@@ -599,11 +689,12 @@ def test_gpu_split_k(m, n, k, cfg):
 
 
 @gpu
-def test_gpu_split_k_is_deterministic():
+@pytest.mark.parametrize("split_k_reduce", ["xla", "cluster"])
+def test_gpu_split_k_is_deterministic(split_k_reduce):
     """Repeated split-K calls, also back to back in one program, agree bitwise."""
     m, n, k = 16, 2048, 4096
     data, scales, ts, x, prep = _random_problem(m, n, k, seed=11)
-    cfg = G(tile_n=128, tile_m=16, tile_k=128, split_k=8)
+    cfg = G(tile_n=128, tile_m=16, tile_k=128, split_k=8, split_k_reduce=split_k_reduce)
     f = jax.jit(lambda x, p: [gemm.nvfp4_matmul(x, p, n=n, k=k, config=cfg) for _ in range(3)])
     outs = [np.asarray(y) for y in f(x, prep)] + [np.asarray(y) for y in f(x, prep)]
     for y in outs[1:]:

@@ -290,14 +290,15 @@ def test_gpu_grouped_matmul(rng, e, k, n, sizes):
 
 
 @gpu
-def test_gpu_grouped_split_k(rng):
+@pytest.mark.parametrize("split_k_reduce", ["xla", "cluster"])
+def test_gpu_grouped_split_k(rng, split_k_reduce):
     """Split-K over expert tiles, unused tiles included."""
     sizes, k, n = [19, 0, 4, 9, 0, 1], 2048, 320
     w = _experts(rng, len(sizes), k, n)
     prep = gemm.prepare_weight(w.data, w.scales, w.tensor_scale)
     x = jnp.asarray(rng.standard_normal((sum(sizes) + 3, k)), jnp.bfloat16)
     gs = jnp.asarray(sizes, jnp.int32)
-    cfg = G(tile_n=128, tile_m=16, tile_k=128, split_k=4)
+    cfg = G(tile_n=128, tile_m=16, tile_k=128, split_k=4, split_k_reduce=split_k_reduce)
     y = gemm.nvfp4_grouped_matmul(x, prep, gs, n=n, k=k, config=cfg)
     _check(y, x, w, gs)
 

@@ -609,8 +609,9 @@ def test_gpu_second_device():
 def test_torch_launch_function_is_one_mosaic_kernel():
     """The CUDA forward path compiles a lone Mosaic GPU call (as ``plgpu.as_torch_kernel``
     requires) and launches it with its operands in the kernel's order: lower what it
-    compiles for an abstract H100 on the CPU, for a split-K config and a fused one with a
-    bias."""
+    compiles for an abstract H100 on the CPU, for an XLA split-K config, the launch path's
+    cluster split-K one and its prefill fallback (no partial sums fit SMEM next to 128-token
+    tiles), and a fused one with a bias."""
     from cross_lowering import h100_mesh
     from interop.torch_kernel import kernel_fn, kernel_module
     from nvfp4_jax.kernels import gemm
@@ -619,9 +620,12 @@ def test_torch_launch_function_is_one_mosaic_kernel():
     prep = gemm.prepare_weight(
         jnp.zeros((n, k // 2), jnp.uint8), jnp.ones((n, k // 16), jnp.float8_e4m3fn), 1.0
     )
-    for m in (1, 64):
+    for m in (1, 16, 64, 304):
         cfg = gemm.default_config(m, n, k, num_sms=132)
         args = [jnp.zeros((m, k), jnp.bfloat16), *prep]
+        if m in (16, 304):  # the launch path: split-K (if any) reduced in clusters, one kernel
+            cfg = gemm.single_kernel_config(cfg, m, k)
+            assert cfg.cluster_reduce == (m == 16) and cfg.split_k <= 4
         if m == 64:  # the launch path's fused epilogue, with a bias
             cfg = dataclasses.replace(cfg, split_k=1)
             args.append(jnp.zeros(-(-n // cfg.tile_n) * cfg.tile_n, jnp.bfloat16))
@@ -631,7 +635,8 @@ def test_torch_launch_function_is_one_mosaic_kernel():
         # _launch passes (data, scales, x, ts[, bias]); the wrapper takes x first.
         assert order == [1, 2, 0, 3] + ([4] if m == 64 else [])
         n_out = -(-n // cfg.tile_n) * cfg.tile_n
-        assert out.shape == ((m, n_out) if cfg.split_k == 1 else (cfg.split_k, m, n_out))
+        partials = cfg.split_k > 1 and not cfg.cluster_reduce
+        assert out.shape == ((cfg.split_k, m, n_out) if partials else (m, n_out))
 
 
 @_apply_marks

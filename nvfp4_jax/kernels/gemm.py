@@ -29,7 +29,7 @@ next k-group, or (``overlap_decode``, the default with register operands)
 decodes k-group g + 1 while the wgmmas of k-group g run and waits once per step.
 The fp32 epilogue applies tensor scale and bias and stores the transposed
 tile through SMEM with TMA; with ``split_k > 1`` it stores fp32 partial sums
-that a small XLA fusion reduces.
+that a small XLA fusion reduces, or adds them within a cluster (below).
 
 Two switches: ``a_operand`` ("registers": register-A wgmma, GPU only;
 "smem": the decoded tile goes through swizzled SMEM, which the Mosaic GPU CPU
@@ -41,16 +41,23 @@ The grouped (MoE) product runs the same kernel over expert-aligned token
 tiles: a per-tile expert table picks the weights (a squeezed leading expert
 dimension of the stacked prepared weights), unused tiles exit at once.
 
+Split-K partial sums are added by a small XLA fusion, or (``split_k_reduce=
+"cluster"``) inside the kernel: the splits of a tile run as one thread-block
+cluster and send their accumulators to the first CTA over distributed shared
+memory. The cluster sum is one kernel (what a launch from torch needs) and
+measured faster with 2-CTA clusters; 8-CTA clusters are 40-100% slower than 8
+XLA-reduced splits (benchmarks/results/decode_variants-2026-11-23.md), and a
+reduction through GMEM semaphores measured 0.3-0.8 us slower than the XLA fusion
+(split_k_reduce-2026-11-23.md).
+
 Measured on H100 80GB HBM3 (jax 0.11.2, weights rotated beyond L2, device
 time incl. the split-K reduction; benchmarks/results/matmul-2026-11-23.md)
-against bf16 ``jnp.dot``: M <= 16 is 1.7-1.8x faster at N=K=4096 and
-1.9-2.4x at 14336x4096 .. 28672x8192; M=64 1.5-1.9x; M >= 256 0.7-0.9x.
-Reducing the split-K partials inside the kernel (last split waits on a GMEM
-semaphore) measured 0.3-0.8 us slower than the XLA fusion on H100
-(benchmarks/results/split_k_reduce-2026-11-23.md), so XLA reduces them.
+against bf16 ``jnp.dot``: M <= 16 is 1.74-1.90x faster at N=K=4096 and
+2.03-2.53x at 14336x4096 .. 28672x8192; M=64 1.5-1.9x; M >= 256 0.7-0.9x.
 
 Public entry points: :class:`GemmConfig`, :func:`default_config`,
-:func:`default_grouped_config`, :func:`prepare_weight`, :func:`nvfp4_matmul`,
+:func:`single_kernel_config`, :func:`default_grouped_config`,
+:func:`prepare_weight`, :func:`nvfp4_matmul`,
 :func:`nvfp4_grouped_matmul` and :func:`reference`.
 """
 
@@ -78,8 +85,10 @@ _WGMMA_ROWS = 64
 _MAX_TILE_M = 256
 # Elements per scale block.
 _BLOCK = 16
-# Nibbles (codes) per uint16 lane of the prepared data.
+# Codes per uint16 lane of the prepared data (one per quarter of a k-group).
 _CODES_PER_LANE = 4
+# Lane bit of code bit i (0: mantissa, 1-2: exponent, 3: sign) of quarter q.
+_LANE_BITS = ((0, 1, 2, 9), (3, 4, 5, 12), (6, 7, 8, 15), (10, 11, 13, 14))
 # SMEM per CTA on H100 as reported by the Mosaic GPU lowering.
 _SMEM_BYTES = 232448
 # With the fast decode the weights enter the MMA scaled by 2^-_FAST_SHIFT (see
@@ -88,6 +97,9 @@ _FAST_SHIFT = 7
 
 
 AOperand = Literal["registers", "smem"]
+SplitKReduce = Literal["xla", "cluster"]
+# Largest portable thread-block cluster (CTAs), the bound on cluster split-K.
+_MAX_CLUSTER = 8
 
 
 # -----------------------------------------------------------------------------
@@ -107,8 +119,13 @@ class GemmConfig:
       tile_k: reduction depth per pipeline step; multiple of the prepared
         weight's ``k_group`` (64).
       stages: SMEM pipeline depth (TMA buffers in flight).
-      split_k: number of CTAs that share the K range of one output tile; their
-        fp32 partial sums are reduced by a small XLA epilogue.
+      split_k: number of CTAs that share the K range of one output tile.
+      split_k_reduce: how their fp32 partial sums are added (``split_k > 1``):
+        "xla" stores them to GMEM for a small XLA fusion; "cluster" launches the
+        ``split_k`` CTAs of a tile as one thread-block cluster (at most 8), whose
+        members send their partial tiles into the first CTA's SMEM (``st.async``
+        over distributed shared memory, counted by an mbarrier), which adds them
+        in a fixed order and runs the fused epilogue: one kernel, no GMEM round trip.
       a_operand: "registers" feeds the decoded weights to wgmma from registers
         (fast; GPU only); "smem" stores them to swizzled SMEM first (runs in the
         Mosaic GPU interpreter).
@@ -131,6 +148,7 @@ class GemmConfig:
     tile_k: int = 256
     stages: int = 4
     split_k: int = 1
+    split_k_reduce: SplitKReduce = "xla"
     a_operand: AOperand = "registers"
     fast_decode: bool | None = None
     compute_wgs: int | None = None
@@ -147,6 +165,15 @@ class GemmConfig:
             raise ValueError(f"stages must be >= 1, got {self.stages}")
         if self.split_k < 1:
             raise ValueError(f"split_k must be >= 1, got {self.split_k}")
+        if self.split_k_reduce not in ("xla", "cluster"):
+            raise ValueError(
+                f"split_k_reduce must be 'xla' or 'cluster', got {self.split_k_reduce!r}"
+            )
+        if self.split_k_reduce == "cluster" and self.split_k > _MAX_CLUSTER:
+            raise ValueError(
+                f"split_k_reduce='cluster' needs split_k <= {_MAX_CLUSTER} (one thread-block"
+                f" cluster per output tile), got split_k={self.split_k}"
+            )
         if self.a_operand not in ("registers", "smem"):
             raise ValueError(f"a_operand must be 'registers' or 'smem', got {self.a_operand!r}")
         if self.overlap_decode is True and self.a_operand == "smem":
@@ -163,6 +190,11 @@ class GemmConfig:
                 f"tile_n={self.tile_n} must split into 1..3 compute warpgroups of 64"
                 f" or 128 rows, got compute_wgs={self.compute_wgs}"
             )
+
+    @property
+    def cluster_reduce(self) -> bool:
+        """Whether the split-K partial sums are added inside a CTA cluster."""
+        return self.split_k > 1 and self.split_k_reduce == "cluster"
 
     @property
     def use_fast_decode(self) -> bool:
@@ -251,6 +283,25 @@ def default_config(
     return _fit_stages(dataclasses.replace(cfg, split_k=split_k), m, dtype)
 
 
+def single_kernel_config(cfg: GemmConfig, m: int, k: int, dtype=jnp.bfloat16) -> GemmConfig:
+    """``cfg`` as one kernel launch with no XLA work after it (e.g. launched from torch):
+    split-K reduced inside clusters of at most 4 CTAs (the largest divisor of the K steps
+    up to ``min(split_k, 4)`` whose partial-sum buffers fit SMEM; 8-CTA clusters measured
+    40-100% slower than 8 splits reduced by XLA on H100, 4-CTA ones close to it), else no
+    split-K."""
+    if cfg.split_k == 1 or cfg.cluster_reduce:
+        return cfg
+    k_steps = -(-k // cfg.tile_k)
+    tile_m = min(cfg.tile_m, _round_up(max(m, 1), 8))
+    for split_k in range(min(cfg.split_k, 4), 1, -1):
+        if k_steps % split_k == 0:
+            cluster = dataclasses.replace(cfg, split_k=split_k, split_k_reduce="cluster")
+            cluster = _fit_stages(cluster, m, dtype)
+            if smem_bytes(cluster, tile_m, dtype) <= _SMEM_BYTES:
+                return cluster
+    return _fit_stages(dataclasses.replace(cfg, split_k=1), m, dtype)
+
+
 def tuned_config(entry: gemm_tuned.Tuned) -> GemmConfig:
     """The :class:`GemmConfig` of a :mod:`gemm_tuned` table entry."""
     return GemmConfig(
@@ -259,6 +310,7 @@ def tuned_config(entry: gemm_tuned.Tuned) -> GemmConfig:
         tile_k=entry.tile_k,
         stages=entry.stages,
         split_k=entry.split_k,
+        split_k_reduce=entry.split_k_reduce,
     )
 
 
@@ -339,12 +391,15 @@ def prepare_weight(
       A :class:`PreparedWeight` with
 
       * ``data[g, n, j]`` (uint16): for k-group ``g`` and output feature ``n``,
-        nibble ``q`` (bits ``4q .. 4q+3``) holds the E2M1 code of ``W[k, n]`` at
-        ``k = g * k_group + q * (k_group / 4) + j``. So lane ``j`` of a k-group
-        carries the same column ``j`` of its four quarters, and the kernel
-        decodes quarter ``q`` of a ``[rows, k_group/4]`` uint16 tile with a
-        shift by ``4q``: each quarter is a dense ``[rows, k_group/4]`` wgmma
-        operand, multiplied with a contiguous column slice of the x tile. One
+        lane ``j`` holds the four E2M1 codes of ``W[k, n]`` at ``k = g * k_group
+        + q * (k_group / 4) + j``, ``q = 0..3`` (the k-group's four *quarters*);
+        code bit ``i`` (0: mantissa, 1-2: exponent, 3: sign) of quarter ``q`` is
+        lane bit ``_LANE_BITS[q][i]``: quarter 0 in bits 0-2 + 9, 1 in 3-5 + 12,
+        2 in 6-8 + 15, 3 in 10, 11, 13 + 14. Quarters 0-2 keep the sign 9 bits
+        above the mantissa, as in bf16, so the fast bf16 decode makes a bf16x2
+        pair of each with one shift and one AND (see :func:`_fast_decode_plan`).
+        Each quarter is a dense ``[rows, k_group/4]`` wgmma operand, multiplied
+        with a contiguous column slice of the x tile. One
         k-group of all features is contiguous (K-tile-major), so a TMA box
         ``(tile_k/k_group, tile_n, k_group/4)`` reads ``tile_k / k_group``
         contiguous runs of ``tile_n * k_group / 2`` bytes.
@@ -388,7 +443,12 @@ def prepare_weight(
     codes = jnp.pad(codes, ((0, n_pad - n), (0, k_pad - k))).astype(jnp.uint16)
     codes = codes.reshape(n_pad, k_pad // k_group, _CODES_PER_LANE, lanes)
     packed = functools.reduce(
-        jnp.bitwise_or, [codes[:, :, q, :] << (4 * q) for q in range(_CODES_PER_LANE)]
+        jnp.bitwise_or,
+        [
+            ((codes[:, :, q, :] >> np.uint16(i)) & np.uint16(1)) << np.uint16(pos)
+            for q, positions in enumerate(_LANE_BITS)
+            for i, pos in enumerate(positions)
+        ],
     )
     packed = packed.transpose(1, 0, 2)  # [K_pad / k_group, N_pad, lanes]
 
@@ -406,7 +466,7 @@ def prepare_weight(
 
 
 def _decode_quarter(lanes: jax.Array, q: int, dtype) -> jax.Array:
-    """Decodes nibble ``q`` of uint16 ``lanes [R, C]`` into ``dtype [R, C]``.
+    """Decodes quarter ``q`` of prepared uint16 ``lanes [R, C]`` into ``dtype [R, C]``.
 
     Exact for every code and free of subnormals (so XLA:CPU's flush-to-zero
     does not matter). With ``em`` the 3-bit magnitude code and ``s`` the
@@ -417,7 +477,13 @@ def _decode_quarter(lanes: jax.Array, q: int, dtype) -> jax.Array:
     """
     mant_shift = jnp.finfo(dtype).nmant - 1
     half = np.uint16(np.array(0.5, dtype).view(np.uint16))
-    code = lanes >> np.uint16(4 * q) if q else lanes
+    code = functools.reduce(
+        jnp.bitwise_or,
+        [
+            ((lanes >> np.uint16(pos)) & np.uint16(1)) << np.uint16(i)
+            for i, pos in enumerate(_LANE_BITS[q])
+        ],
+    )
     em = code & np.uint16(7)
     normal = (em << np.uint16(mant_shift)) + half
     subnormal = jnp.where(em == 0, np.uint16(0), half)
@@ -426,13 +492,37 @@ def _decode_quarter(lanes: jax.Array, q: int, dtype) -> jax.Array:
     return lax.bitcast_convert_type(bits, dtype)
 
 
-def _decode_quarters_fast(lanes: jax.Array, dtype) -> tuple[jax.Array, ...]:
-    """GPU-only decode of all four nibbles of uint16 ``lanes [R, C]``.
+def _fast_decode_plan(dtype) -> tuple[tuple[tuple[int, int], ...], ...]:
+    """Per quarter, the ``(shift, mask)`` terms of the fast decode of a 32-bit register.
 
-    Works on whole 32-bit registers (two uint16 lanes, eight codes) with
-    32-bit shifts and masks, about 2.5 instructions per weight. Each code is
-    placed as ``sign << 15 | em << s`` (``s`` = mantissa bits - 1), which is the
-    E2M1 value times ``2^(1 - exponent_bias)``: codes 2..7 become normal
+    The OR over the terms of ``(r << shift) & mask`` (a right shift for negative
+    ``shift``) places the quarter's code of both uint16 lanes of ``r`` as ``sign << 15 |
+    em << s`` (``s`` = mantissa bits - 1). The code bits that move by the same amount
+    share one term. With :data:`_LANE_BITS` and ptxas fusing each AND into the OR that
+    follows (LOP3), that is 11 integer ops per register (eight weights) for bf16
+    (quarters 0-2: one term each, quarter 2 needs no shift; quarter 3: three terms),
+    against 15 for one nibble per quarter, and 17 for f16. Shifts move both lanes
+    alike; the masks keep only each lane's own target bits, whose sources lie in the
+    same lane.
+    """
+    mant_shift = jnp.finfo(dtype).nmant - 1
+    targets = (mant_shift, mant_shift + 1, mant_shift + 2, 15)
+    plan = []
+    for positions in _LANE_BITS:
+        by_shift: dict[int, int] = {}
+        for src, dst in zip(positions, targets):
+            by_shift[dst - src] = by_shift.get(dst - src, 0) | 1 << dst
+        plan.append(tuple((amount, mask * 0x10001) for amount, mask in sorted(by_shift.items())))
+    return tuple(plan)
+
+
+def _decode_quarters_fast(lanes: jax.Array, dtype) -> tuple[jax.Array, ...]:
+    """GPU-only decode of all four quarters of prepared uint16 ``lanes [R, C]``.
+
+    Works on whole 32-bit registers (two uint16 lanes, eight codes) with the shifts
+    and masks of :func:`_fast_decode_plan`, under 1.5 integer ops per bf16 weight.
+    Each code is placed as ``sign << 15 | em << s`` (``s`` = mantissa bits - 1), which
+    is the E2M1 value times ``2^(1 - exponent_bias)``: codes 2..7 become normal
     numbers and code 1 (0.5) the subnormal ``2^-exponent_bias``. The caller
     multiplies by block scales pre-multiplied by ``2^scale_exponent``, so
     that the products are the exact normal numbers ``v * s * 2^-7`` (the GPU's
@@ -445,9 +535,7 @@ def _decode_quarters_fast(lanes: jax.Array, dtype) -> tuple[jax.Array, ...]:
     from jax.experimental.mosaic.gpu import fragmented_array as fa
     from jax.experimental.mosaic.gpu import utils as mgpu_utils
 
-    mant_shift = jnp.finfo(dtype).nmant - 1
-    em_mask = (0x7 << mant_shift) * 0x10001
-    sign_mask = 0x80008000
+    plan = _fast_decode_plan(dtype)
     layout = plgpu.Layout.WGMMA
     ret = plgpu.ShapeDtypeStruct(lanes.shape, dtype, layout)
 
@@ -458,12 +546,12 @@ def _decode_quarters_fast(lanes: jax.Array, dtype) -> tuple[jax.Array, ...]:
             i32, ir.IntegerAttr.get(i32, v - (1 << 32) if v >= 1 << 31 else v)
         )
 
-        def shift(x, amount):
+        def term(x, amount, mask):
             if amount > 0:
-                return arith.shli(x, const(amount))
-            if amount < 0:
-                return arith.shrui(x, const(-amount))
-            return x
+                x = arith.shli(x, const(amount))
+            elif amount < 0:
+                x = arith.shrui(x, const(-amount))
+            return arith.andi(x, const(mask))
 
         outs = [np.empty_like(w.registers) for _ in range(_CODES_PER_LANE)]
         for idx, reg in np.ndenumerate(w.registers):
@@ -471,13 +559,9 @@ def _decode_quarters_fast(lanes: jax.Array, dtype) -> tuple[jax.Array, ...]:
                 ir.VectorType(reg.type).shape, mgpu_utils.dtype_to_ir_type(dtype)
             )
             r = mgpu_utils.bitcast(reg, i32)
-            for q in range(_CODES_PER_LANE):
-                # Per 16-bit lane: magnitude bits 4q..4q+2 -> s..s+2, sign 4q+3 -> 15.
-                # Right shifts pull the high lane's low bits into the low lane's top
-                # bits, and left shifts the other way round; the masks discard both.
-                em = arith.andi(shift(r, mant_shift - 4 * q), const(em_mask))
-                sign = arith.andi(shift(r, 12 - 4 * q), const(sign_mask))
-                outs[q][idx] = mgpu_utils.bitcast(arith.ori(em, sign), out_ty)
+            for q, terms in enumerate(plan):
+                bits = functools.reduce(arith.ori, [term(r, a, mask) for a, mask in terms])
+                outs[q][idx] = mgpu_utils.bitcast(bits, out_ty)
         return tuple(
             fa.FragmentedArray(_registers=o, _layout=w.layout, _is_signed=None) for o in outs
         )
@@ -507,7 +591,9 @@ def _gemm_kernel(
     a_smem,
     o_smem,
     bias_smem,
-    bias_barrier,  # scratch
+    bias_barrier,
+    red_smem,
+    red_barrier,  # scratch
     *,
     cfg: GemmConfig,
     tile_m: int,
@@ -531,6 +617,11 @@ def _gemm_kernel(
     N_pad]; x [M, K]; ts f32 [1] or [E]; bias [N_pad] or None; tile_expert
     int32 [m_tiles] or None; out [M, N_out]
     (``fused_epilogue``) or f32 partial sums [split_k, M, N_out].
+
+    Cluster split-K (``red_smem`` given): split ``s > 0`` sends its f32 ``[rows,
+    tile_m]`` accumulator into slot ``s - 1`` of split 0's ``red_smem [split_k - 1,
+    wgs, rows, tile_m]``; split 0 waits on ``red_barrier`` (one per warpgroup), adds
+    the slots in order and runs the fused epilogue.
     """
     num_wgs, rows = cfg.num_compute_wgs, cfg.wg_rows
     lanes = k_group // _CODES_PER_LANE  # columns of one quarter
@@ -619,6 +710,25 @@ def _gemm_kernel(
         return acc_ref
 
     def epilogue(acc):
+        if red_smem is None:
+            store(acc)
+            return
+
+        @pl.when(s_idx > 0)
+        def _send():
+            plgpu.async_store_smem(
+                acc, red_smem.at[s_idx - 1, wg], red_barrier.at[wg], cluster_idx=0, cluster_dim="s"
+            )
+
+        @pl.when(s_idx == 0)
+        def _reduce():
+            plgpu.barrier_wait(red_barrier.at[wg])
+            total = acc
+            for j in range(cfg.split_k - 1):
+                total = total + red_smem[j, wg]
+            store(total)
+
+    def store(acc):
         """acc: f32 [rows, tile_m] (WGMMA layout) -> transposed TMA store."""
         n0 = n_idx * cfg.tile_n + wg * rows
         if fast:
@@ -679,9 +789,15 @@ def smem_bytes(cfg: GemmConfig, tile_m: int, dtype=jnp.bfloat16, scale_itemsize:
         + cfg.tile_n * cfg.tile_k // _BLOCK * scale_itemsize  # block scales
         + tile_m * cfg.tile_k * itemsize
     )  # activations
-    out = cfg.tile_n * tile_m * (2 if cfg.split_k == 1 else 4)  # output tile
+    out = cfg.tile_n * tile_m * (4 if _stores_partials(cfg) else 2)  # output tile
     a = cfg.tile_n * 64 * itemsize if cfg.a_operand == "smem" else 0
-    return cfg.stages * stage + out + a + cfg.tile_n * 4 + 1024
+    red = (cfg.split_k - 1) * cfg.tile_n * tile_m * 4 if cfg.cluster_reduce else 0
+    return cfg.stages * stage + out + a + red + cfg.tile_n * 4 + 1024
+
+
+def _stores_partials(cfg: GemmConfig) -> bool:
+    """Whether the kernel stores f32 split-K partial sums for XLA to add."""
+    return cfg.split_k > 1 and not cfg.cluster_reduce
 
 
 def _check_activations(x2d, k: int, out_dtype, name: str = "x2d"):
@@ -703,6 +819,11 @@ def _check_config(cfg: GemmConfig, k: int, k_group: int, interpret) -> int:
         raise NotImplementedError(
             "the Mosaic GPU interpreter runs neither register-operand wgmma nor"
             " inline_mgpu; use GemmConfig(a_operand='smem', fast_decode=False)"
+        )
+    if interpret and cfg.cluster_reduce:
+        raise NotImplementedError(
+            "the Mosaic GPU interpreter does not run cluster stores (async_store_smem);"
+            " use split_k_reduce='xla'"
         )
     total_k_steps = -(-k // cfg.tile_k)
     if total_k_steps % cfg.split_k:
@@ -728,11 +849,11 @@ def _launch(
 ):
     """Runs the kernel over ``m_tiles`` token tiles of ``x2d`` (rows a multiple of 8 or
     at most 8). Returns the product ``[rows, n_tiles * tile_n]`` in ``out_dtype`` with
-    tensor scale and bias applied (``split_k == 1``), or float32 partial sums
+    tensor scale and bias applied, or (:func:`_stores_partials`) float32 partial sums
     ``[split_k, rows, n_tiles * tile_n]`` without them."""
     dtype = x2d.dtype
     k_group = data.shape[-1] * _CODES_PER_LANE
-    fused = cfg.split_k == 1
+    fused = not _stores_partials(cfg)
     n_tiles = -(-n // cfg.tile_n)
     # The output is padded to whole tiles and sliced by the caller: the transposed
     # store goes through a (8, 64)-tiled SMEM tile (TMA needs N % 64 == 0), and a
@@ -760,6 +881,24 @@ def _launch(
         if bias.shape[0] != n_out:
             bias = jnp.pad(bias, (0, n_out - bias.shape[0]))
         scratch += [plgpu.SMEM((num_wgs, rows), bias.dtype), plgpu.Barrier(num_barriers=num_wgs)]
+    if cfg.cluster_reduce:
+        scratch += [
+            plgpu.SMEM(
+                (cfg.split_k - 1, num_wgs, rows, tile_m),
+                jnp.float32,
+                transforms=_swizzle_transforms(tile_m, jnp.float32),
+            ),
+            # One arrival per sending warpgroup (warpgroup lowering semantics).
+            plgpu.Barrier(num_arrivals=cfg.split_k - 1, num_barriers=num_wgs),
+        ]
+        grid = {
+            "grid": (n_tiles, m_tiles),
+            "grid_names": ("n", "m"),
+            "cluster": (cfg.split_k,),
+            "cluster_names": ("s",),
+        }
+    else:
+        grid = {"grid": (n_tiles, m_tiles, cfg.split_k), "grid_names": ("n", "m", "s")}
     grouped = tile_expert is not None
 
     def kernel_body(*refs):
@@ -768,7 +907,8 @@ def _launch(
         expert_ref = refs.pop(0) if grouped else None
         out, o_smem, *refs = refs
         a_smem = refs.pop(0) if cfg.a_operand == "smem" else None
-        bias_smem, bias_barrier = refs if refs else (None, None)
+        bias_smem, bias_barrier = (refs.pop(0), refs.pop(0)) if has_bias else (None, None)
+        red_smem, red_barrier = refs if refs else (None, None)
         _gemm_kernel(
             data,
             scales,
@@ -781,6 +921,8 @@ def _launch(
             o_smem,
             bias_smem,
             bias_barrier,
+            red_smem,
+            red_barrier,
             cfg=cfg,
             tile_m=tile_m,
             k_group=k_group,
@@ -793,8 +935,7 @@ def _launch(
         kernel_body,
         out_type=jax.ShapeDtypeStruct(out_shape, store_dtype),
         scratch_types=scratch,
-        grid=(n_tiles, m_tiles, cfg.split_k),
-        grid_names=("n", "m", "s"),
+        **grid,
         num_threads=num_wgs + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
@@ -867,7 +1008,7 @@ def nvfp4_matmul(
         k_steps=k_steps,
         interpret=interpret,
     )
-    if cfg.split_k > 1:
+    if _stores_partials(cfg):
         out = out.sum(axis=0) * prepared.tensor_scale[0]
         if bias is not None:
             out = out[:, :n] + bias.astype(jnp.float32)
@@ -1023,7 +1164,7 @@ def nvfp4_grouped_matmul(
         interpret=interpret,
     )
     valid = (scatter >= 0)[:, None]
-    if cfg.split_k > 1:
+    if _stores_partials(cfg):
         out = jnp.take(out[:, :, :n], scatter, axis=1, mode="clip").sum(axis=0)
         expert = tile_expert[jnp.maximum(scatter, 0) // tile_m]
         out = out * prepared.tensor_scale[jnp.maximum(expert, 0)][:, None]
