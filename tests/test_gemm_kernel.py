@@ -411,7 +411,7 @@ def test_default_config_buckets():
             if m <= 64:
                 assert cfg.tile_m == -(-m // 8) * 8
     # M <= 16: 256-feature tiles, split-K over tile_k 64 filling one wave; without split-K
-    # (narrow_decode, e.g. the torch launch) 128-feature tiles that fill more SMs.
+    # (narrow_decode, the grouped kernel's choice) 128-feature tiles that fill more SMs.
     wide = gemm.default_config(1, 4096, 4096, num_sms=132)
     assert (wide.tile_n, wide.tile_k, wide.split_k) == (256, 64, 8)
     narrow = gemm.default_config(1, 4096, 4096, num_sms=132, narrow_decode=True)
