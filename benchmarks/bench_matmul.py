@@ -23,6 +23,7 @@ import nvfp4_jax as nv
 from benchmarks import common
 from nvfp4_jax.backends import device_info
 from nvfp4_jax.kernels import gemm
+from nvfp4_jax.matmul import DEQUANTIZE, pallas_plan
 
 M_VALUES = (1, 16, 64, 256, 1024, 4096)
 NK_VALUES = ((4096, 4096), (14336, 4096), (4096, 14336), (28672, 8192))
@@ -33,9 +34,13 @@ def sweep(m: int, n: int, k: int):
     128/256-feature tiles, tile_k 64/128, 4 or 8 pipeline stages (fewer where SMEM is
     short), and the two largest split-K values that keep the grid within one wave, with
     XLA and (split-K 2 to 4; 8-CTA clusters measured slower) cluster reduction. Prefill:
-    tile shapes, tile_k, stages, with and without ``overlap_decode``."""
+    tile shapes, tile_k, stages, with and without ``overlap_decode``, and the dequantize
+    route."""
+    plan = pallas_plan(m, n, k)
+    yield plan
     base = gemm.default_config(m, n, k)
-    yield base
+    if plan != base:
+        yield base
     num_sms = device_info().num_sms or 132
     if m <= 64:
         for tile_n, tile_k, stages in itertools.product((128, 256), (64, 128), (4, 8)):
@@ -54,6 +59,8 @@ def sweep(m: int, n: int, k: int):
         keys = ("tile_n", "tile_m", "tile_k", "stages", "overlap_decode")
         for values in grid:
             yield dataclasses.replace(base, **dict(zip(keys, values)))
+        if plan != DEQUANTIZE:
+            yield DEQUANTIZE
 
 
 def fastest(configs, x, copies, iterations: int, verbose: bool = True):
@@ -107,13 +114,14 @@ def main() -> None:
             t_bf16 = common.time_per_call(
                 lambda x, w: x @ w.T, [(x, w) for w in w_bf16], args.iterations
             )
-            configs = sweep(m, n, k) if args.configs else [gemm.default_config(m, n, k)]
+            configs = sweep(m, n, k) if args.configs else [pallas_plan(m, n, k)]
             t_fp4, cfg = fastest(configs, x, fp4_copies, args.iterations, verbose=args.configs)
             if args.raw_scales:
                 raw = gemm.prepare_weight(wq.data, wq.scales, wq.tensor_scale, dtype=None)
                 raw_bytes = raw.data.nbytes + raw.scales.nbytes
                 raw_copies = [common.fresh_copy(raw) for _ in range(common.copies_for(raw_bytes))]
-                for cfg in sweep(m, n, k) if args.configs else [gemm.default_config(m, n, k)]:
+                fused = [c for c in sweep(m, n, k) if c != DEQUANTIZE]
+                for cfg in fused if args.configs else fused[:1]:
                     try:
                         t = common.time_per_call(
                             lambda x, w, cfg=cfg: gemm.nvfp4_matmul(x, w, n=n, k=k, config=cfg),

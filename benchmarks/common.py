@@ -85,7 +85,10 @@ def timing_cells(t_bf16: float, t_fp4: float, t_xla: float, floor_us: float, cfg
 
 
 def config_label(cfg) -> str:
-    """A GemmConfig in a table cell, e.g. ``n256 m8 k64 s4 sk8``."""
+    """A GemmConfig in a table cell, e.g. ``n256 m8 k64 s4 sk8``; the dequantize route
+    (``"dequantize"``) as ``dequantize+dot``."""
+    if isinstance(cfg, str):
+        return f"{cfg}+dot"
     return (
         f"n{cfg.tile_n} m{cfg.tile_m} k{cfg.tile_k} s{cfg.stages} sk{cfg.split_k}"
         + (" cluster" if cfg.cluster_reduce else "")

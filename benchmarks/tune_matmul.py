@@ -24,6 +24,7 @@ import jax
 from benchmarks import common
 from benchmarks.bench_matmul import NK_VALUES, fastest, sweep
 from nvfp4_jax.kernels import gemm_tuned
+from nvfp4_jax.kernels.gemm import GemmConfig
 
 TABLE_PATH = os.path.join(os.path.dirname(gemm_tuned.__file__), "gemm_tuned.py")
 _BLOCK = re.compile(r"(# BEGIN TUNED[^\n]*\n)(.*?)(# END TUNED)", re.DOTALL)
@@ -69,8 +70,11 @@ def main() -> None:
     tuned = {d: dict(entries) for d, entries in gemm_tuned.TUNED.items()}
     rows = []
     for m, n, k, x, copies in common.matmul_problems(args.nk, args.m):
-        # The table records tilings only: overlap_decode keeps its default.
-        configs = [c for c in sweep(m, n, k) if c.overlap_decode is None]
+        # The table records fused-kernel tilings only: overlap_decode keeps its default, the
+        # dequantize route (pallas_plan's choice from its row threshold on) is not a tiling.
+        configs = [
+            c for c in sweep(m, n, k) if isinstance(c, GemmConfig) and c.overlap_decode is None
+        ]
         t, cfg = fastest(configs, x, copies, args.iterations)
         entry = gemm_tuned.Tuned(
             cfg.tile_n,

@@ -1,8 +1,9 @@
 """``torch.nn`` wrappers that run nvfp4-jax: :class:`NVFP4Linear` and :func:`quantize_model_`.
 
 Inference only (W4A16): the weight is NVFP4, activations stay bf16/fp16. On Hopper GPUs the
-product is the Pallas GEMM kernel launched directly from torch (:mod:`interop.torch_kernel`);
-elsewhere (CPU tensors, other GPUs, ``$NVFP4_JAX_TORCH_LAUNCH=0``) it is ``nvfp4_jax.linear``
+product is the Pallas GEMM kernel launched directly from torch (:mod:`interop.torch_kernel`),
+except for prefill-sized inputs (``nvfp4_jax.matmul.DEQUANTIZE_DOT_MIN_M`` rows or more), which
+take ``nvfp4_jax.linear``'s dequantize route through the JAX path; elsewhere (CPU tensors, other GPUs, ``$NVFP4_JAX_TORCH_LAUNCH=0``) it is ``nvfp4_jax.linear``
 called through one cached ``jax.jit`` and the zero-copy bridge of :mod:`interop.dlpack`.
 """
 
@@ -24,6 +25,7 @@ from torch import nn
 import nvfp4_jax
 from nvfp4_jax import NVFP4Array
 from nvfp4_jax import backends
+from nvfp4_jax.matmul import DEQUANTIZE_DOT_MIN_M
 from nvfp4_jax.backends import Backend
 
 from interop.dlpack import _export, _to_jax_fast, to_jax, to_torch
@@ -415,7 +417,10 @@ class NVFP4Linear(nn.Module):
         if x.numel() == 0:
             return x.new_empty(*lead, self.out_features)
         x2d = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-        if torch_gemms is not None:  # the Pallas kernel launched from torch, no JAX dispatch
+        if torch_gemms is not None and x2d.shape[0] < DEQUANTIZE_DOT_MIN_M:
+            # The Pallas kernel launched from torch, no JAX dispatch. Prefill-sized inputs
+            # take the JAX path below: its dequantize route beats the fused kernel there
+            # (nvfp4_jax.matmul.pallas_plan), and the dispatch cost is small next to them.
             gemm = torch_gemms.get(x.dtype)
             if gemm is None:
                 bias = self._buffers["bias"]

@@ -7,8 +7,10 @@ to the output dtype. ``linear(x, w)`` is the same product for a weight of logica
 ``[N, K]`` (PyTorch's ``F.linear`` convention) -- the same storage, no copy.
 
 Backends (see ``backends.py``): ``"pallas"`` runs the Mosaic GPU kernel of
-``kernels/gemm.py`` on its prepared weight layout; ``"xla"`` dequantizes ``e2m1 · scale``
-to the activation dtype (exact: at most 5 significant bits) and calls ``dot_general``.
+``kernels/gemm.py`` on its prepared weight layout, or for prefill-sized products (M >=
+2048, see :func:`pallas_plan`) the Pallas dequantize kernel followed by XLA's dot;
+``"xla"`` dequantizes ``e2m1 · scale`` to the activation dtype (exact: at most 5
+significant bits) and calls ``dot_general``.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from jax import lax
 from nvfp4_jax import _checks, backends, reference
 from nvfp4_jax.array import NVFP4Array
 from nvfp4_jax.backends import Backend
+from nvfp4_jax.kernels import dequantize as dequantize_kernel
 from nvfp4_jax.kernels import gemm
 
 ACTIVATION_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -39,25 +42,80 @@ def _xla_matmul(x2d, w: NVFP4Array, bias, out_dtype, config=None) -> jax.Array:
     return acc.astype(out_dtype)
 
 
+# From this many rows on, the "pallas" backend dequantizes the weight and calls XLA's dot.
+# Measured on an H100 (benchmarks/results/prefill-2026-11-23.md, bf16): at M = 4096 that
+# is 1.22-1.30x faster than the fused kernel (0.91-0.93x of bf16 against 0.70-0.72x); at
+# M = 1024 the two are within 6% either way; the crossover is estimated near M = 1500.
+DEQUANTIZE_DOT_MIN_M = 2048
+DEQUANTIZE = "dequantize"
+
+
+def pallas_plan(m: int, n: int, k: int, dtype=jnp.bfloat16, config=None):
+    """How the ``"pallas"`` backend computes an ``[m, k] x [k, n]`` product: a
+    :class:`~nvfp4_jax.kernels.gemm.GemmConfig` for the fused kernel, or
+    :data:`DEQUANTIZE` for the dequantize kernel + XLA dot. ``config`` (either of those)
+    overrides; None picks :data:`DEQUANTIZE` for ``m >= DEQUANTIZE_DOT_MIN_M`` (the
+    tensor cores bound the product, and the fused kernel's in-loop decode costs more than
+    one pass over the weight) and :func:`gemm.default_config` below."""
+    if config is None:
+        if m >= DEQUANTIZE_DOT_MIN_M:
+            return DEQUANTIZE
+        return gemm.default_config(m, n, k, dtype=dtype)
+    if config != DEQUANTIZE and not isinstance(config, gemm.GemmConfig):
+        raise TypeError(
+            f"config must be a kernels.gemm.GemmConfig, {DEQUANTIZE!r} or None, got {config!r}"
+        )
+    return config
+
+
 def _pallas_matmul(x2d, w: NVFP4Array, bias, out_dtype, config=None) -> jax.Array:
     """Pallas path: the Mosaic GPU kernel on the prepared layout (built here if ``w`` has
-    none for ``x2d.dtype``; ``prepare`` once to avoid that)."""
+    none for ``x2d.dtype``; ``prepare`` once to avoid that), or :func:`_dequantize_dot`."""
     if jnp.dtype(out_dtype) not in ACTIVATION_DTYPES:
         raise NotImplementedError(
             f"the Pallas GEMM writes bfloat16/float16, not {jnp.dtype(out_dtype)}"
         )
     n, k = w.data.shape[0], 2 * w.data.shape[1]
+    interpret = backends.interpret_pallas()
+    plan = pallas_plan(x2d.shape[0], n, k, x2d.dtype, config)
+    if plan == DEQUANTIZE:
+        backends.note("matmul", Backend.PALLAS, DEQUANTIZE)
+        return _dequantize_dot(x2d, w, bias, out_dtype, interpret)
     prepared = w.prepared
     if prepared is None or prepared.scales.dtype != x2d.dtype:
         prepared = _prepare_layout(w, x2d.dtype)
-    interpret = backends.interpret_pallas()
-    if config is None:
-        config = gemm.default_config(x2d.shape[0], n, k, dtype=x2d.dtype)
-        if interpret:  # the interpreter runs only the SMEM-operand variant
-            config = dataclasses.replace(config, a_operand="smem")
+    if config is None and interpret:  # the interpreter runs only the SMEM-operand variant
+        plan = dataclasses.replace(plan, a_operand="smem")
     return gemm.nvfp4_matmul(
-        x2d, prepared, n=n, k=k, bias=bias, out_dtype=out_dtype, config=config, interpret=interpret
+        x2d, prepared, n=n, k=k, bias=bias, out_dtype=out_dtype, config=plan, interpret=interpret
     )
+
+
+def _dequantize_dot(x2d, w: NVFP4Array, bias, out_dtype, interpret) -> jax.Array:
+    """``x2d [M, K] @ W``: the Pallas dequantize kernel writes the ``[N, K]`` weight in the
+    activation dtype (a transient ``N * K * 2`` bytes), XLA's dot (cuBLAS, fp32
+    accumulation) multiplies.
+
+    bf16: the tensor scale is folded into the weight, each ``e2m1 * scale * tensor_scale``
+    rounded once to bf16 (relative error <= 2^-9, what ``nvfp4_jax.dequantize`` returns),
+    so the dot writes the output directly. f16 (whose range the tensor scale could
+    overflow): the weight is ``e2m1 * scale`` (exact) and the tensor scale is applied to
+    the fp32 product.
+    """
+    fold = x2d.dtype == jnp.bfloat16
+    ts = w.tensor_scale if fold else jnp.float32(1.0)
+    wt = dequantize_kernel.dequantize(
+        w.data, w.scales, ts, out_dtype=x2d.dtype, interpret=interpret
+    )
+    dims = (((1,), (1,)), ((), ()))
+    if fold and bias is None and jnp.dtype(out_dtype) == x2d.dtype:
+        return lax.dot_general(x2d, wt, dims, preferred_element_type=out_dtype)
+    acc = lax.dot_general(x2d, wt, dims, preferred_element_type=jnp.float32)
+    if not fold:
+        acc = acc * w.tensor_scale.astype(jnp.float32)
+    if bias is not None:
+        acc = acc + bias.astype(jnp.float32)
+    return acc.astype(out_dtype)
 
 
 backends.register("matmul", Backend.XLA)(_xla_matmul)
@@ -191,7 +249,10 @@ def matmul(
       bias: optional ``[N]``, added in float32.
       out_dtype: bf16, fp16 or fp32; default ``x.dtype``.
       backend: ``"pallas"`` or ``"xla"`` (see :mod:`nvfp4_jax.backends`).
-      config: a ``kernels.gemm.GemmConfig`` to override the Pallas kernel's tiling.
+      config: ``"pallas"`` only: a ``kernels.gemm.GemmConfig`` (the fused kernel with that
+        tiling) or ``"dequantize"`` (dequantize kernel + XLA dot, which needs a transient
+        ``[N, K]`` weight in the activation dtype); None: by shape, see
+        :func:`pallas_plan` (the dequantize route from M = 2048 rows on).
 
     Returns:
       ``[..., N]`` in ``out_dtype``.

@@ -617,6 +617,17 @@ def test_gpu_registers_4096(m):
 
 
 @gpu
+def test_gpu_tuned_entries_of_this_device():
+    """Every tuned tiling of the GPU at hand, at its bucket's largest M (and 3 rows fewer)."""
+    entries = gemm_tuned.TUNED.get(jax.devices()[0].device_kind, {})
+    if not entries:
+        pytest.skip(f"no tuned entries for {jax.devices()[0].device_kind}")
+    for (bucket, n, k), entry in entries.items():
+        for m in (bucket, bucket - 3):
+            _gpu_check(m, n, k, gemm.tuned_config(entry), bias=m % 2 == 1)
+
+
+@gpu
 @pytest.mark.parametrize(
     "m,n,k", [(3, 4104, 4112), (70, 200, 48), (130, 1000, 1040), (17, 14336, 4096)]
 )

@@ -23,6 +23,7 @@ from torch import nn  # noqa: E402
 import interop  # noqa: E402
 import nvfp4_jax as nv  # noqa: E402
 from interop import NVFP4Linear, dlpack, modules, to_jax, to_torch  # noqa: E402
+from nvfp4_jax import backends  # noqa: E402
 
 DTYPES = list(interop.SUPPORTED_DTYPES)
 FP8 = [torch.float8_e4m3fn, torch.float8_e5m2]
@@ -637,6 +638,26 @@ def test_torch_launch_function_is_one_mosaic_kernel():
         n_out = -(-n // cfg.tile_n) * cfg.tile_n
         partials = cfg.split_k > 1 and not cfg.cluster_reduce
         assert out.shape == ((cfg.split_k, m, n_out) if partials else (m, n_out))
+
+
+@_apply_marks
+def test_gpu_prefill_rows_take_the_dequantize_route():
+    """From DEQUANTIZE_DOT_MIN_M rows on, the CUDA forward uses the JAX path (whose
+    ``linear`` dequantizes and calls XLA's dot) instead of launching the fused kernel."""
+    from nvfp4_jax.matmul import DEQUANTIZE_DOT_MIN_M
+
+    lin = _layer(k=1024, n=520).cuda()
+    layer = NVFP4Linear.from_linear(lin)
+    sd = layer.state_dict()
+    w_dq = _torch_dequantize(sd["weight"], sd["weight_scale"], sd["weight_scale_2"])
+    x = torch.randn(DEQUANTIZE_DOT_MIN_M + 5, 1024, dtype=torch.bfloat16, device="cuda")
+    with torch.no_grad(), backends.record() as log:
+        y = layer(x)
+    assert layer._jax_state()[4] == {}, "no kernel launched from torch"
+    assert backends.Dispatch("matmul", "pallas", "dequantize") in log
+    assert y.shape == (x.shape[0], 520) and y.dtype == torch.bfloat16
+    ref = F.linear(x.cpu().double(), w_dq, lin.bias.detach().cpu().double())
+    assert _rel(y.cpu(), ref) <= 1e-2
 
 
 @_apply_marks

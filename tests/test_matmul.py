@@ -4,6 +4,8 @@ Tolerance policy: relative Frobenius error vs a float64 product of the dequantiz
 <= 1e-2, plus an element-wise bound so an unwritten output element cannot hide.
 """
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -87,6 +89,54 @@ def test_float32_output_falls_back_to_xla_unless_pallas_is_named(rng, monkeypatc
     _check(y, x, w)
 
 
+@pytest.mark.parametrize(
+    "dtype,out_dtype,with_bias",
+    [(jnp.bfloat16, None, False), (jnp.bfloat16, jnp.float16, True), (jnp.float16, None, True)],
+)
+def test_dequantize_route(rng, monkeypatch, dtype, out_dtype, with_bias):
+    """The prefill route (dequantize kernel + XLA dot), by name and by shape."""
+    m, n, k = 37, 200, 16 * 13
+    w = nv.prepare(_weight(rng, k, n, dtype), dtype)
+    x = jnp.asarray(rng.standard_normal((m, k)), dtype)
+    bias = jnp.asarray(rng.standard_normal(n), jnp.float32) if with_bias else None
+    with backends.record() as log:
+        y = nv.matmul(x, w, bias=bias, out_dtype=out_dtype, backend="pallas", config="dequantize")
+    assert log[-1].detail == "dequantize"
+    assert y.dtype == (out_dtype or dtype)
+    _check(y, x, w, bias)
+    if dtype == jnp.bfloat16 and not with_bias:  # exactly x @ dequantize(w, bf16), f32 sums
+        wd = nv.dequantize(w, jnp.bfloat16).astype(jnp.float32)
+        want = jnp.dot(x.astype(jnp.float32), wd, precision="highest")
+        np.testing.assert_allclose(
+            np.asarray(y, np.float32),
+            np.asarray(want.astype(dtype), np.float32),
+            rtol=2e-2,
+            atol=1e-2 * float(jnp.abs(want).max()),
+        )
+    monkeypatch.setattr(importlib.import_module("nvfp4_jax.matmul"), "DEQUANTIZE_DOT_MIN_M", m)
+    with backends.record() as log:
+        y_auto = jax.jit(
+            lambda x, w: nv.matmul(x, w, bias=bias, out_dtype=out_dtype, backend="pallas")
+        )(x, w)
+    assert [d.detail for d in log if d.op == "matmul"][-1] == "dequantize"
+    np.testing.assert_array_equal(np.asarray(y_auto), np.asarray(y))
+    with backends.record() as log:
+        nv.matmul(x[: m - 1], w, backend="pallas")  # below the threshold: the fused kernel
+    assert all(d.detail != "dequantize" for d in log)
+
+
+def test_pallas_plan():
+    from nvfp4_jax.kernels import gemm
+    from nvfp4_jax.matmul import pallas_plan
+
+    assert pallas_plan(4096, 4096, 4096) == "dequantize"
+    assert isinstance(pallas_plan(1024, 4096, 4096), gemm.GemmConfig)
+    cfg = gemm.GemmConfig(tile_n=128, tile_m=64, tile_k=128)
+    assert pallas_plan(4096, 4096, 4096, config=cfg) is cfg
+    with pytest.raises(TypeError, match="config must be a kernels.gemm.GemmConfig"):
+        pallas_plan(8, 64, 64, config="fused")
+
+
 def test_closed_over_weight_and_prepared_cache(rng):
     w = nv.prepare(_weight(rng, 64, 64))
     x = jnp.asarray(rng.standard_normal((4, 64)), jnp.bfloat16)
@@ -129,6 +179,21 @@ def test_matmul_grid_gpu(rng, m, n, k):
     with backends.record() as log:
         y = jax.jit(lambda x, w, b: nv.matmul(x, w, bias=b))(x, w, bias)
     assert log[0] == backends.Dispatch("matmul", "pallas", "")
+    _check(y, x, w, bias)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("n,k", [(200, 16 * 25), (4096, 4096)])
+def test_matmul_prefill_gpu(rng, dtype, n, k):
+    """M >= 2048 takes the dequantize route (ragged M, odd N, bias)."""
+    m = 2048 + 37
+    w = nv.prepare(_weight(rng, k, n, dtype), dtype)
+    x = jnp.asarray(rng.standard_normal((m, k)), dtype)
+    bias = jnp.asarray(rng.standard_normal(n), jnp.float32)
+    with backends.record() as log:
+        y = jax.jit(lambda x, w, b: nv.matmul(x, w, bias=b))(x, w, bias)
+    assert log[-1] == backends.Dispatch("matmul", "pallas", "dequantize")
     _check(y, x, w, bias)
 
 

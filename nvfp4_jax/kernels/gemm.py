@@ -52,8 +52,13 @@ reduction through GMEM semaphores measured 0.3-0.8 us slower than the XLA fusion
 
 Measured on H100 80GB HBM3 (jax 0.11.2, weights rotated beyond L2, device
 time incl. the split-K reduction; benchmarks/results/matmul-2026-11-23.md)
-against bf16 ``jnp.dot``: M <= 16 is 1.74-1.90x faster at N=K=4096 and
-2.03-2.53x at 14336x4096 .. 28672x8192; M=64 1.5-1.9x; M >= 256 0.7-0.9x.
+against bf16 ``jnp.dot``: M <= 16 is 1.72-1.90x faster at N=K=4096 and
+2.02-2.53x at 14336x4096 .. 28672x8192; M=64 1.55-1.92x; M >= 256 0.7-0.9x, so
+``nvfp4_jax.matmul`` dequantizes and calls XLA's dot from M = 2048 on instead
+(0.90-0.94x at M = 4096; benchmarks/results/prefill-2026-11-23.md). Tried and
+measured worse for prefill: 128-feature x 256-token tiles (1.3-1.45x slower) and
+keeping a step's wgmmas in flight across pipeline steps (at most 3% faster, up to
+60% slower, and wrong with 128-token tiles).
 
 Public entry points: :class:`GemmConfig`, :func:`default_config`,
 :func:`single_kernel_config`, :func:`default_grouped_config`,
