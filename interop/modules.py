@@ -3,8 +3,9 @@
 Inference only (W4A16): the weight is NVFP4, activations stay bf16/fp16. On Hopper GPUs the
 product is the Pallas GEMM kernel launched directly from torch (:mod:`interop.torch_kernel`),
 except for prefill-sized inputs (``nvfp4_jax.matmul.DEQUANTIZE_DOT_MIN_M`` rows or more), which
-take ``nvfp4_jax.linear``'s dequantize route through the JAX path; elsewhere (CPU tensors, other GPUs, ``$NVFP4_JAX_TORCH_LAUNCH=0``) it is ``nvfp4_jax.linear``
-called through one cached ``jax.jit`` and the zero-copy bridge of :mod:`interop.dlpack`.
+take the JAX path below for ``nvfp4_jax.linear``'s dequantize route. Elsewhere (CPU tensors,
+other GPUs, ``$NVFP4_JAX_TORCH_LAUNCH=0``) it is ``nvfp4_jax.linear`` called through one
+cached ``jax.jit`` and the zero-copy bridge of :mod:`interop.dlpack`.
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ def _xla_matmul(x2d, w: NVFP4Array, bias, out_dtype, config=None) -> jax.Array:
 
 # From this many rows on, the "pallas" backend dequantizes the weight and calls XLA's dot.
 # Measured on an H100 (benchmarks/results/prefill-2026-11-23.md, bf16): at M = 4096 that
-# is 1.22-1.30x faster than the fused kernel (0.91-0.93x of bf16 against 0.70-0.72x); at
+# is 1.2-1.3x faster than the fused kernel (0.90-0.94x of bf16 against 0.70-0.72x); at
 # M = 1024 the two are within 6% either way; the crossover is estimated near M = 1500.
 DEQUANTIZE_DOT_MIN_M = 2048
 DEQUANTIZE = "dequantize"

@@ -162,6 +162,8 @@ def test_bad_inputs(rng):
         nv.matmul(x, jax.vmap(lambda e: nv.quantize(e, axis=0))(jnp.ones((2, 32, 16))))
     with pytest.raises(TypeError, match="out_dtype must be one of"):
         nv.matmul(x, w, out_dtype=jnp.int8)
+    with pytest.raises(TypeError, match="config must be a kernels.gemm.GemmConfig"):
+        nv.matmul(x, w, backend="pallas", config="fused")
     with pytest.raises(ValueError, match="unknown NVFP4 backend"):
         nv.matmul(x, w, backend="marlin")
     with pytest.raises(TypeError, match="activation dtype"):
