@@ -119,7 +119,12 @@ def test_dequantize_route(rng, monkeypatch, dtype, out_dtype, with_bias):
             lambda x, w: nv.matmul(x, w, bias=bias, out_dtype=out_dtype, backend="pallas")
         )(x, w)
     assert [d.detail for d in log if d.op == "matmul"][-1] == "dequantize"
-    np.testing.assert_array_equal(np.asarray(y_auto), np.asarray(y))
+    _check(y_auto, x, w, bias)
+    # jit may fuse the f32 epilogue differently from eager: equal up to output roundings.
+    eps, y32 = float(jnp.finfo(y.dtype).eps), np.asarray(y, np.float32)
+    np.testing.assert_allclose(
+        np.asarray(y_auto, np.float32), y32, rtol=2 * eps, atol=2e-3 * eps * np.abs(y32).max()
+    )
     with backends.record() as log:
         nv.matmul(x[: m - 1], w, backend="pallas")  # below the threshold: the fused kernel
     assert all(d.detail != "dequantize" for d in log)
