@@ -21,7 +21,6 @@ import jax.numpy as jnp
 
 import nvfp4_jax as nv
 from benchmarks import common
-from nvfp4_jax.backends import device_info
 from nvfp4_jax.kernels import gemm
 from nvfp4_jax.matmul import DEQUANTIZE, pallas_plan
 
@@ -41,7 +40,7 @@ def sweep(m: int, n: int, k: int):
     base = gemm.default_config(m, n, k)
     if plan != base:
         yield base
-    num_sms = device_info().num_sms or 132
+    num_sms = gemm.sm_count()
     if m <= 64:
         for tile_n, tile_k, stages in itertools.product((128, 256), (64, 128), (4, 8)):
             tiles = -(-n // tile_n) * -(-m // base.tile_m)

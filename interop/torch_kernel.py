@@ -32,7 +32,7 @@ _JAX_DTYPE = {torch.bfloat16: jnp.bfloat16, torch.float16: jnp.float16}
 def kernel_fn(n: int, k: int, cfg: gemm.GemmConfig, m_rows: int) -> Callable:
     """The JAX function ``(x2d, data, scales, ts[, bias])`` -> the kernel's raw output: one
     Mosaic GPU kernel and nothing else, as ``as_torch_kernel`` requires."""
-    tile_m = min(cfg.tile_m, -(-m_rows // 8) * 8)
+    tile_m = gemm.token_tile(cfg, m_rows)
     k_steps = -(-k // cfg.tile_k) // cfg.split_k
 
     def fn(x2d, data, scales, ts, *bias):

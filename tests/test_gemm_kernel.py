@@ -420,6 +420,12 @@ def test_default_config_buckets():
     assert (big.tile_n, big.tile_k, big.split_k) == (256, 256, 1)
 
 
+def test_token_tile_and_sm_count():
+    cfg = G(tile_n=256, tile_m=128, tile_k=64)
+    assert [gemm.token_tile(cfg, m) for m in (0, 1, 9, 128, 300)] == [8, 8, 16, 128, 128]
+    assert gemm.sm_count(7) == 7 and gemm.sm_count() >= 1
+
+
 def test_tuned_table_entries_are_valid():
     for device, entries in gemm_tuned.TUNED.items():
         for (bucket, n, k), e in entries.items():

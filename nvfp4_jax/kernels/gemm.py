@@ -228,6 +228,17 @@ def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
 
+def token_tile(cfg: GemmConfig, m: int) -> int:
+    """The token tile a launch over ``m`` rows uses: ``cfg.tile_m``, shrunk to
+    ``round_up(m, 8)`` for fewer rows."""
+    return min(cfg.tile_m, _round_up(max(m, 1), 8))
+
+
+def sm_count(num_sms: int | None = None) -> int:
+    """``num_sms`` if given, else the device's SM count (132, an H100's, where unknown)."""
+    return num_sms or device_info().num_sms or 132
+
+
 def _largest_divisor_at_most(n: int, bound: int) -> int:
     return max(d for d in range(1, max(1, min(n, bound)) + 1) if n % d == 0)
 
@@ -259,9 +270,8 @@ def default_config(
     4). Measured on H100 (jax 0.11.2) with ``benchmarks/bench_matmul.py
     --configs`` (results in benchmarks/results/matmul_sweep-*.md).
     """
-    device = device_info()
-    num_sms = num_sms or device.num_sms or 132
-    entry = gemm_tuned.lookup(device.device_kind, m, n, k) if tuned else None
+    num_sms = sm_count(num_sms)
+    entry = gemm_tuned.lookup(device_info().device_kind, m, n, k) if tuned else None
     if entry is not None:
         return _fit_stages(tuned_config(entry), m, dtype)
     if m <= 16 and not narrow_decode:
@@ -297,12 +307,11 @@ def single_kernel_config(cfg: GemmConfig, m: int, k: int, dtype=jnp.bfloat16) ->
     if cfg.split_k == 1 or cfg.cluster_reduce:
         return cfg
     k_steps = -(-k // cfg.tile_k)
-    tile_m = min(cfg.tile_m, _round_up(max(m, 1), 8))
     for split_k in range(min(cfg.split_k, 4), 1, -1):
         if k_steps % split_k == 0:
             cluster = dataclasses.replace(cfg, split_k=split_k, split_k_reduce="cluster")
             cluster = _fit_stages(cluster, m, dtype)
-            if smem_bytes(cluster, tile_m, dtype) <= _SMEM_BYTES:
+            if smem_bytes(cluster, token_tile(cluster, m), dtype) <= _SMEM_BYTES:
                 return cluster
     return _fit_stages(dataclasses.replace(cfg, split_k=1), m, dtype)
 
@@ -321,7 +330,7 @@ def tuned_config(entry: gemm_tuned.Tuned) -> GemmConfig:
 
 def _fit_stages(cfg: GemmConfig, m: int, dtype) -> GemmConfig:
     """``cfg`` with the most pipeline stages (at most its own, at least 2) that fit SMEM."""
-    while cfg.stages > 2 and smem_bytes(cfg, min(cfg.tile_m, _round_up(m, 8)), dtype) > _SMEM_BYTES:
+    while cfg.stages > 2 and smem_bytes(cfg, token_tile(cfg, m), dtype) > _SMEM_BYTES:
         cfg = dataclasses.replace(cfg, stages=cfg.stages - 1)
     return cfg
 
@@ -997,7 +1006,7 @@ def nvfp4_matmul(
     if m > 8 and m % 8:  # TMA of (8, .)-tiled GMEM views needs M % 8 == 0
         m_out = _round_up(m, 8)
         x2d = jnp.pad(x2d, ((0, m_out - m), (0, 0)))
-    tile_m = min(cfg.tile_m, _round_up(max(m, 1), 8))
+    tile_m = token_tile(cfg, m)
     out = _launch(
         x2d,
         prepared.data,
@@ -1040,7 +1049,7 @@ def default_grouped_config(
     rows)`` tokens) plus 4, so that most routed groups fit in one token tile: a group
     longer than ``tile_m`` streams its expert's weights once per tile. Split-K is sized
     for the expected number of token tiles."""
-    num_sms = num_sms or device_info().num_sms or 132
+    num_sms = sm_count(num_sms)
     active = max(1, min(num_experts, rows))
     typical = -(-3 * max(rows, 1) // (2 * active)) + 4
     cfg = default_config(
