@@ -702,11 +702,12 @@ def _gemm_kernel(
 
     def mma_body(_, w_smem, s_smem, x_smem, acc_ref):
         for g in range(groups_per_step):
-            # The whole k-group is decoded before its wgmmas are issued, and they
-            # are awaited before the next k-group is decoded: a register operand
-            # must stay untouched while an asynchronous wgmma reads it, and
-            # LLVM/ptxas may reuse a dead operand's registers for the next decode.
-            # The other compute warpgroups keep the tensor cores busy meanwhile.
+            # The whole k-group is decoded before its wgmmas are issued. Without
+            # overlap_decode they are awaited before the next k-group is decoded;
+            # with it, ptxas keeps the register operands of in-flight wgmmas live
+            # until the step's single wait. Keeping them in flight across steps
+            # instead gave wrong results (prefill-2026-11-23.md). The other compute
+            # warpgroups keep the tensor cores busy meanwhile.
             for q, a in enumerate(decode_group(w_smem, s_smem, g)):
                 quarter = g * _CODES_PER_LANE + q
                 x_t = x_smem.at[:, pl.ds(quarter * lanes, lanes)].T
