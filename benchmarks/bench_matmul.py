@@ -32,7 +32,8 @@ def sweep(m: int, n: int, k: int):
     """The default config, then a grid around it (for ``--configs``). Decode (M <= 64):
     128/256-feature tiles, tile_k 64/128, 4 or 8 pipeline stages (fewer where SMEM is
     short), and the two largest split-K values that keep the grid within one wave, with
-    XLA and (split-K 2 to 4; 8-CTA clusters measured slower) cluster reduction. Prefill:
+    XLA and (split-K 2 to 4; 8-CTA clusters measured slower) cluster reduction, and
+    stream-K over all SMs. Prefill:
     tile shapes, tile_k, stages, with and without ``overlap_decode``, and the dequantize
     route."""
     plan = pallas_plan(m, n, k)
@@ -48,11 +49,17 @@ def sweep(m: int, n: int, k: int):
             splits = [s for s in range(1, 17) if steps % s == 0 and tiles * s <= num_sms] or [1]
             for split_k in splits[-2:]:
                 cfg = dataclasses.replace(
-                    base, tile_n=tile_n, tile_k=tile_k, split_k=split_k, stages=stages
+                    base, tile_n=tile_n, tile_k=tile_k, split_k=split_k, stages=stages, stream_k=0
                 )
                 for reduce in ("xla", "cluster") if 2 <= split_k <= 4 else ("xla",):
                     cfg = dataclasses.replace(cfg, split_k_reduce=reduce)
                     yield gemm._fit_stages(cfg, m, jnp.bfloat16)
+            if tiles <= num_sms <= tiles * steps:  # stream-K over all SMs
+                cfg = dataclasses.replace(
+                    base, tile_n=tile_n, tile_k=tile_k, stages=stages, split_k=1, stream_k=num_sms
+                )
+                cfg = dataclasses.replace(cfg, split_k_reduce="xla")
+                yield gemm._fit_stages(cfg, m, jnp.bfloat16)
     else:
         grid = itertools.product((128, 256), (128, 256), (64, 128), (3, 4), (False, None))
         keys = ("tile_n", "tile_m", "tile_k", "stages", "overlap_decode")

@@ -92,6 +92,7 @@ def config_label(cfg) -> str:
     return (
         f"n{cfg.tile_n} m{cfg.tile_m} k{cfg.tile_k} s{cfg.stages} sk{cfg.split_k}"
         + (" cluster" if cfg.cluster_reduce else "")
+        + (f" stream{cfg.stream_k}" if cfg.stream_k else "")
         + ("" if cfg.use_overlap_decode else " serial")
     )
 

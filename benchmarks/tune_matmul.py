@@ -36,8 +36,12 @@ def render(tuned: dict) -> str:
     for device in sorted(tuned):
         lines.append(f"    {json.dumps(device)}: {{")
         for key in sorted(tuned[device]):
-            values = list(tuned[device][key])
-            if values[-1] == "xla":  # the default split_k_reduce is left out
+            entry = tuned[device][key]
+            values = list(entry)
+            # trailing fields at their defaults (split_k_reduce "xla", stream_k 0) are left out
+            while len(values) > 7 and values[-1] == gemm_tuned.Tuned._field_defaults.get(
+                entry._fields[len(values) - 1]
+            ):
                 values.pop()
             fields = ", ".join(json.dumps(v) for v in values)
             lines.append(f"        {key}: Tuned({fields}),")
@@ -85,6 +89,7 @@ def main() -> None:
             round(t, 2),
             today,
             cfg.split_k_reduce if cfg.split_k > 1 else "xla",
+            cfg.stream_k,
         )
         tuned.setdefault(device, {})[(m, n, k)] = entry
         rows.append([m, n, k, t, common.config_label(cfg)])

@@ -190,7 +190,7 @@ class TorchGemm:
         # kernel (thread-block clusters); XLA-reduced partials would need three more torch
         # ops per call (sum, scale, cast).
         dtype = _JAX_DTYPE[self.dtype]
-        cfg = gemm.default_config(m, self.n, self.k, dtype=dtype)
+        cfg = gemm.default_config(m, self.n, self.k, dtype=dtype, stream_k=False)
         cfg = gemm.single_kernel_config(cfg, m, self.k, dtype)
         rows = m if m <= 8 else -(-m // 8) * 8  # TMA of (8, .)-tiled views
         n_out = -(-self.n // cfg.tile_n) * cfg.tile_n

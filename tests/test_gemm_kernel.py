@@ -14,6 +14,7 @@ relative), so the bound is 1e-2 for bf16 and 2e-3 for f16. Layout and decode
 tests are exact.
 """
 
+import dataclasses
 import os
 
 import jax
@@ -21,6 +22,8 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from cross_lowering import cross_lower, h100_mesh
 from race_detection import RACES, races_found
@@ -281,6 +284,56 @@ def test_interpret_multi_warpgroup_tiles():
         assert _rel_err(y, ref) <= _tolerance(jnp.bfloat16), cfg
 
 
+@pytest.mark.parametrize(
+    "m,n,k,ctas,dtype",
+    [
+        (5, 200, 320, 4, jnp.bfloat16),  # 4 tiles x 5 steps over 4 CTAs: every run crosses
+        (5, 200, 320, 7, jnp.float16),  # runs of 2 and 3 steps, some inside one tile
+        (3, 64, 48, 1, jnp.bfloat16),  # one tile of one step, one CTA
+        (70, 136, 256, 3, jnp.bfloat16),  # 2 token tiles, a last tile of 8 features
+    ],
+)
+def test_interpret_stream_k(m, n, k, ctas, dtype):
+    """Stream-K runs that end inside a tile, with bias, both dtypes and several token tiles;
+    the result equals split-K's up to fp32 rounding."""
+    data, scales, ts = _random_weight(n, k, seed=m + n + ctas)
+    x = _random_x(m, k, dtype, seed=ctas)
+    bias = jnp.asarray(np.random.default_rng((_SALT, 17)).standard_normal(n).astype(np.float32))
+    prep = gemm.prepare_weight(jnp.asarray(data), jnp.asarray(scales), ts, dtype=dtype)
+    cfg = dataclasses.replace(_interp_config(m, n, k), stream_k=ctas)
+    y = gemm.nvfp4_matmul(x, prep, n=n, k=k, bias=bias, config=cfg, interpret=True)
+    assert y.shape == (m, n) and y.dtype == dtype
+    assert _rel_err(y, _reference64(x, data, scales, ts, bias)) <= _tolerance(dtype)
+
+
+@given(
+    n_tiles=st.integers(1, 40),
+    tile_steps=st.integers(1, 40),
+    extra=st.integers(0, 200),
+)
+def test_stream_k_terms_cover_every_unit_once(n_tiles, tile_steps, extra):
+    """Adding sign * (units behind each slot) over a tile's terms gives exactly its units."""
+    ctas = min(n_tiles + extra, n_tiles * tile_steps)
+    sched = gemm.StreamK(n_tiles, tile_steps, ctas)
+    behind = {}  # slot -> units accumulated into it
+    for c in range(ctas):
+        u0, u1 = sched.run(c)
+        assert u1 > u0
+        end_first = min(u1, (u0 // tile_steps + 1) * tile_steps)
+        behind[2 * c] = np.arange(u0, end_first)
+        behind[2 * c + 1] = np.arange(u0, u1)
+        assert (u1 - 1) // tile_steps - u0 // tile_steps <= 1  # at most two tiles
+    slots, signs = sched.terms()
+    for t in range(n_tiles):
+        count = np.zeros(sched.units)
+        for slot, sign in zip(slots[t], signs[t]):
+            if sign:
+                np.add.at(count, behind[int(slot)], sign)
+        expected = np.zeros(sched.units)
+        expected[t * tile_steps : (t + 1) * tile_steps] = 1
+        np.testing.assert_array_equal(count, expected)
+
+
 def test_zero_weight_gives_bias():
     m, n, k = 8, 64, 64
     prep = gemm.prepare_weight(
@@ -399,6 +452,19 @@ def test_wrapper_validation():
         G(split_k=2, split_k_reduce="atomic")
     with pytest.raises(ValueError):
         gemm.prepare_weight(jnp.asarray(data), jnp.asarray(scales[:, :3]), ts)
+    with pytest.raises(ValueError, match="stream_k"):
+        G(split_k=2, stream_k=4)
+    with pytest.raises(ValueError, match="stream_k"):
+        G(stream_k=-1)
+    for ctas in (1, 3):  # N = 200, K = 128: 2 tiles of 128 features x 1 step of 128 = 2 units
+        with pytest.raises(ValueError, match=r"stream_k=\d must lie in .* = \[2, 2\]"):
+            gemm.nvfp4_matmul(
+                x,
+                gemm.prepare_weight(*map(jnp.asarray, _random_weight(200, 128, 1))),
+                n=200,
+                k=128,
+                config=G(tile_k=128, stream_k=ctas),
+            )
 
 
 def test_default_config_buckets():
@@ -418,6 +484,15 @@ def test_default_config_buckets():
     assert (narrow.tile_n, narrow.tile_k, narrow.split_k) == (128, 128, 4)
     big = gemm.default_config(16, 28672, 8192, num_sms=132)  # 112 tiles: no split
     assert (big.tile_n, big.tile_k, big.split_k) == (256, 256, 1)
+    # M <= 8 with a grid short of 90% of the SMs: stream-K over all of them, unless ruled out
+    for n, k in ((28672, 8192), (14336, 4096)):
+        stream = gemm.default_config(1, n, k, num_sms=132, tuned=False)
+        assert (stream.tile_n, stream.tile_k, stream.split_k, stream.stream_k) == (256, 64, 1, 132)
+        assert gemm.default_config(1, n, k, num_sms=132, tuned=False, stream_k=False).stream_k == 0
+        assert gemm.default_config(1, n, k, num_sms=132, narrow_decode=True).stream_k == 0
+    assert gemm.default_config(16, 14336, 4096, num_sms=132, tuned=False).stream_k == 0
+    assert gemm.default_config(1, 4096, 4096, num_sms=132).stream_k == 0  # 128 CTAs
+    assert gemm.single_kernel_config(stream, 1, 4096).stream_k == 0
 
 
 def test_token_tile_and_sm_count():
@@ -552,6 +627,14 @@ _LOWER_CASES = {
         4096,
         4096,
         G(tile_n=256, tile_m=8, tile_k=64, split_k=8, split_k_reduce="cluster"),
+        True,
+    ),
+    "stream_k_m1": (1, 28672, 8192, G(tile_n=256, tile_m=8, tile_k=256, stream_k=132), False),
+    "stream_k_m64_bias": (
+        64,
+        4096,
+        14336,
+        G(tile_n=256, tile_m=64, tile_k=64, stream_k=132, stages=4),
         True,
     ),
     "cluster_m16": (
@@ -693,11 +776,19 @@ def test_gpu_configs(cfg):
             4096,
             G(tile_n=128, tile_m=64, tile_k=128, split_k=4, stages=2, split_k_reduce="cluster"),
         ),
+        (1, 28672, 8192, G(tile_n=256, tile_m=8, tile_k=256, stream_k=132)),
+        (16, 14336, 4096, G(tile_n=256, tile_m=16, tile_k=64, stream_k=132)),
+        (3, 200, 1040, G(tile_n=128, tile_m=8, tile_k=64, stream_k=7)),  # 2 tiles x 17 steps
+        (17, 1000, 2048, G(tile_n=256, tile_m=24, tile_k=128, stages=2, stream_k=13)),
+        (130, 320, 4096, G(tile_n=128, tile_m=64, tile_k=128, stages=3, stream_k=5)),  # 3 m-tiles
+        (64, 4096, 14336, G(tile_n=256, tile_m=64, tile_k=64, stream_k=132)),
     ],
     ids=lambda v: (
         str(v)
         if not isinstance(v, G)
-        else f"n{v.tile_n}m{v.tile_m}k{v.tile_k}sk{v.split_k}" + ("c" if v.cluster_reduce else "")
+        else f"n{v.tile_n}m{v.tile_m}k{v.tile_k}sk{v.split_k}"
+        + ("c" if v.cluster_reduce else "")
+        + (f"st{v.stream_k}" if v.stream_k else "")
     ),
 )
 def test_gpu_split_k(m, n, k, cfg):
@@ -706,12 +797,16 @@ def test_gpu_split_k(m, n, k, cfg):
 
 
 @gpu
-@pytest.mark.parametrize("split_k_reduce", ["xla", "cluster"])
+@pytest.mark.parametrize("split_k_reduce", ["xla", "cluster", "stream"])
 def test_gpu_split_k_is_deterministic(split_k_reduce):
-    """Repeated split-K calls, also back to back in one program, agree bitwise."""
+    """Repeated split-K (and stream-K) calls, also back to back in one program, agree
+    bitwise."""
     m, n, k = 16, 2048, 4096
     data, scales, ts, x, prep = _random_problem(m, n, k, seed=11)
-    cfg = G(tile_n=128, tile_m=16, tile_k=128, split_k=8, split_k_reduce=split_k_reduce)
+    if split_k_reduce == "stream":
+        cfg = G(tile_n=128, tile_m=16, tile_k=128, stream_k=132)
+    else:
+        cfg = G(tile_n=128, tile_m=16, tile_k=128, split_k=8, split_k_reduce=split_k_reduce)
     f = jax.jit(lambda x, p: [gemm.nvfp4_matmul(x, p, n=n, k=k, config=cfg) for _ in range(3)])
     outs = [np.asarray(y) for y in f(x, prep)] + [np.asarray(y) for y in f(x, prep)]
     for y in outs[1:]:

@@ -50,18 +50,24 @@ XLA-reduced splits (benchmarks/results/decode_variants-2026-11-23.md), and a
 reduction through GMEM semaphores measured 0.3-0.8 us slower than the XLA fusion
 (split_k_reduce-2026-11-23.md).
 
+Stream-K (``GemmConfig.stream_k``) fills the SMs where whole-tile splits cannot (112
+tiles of 256 features on 132 SMs): the CTAs share the (tile, K step) units in equal
+contiguous runs, one pipeline each; a run that crosses into a second tile stores
+the first tile's sum mid-pipeline, and an XLA fusion adds the partial sums
+(:class:`StreamK`; benchmarks/results/stream_k-2026-11-23.md).
+
 Measured on H100 80GB HBM3 (jax 0.11.2, weights rotated beyond L2, device
 time incl. the split-K reduction; benchmarks/results/matmul-2026-11-23.md)
 against bf16 ``jnp.dot``: M <= 16 is 1.72-1.90x faster at N=K=4096 and
-2.02-2.53x at 14336x4096 .. 28672x8192; M=64 1.55-1.92x; M >= 256 0.7-0.9x, so
+2.00-2.64x at 14336x4096 .. 28672x8192; M=64 1.55-1.92x; M >= 256 0.7-0.9x, so
 ``nvfp4_jax.matmul`` dequantizes and calls XLA's dot from M = 2048 on instead
-(0.90-0.94x at M = 4096; benchmarks/results/prefill-2026-11-23.md). Tried and
+(0.90-0.97x at M = 4096; benchmarks/results/prefill-2026-11-23.md). Tried and
 measured worse for prefill: 128-feature x 256-token tiles (1.3-1.45x slower) and
 keeping a step's wgmmas in flight across pipeline steps (at most 3% faster, up to
 60% slower, and wrong with 128-token tiles).
 
 Public entry points: :class:`GemmConfig`, :func:`default_config`,
-:func:`single_kernel_config`, :func:`default_grouped_config`,
+:func:`single_kernel_config`, :func:`default_grouped_config`, :class:`StreamK`,
 :func:`prepare_weight`, :func:`nvfp4_matmul`,
 :func:`nvfp4_grouped_matmul` and :func:`reference`.
 """
@@ -146,6 +152,14 @@ class GemmConfig:
         until the wait); False: wait after each k-group. None: True for
         "registers" (1-10% faster on H100, bitwise the same result), False for
         "smem" (whose one operand buffer the next k-group rewrites).
+      stream_k: 0 (off), or the number of CTAs per token tile that share the
+        ``n_tiles * K steps`` (tile, step) units of the product in contiguous,
+        equal runs ("stream-K"). A run may end inside one output tile and go on in
+        the next: the CTA then stores the partial sum of the first tile and starts
+        afresh. It fills every SM where ``n_tiles * split_k`` cannot (e.g. 112
+        256-feature tiles on 132 SMs). Needs ``split_k == 1`` and ``n_tiles <=
+        stream_k <= n_tiles * K steps`` (so a run touches at most two tiles); the
+        fp32 partial sums are added by a small XLA fusion.
     """
 
     tile_n: int = 128
@@ -158,6 +172,7 @@ class GemmConfig:
     fast_decode: bool | None = None
     compute_wgs: int | None = None
     overlap_decode: bool | None = None
+    stream_k: int = 0
 
     def __post_init__(self):
         if self.tile_n % _WGMMA_ROWS or not 64 <= self.tile_n <= 256:  # TMA box <= 256
@@ -170,6 +185,11 @@ class GemmConfig:
             raise ValueError(f"stages must be >= 1, got {self.stages}")
         if self.split_k < 1:
             raise ValueError(f"split_k must be >= 1, got {self.split_k}")
+        if self.stream_k < 0 or (self.stream_k and self.split_k != 1):
+            raise ValueError(
+                f"stream_k must be 0 (off) or a CTA count with split_k=1, got"
+                f" stream_k={self.stream_k}, split_k={self.split_k}"
+            )
         if self.split_k_reduce not in ("xla", "cluster"):
             raise ValueError(
                 f"split_k_reduce must be 'xla' or 'cluster', got {self.split_k_reduce!r}"
@@ -252,6 +272,7 @@ def default_config(
     num_sms: int | None = None,
     narrow_decode: bool = False,
     tuned: bool = True,
+    stream_k: bool = True,
 ) -> GemmConfig:
     """Tiling for one product: the measured best of :mod:`gemm_tuned` for this device and
     shape where the table has one (``tuned``), else a heuristic per shape bucket (decode:
@@ -264,15 +285,20 @@ def default_config(
     128-feature tiles fit in one wave, 128 rows beyond. ``narrow_decode`` applies
     the M <= 64 rule to M <= 16 too: the better tiling when split-K is not
     used (measured 1.6x faster without it at N = K = 4096, M = 1) and the grouped
-    kernel's choice (tuned on MoE shapes). Prefill is bound by the tensor
-    cores and by the decode ALU work, which is amortized over ``tile_m`` tokens
-    and over 128-row warpgroups. Stages are the most that fit in SMEM (at most
-    4). Measured on H100 (jax 0.11.2) with ``benchmarks/bench_matmul.py
+    kernel's choice (tuned on MoE shapes). M <= 8 where split-K leaves more than
+    a tenth of the SMs idle (e.g. 112 tiles of 256 features): stream-K over all
+    SMs in tile_k-64 units instead (measured 11% faster than no split at
+    28672x8192, M = 1, and 20.2 us against 22.0 us for two XLA-reduced splits at
+    14336x4096 in another run; not faster at M = 16 or 64); ``stream_k=False``
+    rules it out (a launch from torch, which runs no XLA reduction). Prefill is
+    bound by the tensor cores and by the decode ALU work, which is amortized over
+    ``tile_m`` tokens and over 128-row warpgroups. Stages are the most that fit in
+    SMEM (at most 4). Measured on H100 (jax 0.11.2) with ``benchmarks/bench_matmul.py
     --configs`` (results in benchmarks/results/matmul_sweep-*.md).
     """
     num_sms = sm_count(num_sms)
     entry = gemm_tuned.lookup(device_info().device_kind, m, n, k) if tuned else None
-    if entry is not None:
+    if entry is not None and (stream_k or not entry.stream_k):
         return _fit_stages(tuned_config(entry), m, dtype)
     if m <= 16 and not narrow_decode:
         # 128-row warpgroups; while two splits of every 256-feature tile fit in one
@@ -295,6 +321,10 @@ def default_config(
     k_steps = -(-k // cfg.tile_k)
     ctas = -(-n // cfg.tile_n) * -(-m // cfg.tile_m)
     split_k = _largest_divisor_at_most(k_steps, max(1, num_sms // ctas))
+    if stream_k and m <= 8 and not narrow_decode and ctas * split_k < 0.9 * num_sms:
+        stream = dataclasses.replace(cfg, tile_k=64, stream_k=num_sms)
+        if ctas * -(-k // 64) >= num_sms:  # at least one unit per CTA
+            return _fit_stages(stream, m, dtype)
     return _fit_stages(dataclasses.replace(cfg, split_k=split_k), m, dtype)
 
 
@@ -303,7 +333,9 @@ def single_kernel_config(cfg: GemmConfig, m: int, k: int, dtype=jnp.bfloat16) ->
     split-K reduced inside clusters of at most 4 CTAs (the largest divisor of the K steps
     up to ``min(split_k, 4)`` whose partial-sum buffers fit SMEM; 8-CTA clusters measured
     40-100% slower than 8 splits reduced by XLA on H100, 4-CTA ones close to it), else no
-    split-K."""
+    split-K; stream-K becomes one CTA per tile."""
+    if cfg.stream_k:
+        return _fit_stages(dataclasses.replace(cfg, stream_k=0), m, dtype)
     if cfg.split_k == 1 or cfg.cluster_reduce:
         return cfg
     k_steps = -(-k // cfg.tile_k)
@@ -325,6 +357,7 @@ def tuned_config(entry: gemm_tuned.Tuned) -> GemmConfig:
         stages=entry.stages,
         split_k=entry.split_k,
         split_k_reduce=entry.split_k_reduce,
+        stream_k=entry.stream_k,
     )
 
 
@@ -615,8 +648,10 @@ def _gemm_kernel(
     k_steps: int,
     dtype,
     fused_epilogue: bool,
+    stream: StreamK | None,
 ):
-    """One CTA: output tile (n, m) over the K range of split s.
+    """One CTA: output tile (n, m) over the K range of split s; with ``stream``, CTA n's
+    run of (tile, K step) units of token tile m.
 
     Grouped (``tile_expert_gmem`` given): the weights are stacked per expert
     (``data [E, ...]``, ``scales [E, ...]``, ``ts [E]``) and token tile ``m``
@@ -630,7 +665,8 @@ def _gemm_kernel(
     GMEM refs: data uint16 [(E,) K_pad/kg, N_pad, kg/4]; scales [(E,) K_pad/16,
     N_pad]; x [M, K]; ts f32 [1] or [E]; bias [N_pad] or None; tile_expert
     int32 [m_tiles] or None; out [M, N_out]
-    (``fused_epilogue``) or f32 partial sums [split_k, M, N_out].
+    (``fused_epilogue``), f32 partial sums [split_k, M, N_out], or (stream-K) f32
+    partial sums [2 ctas, M, tile_n] in the slots of :class:`StreamK`.
 
     Cluster split-K (``red_smem`` given): split ``s > 0`` sends its f32 ``[rows,
     tile_m]`` accumulator into slot ``s - 1`` of split 0's ``red_smem [split_k - 1,
@@ -650,27 +686,34 @@ def _gemm_kernel(
     m_idx = lax.axis_index("m")
     s_idx = lax.axis_index("s")
     wg = lax.axis_index("wg")
-    k0 = s_idx * k_steps  # first pipeline step of this split
     row_slice = pl.ds(wg * rows, rows)
+    if stream is None:
+        k0 = s_idx * k_steps  # first pipeline step of this split
+        step_of = lambda j: k0 + j
+        tile_of = lambda j: n_idx
+    else:
+        u0, u1 = stream.run(n_idx)
+        step_of = lambda j: lax.rem(u0 + j, stream.tile_steps)
+        tile_of = lambda j: lax.div(u0 + j, stream.tile_steps)
 
     data_block = (groups_per_step, cfg.tile_n, lanes)
     scales_block = (cfg.tile_k // _BLOCK, cfg.tile_n)
     if tile_expert_gmem is None:
         expert = None
-        data_index = lambda k: (k0 + k, n_idx, 0)
-        scales_index = lambda k: (k0 + k, n_idx)
+        data_index = lambda k: (step_of(k), tile_of(k), 0)
+        scales_index = lambda k: (step_of(k), tile_of(k))
     else:  # a squeezed leading expert dimension
         expert = tile_expert_gmem[m_idx]
         data_block, scales_block = (None, *data_block), (None, *scales_block)
-        data_index = lambda k: (expert, k0 + k, n_idx, 0)
-        scales_index = lambda k: (expert, k0 + k, n_idx)
+        data_index = lambda k: (expert, step_of(k), n_idx, 0)
+        scales_index = lambda k: (expert, step_of(k), n_idx)
     data_spec = plgpu.BlockSpec(
         data_block, data_index, transforms=_swizzle_transforms(lanes, jnp.uint16)
     )
     scales_spec = plgpu.BlockSpec(scales_block, scales_index)
     x_spec = plgpu.BlockSpec(
         (tile_m, cfg.tile_k),
-        lambda k: (m_idx, k0 + k),
+        lambda k: (m_idx, step_of(k)),
         transforms=_swizzle_transforms(lanes, dtype),
     )
 
@@ -700,7 +743,12 @@ def _gemm_kernel(
             out.append(parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1))
         return out
 
-    def mma_body(_, w_smem, s_smem, x_smem, acc_ref):
+    def mma_body(idx, w_smem, s_smem, x_smem, acc_ref):
+        if stream is not None:  # the run enters its second tile: store the first one's sum
+            enters = (idx[0] > 0) & (step_of(idx[0]) == 0)
+            # (not awaited: the pipeline goes on; the final store waits for it)
+            pl.when(enters)(lambda: store(acc_ref[...], slot=2 * n_idx, wait=False))
+
         for g in range(groups_per_step):
             # The whole k-group is decoded before its wgmmas are issued. Without
             # overlap_decode they are awaited before the next k-group is decoded;
@@ -725,6 +773,10 @@ def _gemm_kernel(
         return acc_ref
 
     def epilogue(acc):
+        if stream is not None:  # (the sum of both tiles if the run crossed into a second)
+            crossed = tile_of(u1 - u0 - 1) != tile_of(0)
+            store(acc, slot=2 * n_idx + crossed.astype(jnp.int32))
+            return
         if red_smem is None:
             store(acc)
             return
@@ -743,8 +795,9 @@ def _gemm_kernel(
                 total = total + red_smem[j, wg]
             store(total)
 
-    def store(acc):
-        """acc: f32 [rows, tile_m] (WGMMA layout) -> transposed TMA store."""
+    def store(acc, slot=None, wait=True):
+        """acc: f32 [rows, tile_m] (WGMMA layout) -> transposed TMA store (stream-K:
+        into partial-sum slot ``slot``), awaited if ``wait``."""
         n0 = n_idx * cfg.tile_n + wg * rows
         if fast:
             acc = acc * np.float32(2.0**_FAST_SHIFT)
@@ -756,13 +809,18 @@ def _gemm_kernel(
                 bias = lax.broadcast_in_dim(bias.astype(jnp.float32), acc.shape, (0,))
                 acc = acc + plgpu.layout_cast(bias, plgpu.Layout.WGMMA)
             dst = out_gmem.at[pl.ds(m_idx * tile_m, tile_m), pl.ds(n0, rows)]
+        elif stream is not None:
+            dst = out_gmem.at[slot, pl.ds(m_idx * tile_m, tile_m), pl.ds(wg * rows, rows)]
         else:
             dst = out_gmem.at[s_idx, pl.ds(m_idx * tile_m, tile_m), pl.ds(n0, rows)]
         o_ref = o_smem.at[wg]
+        if stream is not None:  # a stream-K flush's store may still read o_smem
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
         o_ref.T[...] = plgpu.layout_cast(acc.astype(o_smem.dtype), plgpu.Layout.WGMMA_TRANSPOSED)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(o_ref, dst)
-        plgpu.wait_smem_to_gmem(0)
+        if wait:
+            plgpu.wait_smem_to_gmem(0)
 
     def compute_context(eval_pipeline):
         if fused_epilogue and bias_gmem is not None:  # overlaps with the main loop
@@ -781,12 +839,12 @@ def _gemm_kernel(
     def run():
         plgpu.emit_pipeline_warp_specialized(
             mma_body,
-            grid=(k_steps,),
+            grid=(k_steps,) if stream is None else (u1 - u0,),
             memory_registers=40,
             in_specs=[data_spec, scales_spec, x_spec],
             wg_axis="wg",
             num_compute_wgs=num_wgs,
-            max_concurrent_steps=min(cfg.stages, k_steps),
+            max_concurrent_steps=cfg.stages if stream else min(cfg.stages, k_steps),
             compute_context=compute_context,
         )(data_gmem, scales_gmem, x_gmem)
 
@@ -811,8 +869,75 @@ def smem_bytes(cfg: GemmConfig, tile_m: int, dtype=jnp.bfloat16, scale_itemsize:
 
 
 def _stores_partials(cfg: GemmConfig) -> bool:
-    """Whether the kernel stores f32 split-K partial sums for XLA to add."""
-    return cfg.split_k > 1 and not cfg.cluster_reduce
+    """Whether the kernel stores f32 split-K or stream-K partial sums for XLA to add."""
+    return (cfg.split_k > 1 and not cfg.cluster_reduce) or cfg.stream_k > 0
+
+
+class StreamK(NamedTuple):
+    """A stream-K schedule: ``ctas`` CTAs share the ``n_tiles * tile_steps`` (output tile,
+    K step) units, unit ``u`` being step ``u % tile_steps`` of tile ``u // tile_steps``.
+
+    CTA ``c`` runs units ``[c * units // ctas, (c + 1) * units // ctas)`` with one
+    accumulator. It stores the sum ``A`` of its first tile in slot ``2 c``; if the run
+    goes on into the next tile, it keeps accumulating and stores ``A + B`` in slot
+    ``2 c + 1``, and that tile's share is slot ``2 c + 1`` minus slot ``2 c`` (the
+    Mosaic GPU interpreter cannot reset an accumulator mid-pipeline; the difference
+    costs fp32 rounding of ``|A|`` only, far below the output's precision).
+    """
+
+    n_tiles: int
+    tile_steps: int
+    ctas: int
+
+    @property
+    def units(self) -> int:
+        return self.n_tiles * self.tile_steps
+
+    def run(self, c):
+        """First and end unit of CTA ``c`` (a Python or a traced int)."""
+        return c * self.units // self.ctas, (c + 1) * self.units // self.ctas
+
+    def terms(self) -> tuple[np.ndarray, np.ndarray]:
+        """int32 slots and float32 signs ``[n_tiles, J]``: tile ``t`` is the sum of
+        ``sign * partials[slot]`` over its row (padding: sign 0, slot 0)."""
+        per_tile: list[list[tuple[int, float]]] = [[] for _ in range(self.n_tiles)]
+        for c in range(self.ctas):
+            u0, u1 = self.run(c)
+            first, last = u0 // self.tile_steps, (u1 - 1) // self.tile_steps
+            per_tile[first].append((2 * c, 1.0))
+            if last != first:
+                per_tile[last] += [(2 * c + 1, 1.0), (2 * c, -1.0)]
+        width = max(map(len, per_tile))
+        slots = np.zeros((self.n_tiles, width), np.int32)
+        signs = np.zeros((self.n_tiles, width), np.float32)
+        for t, row in enumerate(per_tile):
+            slots[t, : len(row)] = [slot for slot, _ in row]
+            signs[t, : len(row)] = [sign for _, sign in row]
+        return slots, signs
+
+    def add_partials(self, partials: jax.Array) -> jax.Array:
+        """f32 ``[2 ctas, rows, tile_n]`` partial sums -> ``[rows, n_tiles * tile_n]``."""
+        _, rows, tile_n = partials.shape
+        slots, signs = self.terms()
+        terms = partials[slots] * signs[:, :, None, None]
+        tiles = jnp.where(signs[:, :, None, None] != 0, terms, 0).sum(axis=1)  # 0 * inf
+        return tiles.transpose(1, 0, 2).reshape(rows, self.n_tiles * tile_n)
+
+
+def stream_k_schedule(cfg: GemmConfig, n: int, k: int) -> StreamK | None:
+    """The :class:`StreamK` schedule of ``cfg`` for an ``[N, K]`` weight (None when
+    ``cfg.stream_k`` is 0); raises ValueError if a CTA's run could span three tiles or
+    hold no unit."""
+    if not cfg.stream_k:
+        return None
+    sched = StreamK(-(-n // cfg.tile_n), -(-k // cfg.tile_k), cfg.stream_k)
+    if not sched.n_tiles <= cfg.stream_k <= sched.units:
+        raise ValueError(
+            f"stream_k={cfg.stream_k} must lie in [n_tiles, n_tiles * K steps] ="
+            f" [{sched.n_tiles}, {sched.units}] for N={n}, K={k}, tile_n={cfg.tile_n},"
+            f" tile_k={cfg.tile_k}"
+        )
+    return sched
 
 
 def _check_activations(x2d, k: int, out_dtype, name: str = "x2d"):
@@ -861,11 +986,13 @@ def _launch(
     m_tiles,
     k_steps,
     interpret,
+    stream: StreamK | None = None,
 ):
     """Runs the kernel over ``m_tiles`` token tiles of ``x2d`` (rows a multiple of 8 or
     at most 8). Returns the product ``[rows, n_tiles * tile_n]`` in ``out_dtype`` with
     tensor scale and bias applied, or (:func:`_stores_partials`) float32 partial sums
-    ``[split_k, rows, n_tiles * tile_n]`` without them."""
+    ``[split_k, rows, n_tiles * tile_n]`` without them (stream-K: ``[2 ctas, rows,
+    tile_n]``, see :class:`StreamK`)."""
     dtype = x2d.dtype
     k_group = data.shape[-1] * _CODES_PER_LANE
     fused = not _stores_partials(cfg)
@@ -879,6 +1006,8 @@ def _launch(
     n_out = n_tiles * cfg.tile_n
     rows_out = x2d.shape[0]
     out_shape = (rows_out, n_out) if fused else (cfg.split_k, rows_out, n_out)
+    if stream is not None:
+        out_shape = (2 * stream.ctas, rows_out, cfg.tile_n)
 
     num_wgs, rows = cfg.num_compute_wgs, cfg.wg_rows
     lanes = k_group // _CODES_PER_LANE
@@ -913,7 +1042,8 @@ def _launch(
             "cluster_names": ("s",),
         }
     else:
-        grid = {"grid": (n_tiles, m_tiles, cfg.split_k), "grid_names": ("n", "m", "s")}
+        ctas = n_tiles if stream is None else stream.ctas
+        grid = {"grid": (ctas, m_tiles, cfg.split_k), "grid_names": ("n", "m", "s")}
     grouped = tile_expert is not None
 
     def kernel_body(*refs):
@@ -944,6 +1074,7 @@ def _launch(
             k_steps=k_steps,
             dtype=dtype,
             fused_epilogue=fused,
+            stream=stream,
         )
 
     kernel = plgpu.kernel(
@@ -1002,6 +1133,7 @@ def nvfp4_matmul(
     m = x2d.shape[0]
     cfg = config or default_config(m, n, k, dtype=x2d.dtype)
     k_steps = _check_config(cfg, k, k_group, interpret)
+    stream = stream_k_schedule(cfg, n, k)
 
     m_out = m
     if m > 8 and m % 8:  # TMA of (8, .)-tiled GMEM views needs M % 8 == 0
@@ -1022,9 +1154,11 @@ def nvfp4_matmul(
         m_tiles=-(-m_out // tile_m),
         k_steps=k_steps,
         interpret=interpret,
+        stream=stream,
     )
     if _stores_partials(cfg):
-        out = out.sum(axis=0) * prepared.tensor_scale[0]
+        out = out.sum(axis=0) if stream is None else stream.add_partials(out)
+        out = out * prepared.tensor_scale[0]
         if bias is not None:
             out = out[:, :n] + bias.astype(jnp.float32)
     return out[:m, :n].astype(out_dtype)
@@ -1156,6 +1290,8 @@ def nvfp4_grouped_matmul(
         )
     rows = x2d.shape[0]
     cfg = config or default_grouped_config(rows, num_experts, n, k, dtype=x2d.dtype)
+    if cfg.stream_k:
+        raise ValueError(f"the grouped product does not run stream-K, got config {cfg}")
     k_steps = _check_config(cfg, k, k_group, interpret)
     if rows == 0:
         return jnp.zeros((0, n), out_dtype)
