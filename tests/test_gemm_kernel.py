@@ -287,10 +287,10 @@ def test_interpret_multi_warpgroup_tiles():
 @pytest.mark.parametrize(
     "m,n,k,ctas,dtype",
     [
-        (5, 200, 320, 4, jnp.bfloat16),  # 4 tiles x 5 steps over 4 CTAs: every run crosses
-        (5, 200, 320, 7, jnp.float16),  # runs of 2 and 3 steps, some inside one tile
+        (5, 200, 320, 3, jnp.bfloat16),  # 2 tiles x 5 steps: runs 0-2, 3-5 (crosses), 6-9
+        (5, 200, 576, 5, jnp.float16),  # 2 tiles x 9 steps in runs of 3-4, one crossing
         (3, 64, 48, 1, jnp.bfloat16),  # one tile of one step, one CTA
-        (70, 136, 256, 3, jnp.bfloat16),  # 2 token tiles, a last tile of 8 features
+        (70, 136, 256, 3, jnp.bfloat16),  # 2 token tiles, a last tile of 8 features, crossing
     ],
 )
 def test_interpret_stream_k(m, n, k, ctas, dtype):
@@ -301,6 +301,12 @@ def test_interpret_stream_k(m, n, k, ctas, dtype):
     bias = jnp.asarray(np.random.default_rng((_SALT, 17)).standard_normal(n).astype(np.float32))
     prep = gemm.prepare_weight(jnp.asarray(data), jnp.asarray(scales), ts, dtype=dtype)
     cfg = dataclasses.replace(_interp_config(m, n, k), stream_k=ctas)
+    sched = gemm.stream_k_schedule(cfg, n, k)
+    crossings = sum(
+        u0 // sched.tile_steps != (u1 - 1) // sched.tile_steps
+        for u0, u1 in map(sched.run, range(ctas))
+    )
+    assert crossings == (ctas > 1)  # the case exercises the mid-pipeline store
     y = gemm.nvfp4_matmul(x, prep, n=n, k=k, bias=bias, config=cfg, interpret=True)
     assert y.shape == (m, n) and y.dtype == dtype
     assert _rel_err(y, _reference64(x, data, scales, ts, bias)) <= _tolerance(dtype)
@@ -397,8 +403,10 @@ def test_race_detector_sees_a_race():
             a_operand="smem",
             fast_decode=False,
         ),
+        # stream-K: 3 CTAs over 2 tiles x 4 steps; the second run crosses into tile 1
+        G(tile_n=128, tile_m=8, tile_k=128, stages=2, stream_k=3, a_operand="smem"),
     ],
-    ids=["two_wgs_stages2", "split_k2"],
+    ids=["two_wgs_stages2", "split_k2", "stream_k3"],
 )
 def test_interpreter_finds_no_races(cfg):
     m, n, k = 20, 136, 512
