@@ -285,15 +285,16 @@ def test_interpret_multi_warpgroup_tiles():
 
 
 @pytest.mark.parametrize(
-    "m,n,k,ctas,dtype",
+    "m,n,k,ctas,dtype,max_tiles",
     [
-        (5, 200, 320, 3, jnp.bfloat16),  # 2 tiles x 5 steps: runs 0-2, 3-5 (crosses), 6-9
-        (5, 200, 576, 5, jnp.float16),  # 2 tiles x 9 steps in runs of 3-4, one crossing
-        (3, 64, 48, 1, jnp.bfloat16),  # one tile of one step, one CTA
-        (70, 136, 256, 3, jnp.bfloat16),  # 2 token tiles, a last tile of 8 features, crossing
+        (5, 200, 320, 3, jnp.bfloat16, 2),  # 2 tiles x 5 steps: runs 0-2, 3-5 (crosses), 6-9
+        (5, 200, 576, 5, jnp.float16, 2),  # 2 tiles x 9 steps in runs of 3-4, one crossing
+        (3, 64, 48, 1, jnp.bfloat16, 1),  # one tile of one step, one CTA
+        (70, 136, 256, 3, jnp.bfloat16, 2),  # 2 token tiles, a last tile of 8 features
+        (3, 520, 128, 2, jnp.bfloat16, 3),  # 5 tiles x 2 steps: each run touches 3 tiles
     ],
 )
-def test_interpret_stream_k(m, n, k, ctas, dtype):
+def test_interpret_stream_k(m, n, k, ctas, dtype, max_tiles):
     """Stream-K runs that end inside a tile, with bias, both dtypes and several token tiles;
     the result equals split-K's up to fp32 rounding."""
     data, scales, ts = _random_weight(n, k, seed=m + n + ctas)
@@ -301,34 +302,23 @@ def test_interpret_stream_k(m, n, k, ctas, dtype):
     bias = jnp.asarray(np.random.default_rng((_SALT, 17)).standard_normal(n).astype(np.float32))
     prep = gemm.prepare_weight(jnp.asarray(data), jnp.asarray(scales), ts, dtype=dtype)
     cfg = dataclasses.replace(_interp_config(m, n, k), stream_k=ctas)
-    sched = gemm.stream_k_schedule(cfg, n, k)
-    crossings = sum(
-        u0 // sched.tile_steps != (u1 - 1) // sched.tile_steps
-        for u0, u1 in map(sched.run, range(ctas))
-    )
-    assert crossings == (ctas > 1)  # the case exercises the mid-pipeline store
+    assert gemm.stream_k_schedule(cfg, n, k).max_tiles == max_tiles  # mid-pipeline stores
     y = gemm.nvfp4_matmul(x, prep, n=n, k=k, bias=bias, config=cfg, interpret=True)
     assert y.shape == (m, n) and y.dtype == dtype
     assert _rel_err(y, _reference64(x, data, scales, ts, bias)) <= _tolerance(dtype)
 
 
-@given(
-    n_tiles=st.integers(1, 40),
-    tile_steps=st.integers(1, 40),
-    extra=st.integers(0, 200),
-)
-def test_stream_k_terms_cover_every_unit_once(n_tiles, tile_steps, extra):
+@given(n_tiles=st.integers(1, 40), tile_steps=st.integers(1, 40), data=st.data())
+def test_stream_k_terms_cover_every_unit_once(n_tiles, tile_steps, data):
     """Adding sign * (units behind each slot) over a tile's terms gives exactly its units."""
-    ctas = min(n_tiles + extra, n_tiles * tile_steps)
+    ctas = data.draw(st.integers(1, n_tiles * tile_steps))
     sched = gemm.StreamK(n_tiles, tile_steps, ctas)
-    behind = {}  # slot -> units accumulated into it
+    behind = {}  # slot -> units accumulated into it: the run up to the end of its s-th tile
     for c in range(ctas):
         u0, u1 = sched.run(c)
         assert u1 > u0
-        end_first = min(u1, (u0 // tile_steps + 1) * tile_steps)
-        behind[2 * c] = np.arange(u0, end_first)
-        behind[2 * c + 1] = np.arange(u0, u1)
-        assert (u1 - 1) // tile_steps - u0 // tile_steps <= 1  # at most two tiles
+        for s, t in enumerate(sched.tiles_of(c)):
+            behind[c * sched.max_tiles + s] = np.arange(u0, min(u1, (t + 1) * tile_steps))
     slots, signs = sched.terms()
     for t in range(n_tiles):
         count = np.zeros(sched.units)
@@ -464,15 +454,15 @@ def test_wrapper_validation():
         G(split_k=2, stream_k=4)
     with pytest.raises(ValueError, match="stream_k"):
         G(stream_k=-1)
-    for ctas in (1, 3):  # N = 200, K = 128: 2 tiles of 128 features x 1 step of 128 = 2 units
-        with pytest.raises(ValueError, match=r"stream_k=\d must lie in .* = \[2, 2\]"):
-            gemm.nvfp4_matmul(
-                x,
-                gemm.prepare_weight(*map(jnp.asarray, _random_weight(200, 128, 1))),
-                n=200,
-                k=128,
-                config=G(tile_k=128, stream_k=ctas),
-            )
+    # N = 200, K = 128: 2 tiles of 128 features x 1 step of 128 = 2 units
+    with pytest.raises(ValueError, match=r"stream_k=3 must be at most .* = 2 units"):
+        gemm.nvfp4_matmul(
+            x,
+            gemm.prepare_weight(*map(jnp.asarray, _random_weight(200, 128, 1))),
+            n=200,
+            k=128,
+            config=G(tile_k=128, stream_k=3),
+        )
 
 
 def test_default_config_buckets():
@@ -493,13 +483,14 @@ def test_default_config_buckets():
     big = gemm.default_config(16, 28672, 8192, num_sms=132)  # 112 tiles: no split
     assert (big.tile_n, big.tile_k, big.split_k) == (256, 256, 1)
     # M <= 8 with a grid short of 90% of the SMs: stream-K over all of them, unless ruled out
-    for n, k in ((28672, 8192), (14336, 4096)):
+    for n, k in ((28672, 8192), (14336, 4096)):  # 112 tiles, 56 tiles x 2 splits
         stream = gemm.default_config(1, n, k, num_sms=132, tuned=False)
         assert (stream.tile_n, stream.tile_k, stream.split_k, stream.stream_k) == (256, 64, 1, 132)
         assert gemm.default_config(1, n, k, num_sms=132, tuned=False, stream_k=False).stream_k == 0
         assert gemm.default_config(1, n, k, num_sms=132, narrow_decode=True).stream_k == 0
     assert gemm.default_config(16, 14336, 4096, num_sms=132, tuned=False).stream_k == 0
     assert gemm.default_config(1, 4096, 4096, num_sms=132).stream_k == 0  # 128 CTAs
+    assert gemm.default_config(1, 57344, 8192, num_sms=132, tuned=False).stream_k == 0
     assert gemm.single_kernel_config(stream, 1, 4096).stream_k == 0
 
 
@@ -790,6 +781,8 @@ def test_gpu_configs(cfg):
         (17, 1000, 2048, G(tile_n=256, tile_m=24, tile_k=128, stages=2, stream_k=13)),
         (130, 320, 4096, G(tile_n=128, tile_m=64, tile_k=128, stages=3, stream_k=5)),  # 3 m-tiles
         (64, 4096, 14336, G(tile_n=256, tile_m=64, tile_k=64, stream_k=132)),
+        (1, 57344, 8192, G(tile_n=256, tile_m=8, tile_k=64, stream_k=132)),  # 3 tiles a run
+        (3, 1000, 1040, G(tile_n=128, tile_m=8, tile_k=64, stream_k=3)),  # up to 4 tiles a run
     ],
     ids=lambda v: (
         str(v)

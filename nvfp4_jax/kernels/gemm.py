@@ -52,9 +52,9 @@ reduction through GMEM semaphores measured 0.3-0.8 us slower than the XLA fusion
 
 Stream-K (``GemmConfig.stream_k``) fills the SMs where whole-tile splits cannot (112
 tiles of 256 features on 132 SMs): the CTAs share the (tile, K step) units in equal
-contiguous runs, one pipeline each; a run that crosses into a second tile stores
-the first tile's sum mid-pipeline, and an XLA fusion adds the partial sums
-(:class:`StreamK`; benchmarks/results/stream_k-2026-11-23.md).
+contiguous runs, one pipeline each; a run stores its running sum whenever it enters
+another tile, and an XLA fusion adds the differences (:class:`StreamK`;
+benchmarks/results/stream_k-2026-11-23.md).
 
 Measured on H100 80GB HBM3 (jax 0.11.2, weights rotated beyond L2, device
 time incl. the split-K reduction; benchmarks/results/matmul-2026-11-23.md)
@@ -155,11 +155,11 @@ class GemmConfig:
       stream_k: 0 (off), or the number of CTAs per token tile that share the
         ``n_tiles * K steps`` (tile, step) units of the product in contiguous,
         equal runs ("stream-K"). A run may end inside one output tile and go on in
-        the next: the CTA then stores the partial sum of the first tile and starts
-        afresh. It fills every SM where ``n_tiles * split_k`` cannot (e.g. 112
-        256-feature tiles on 132 SMs). Needs ``split_k == 1`` and ``n_tiles <=
-        stream_k <= n_tiles * K steps`` (so a run touches at most two tiles); the
-        fp32 partial sums are added by a small XLA fusion.
+        the next: the CTA then stores the partial sum so far and goes on. It fills
+        every SM where whole tiles and splits cannot (e.g. 112 or 224 256-feature
+        tiles on 132 SMs). Needs ``split_k == 1`` and ``stream_k <= n_tiles * K
+        steps`` (a unit per CTA); the fp32 partial sums are added by a small XLA
+        fusion (:class:`StreamK`).
     """
 
     tile_n: int = 128
@@ -285,11 +285,12 @@ def default_config(
     128-feature tiles fit in one wave, 128 rows beyond. ``narrow_decode`` applies
     the M <= 64 rule to M <= 16 too: the better tiling when split-K is not
     used (measured 1.6x faster without it at N = K = 4096, M = 1) and the grouped
-    kernel's choice (tuned on MoE shapes). M <= 8 where split-K leaves more than
-    a tenth of the SMs idle (e.g. 112 tiles of 256 features): stream-K over all
-    SMs in tile_k-64 units instead (measured 11% faster than no split at
+    kernel's choice (tuned on MoE shapes). M <= 8 where the grid, one wave, leaves
+    more than a tenth of the SMs idle (e.g. 112 tiles of 256 features): stream-K over
+    all SMs in tile_k-64 units instead (measured 11% faster than no split at
     28672x8192, M = 1, and 20.2 us against 22.0 us for two XLA-reduced splits at
-    14336x4096 in another run; not faster at M = 16 or 64); ``stream_k=False``
+    14336x4096 in another run; not faster at M = 16 or 64, and within 4% either way
+    for the two waves of 224 tiles at 57344x8192); ``stream_k=False``
     rules it out (a launch from torch, which runs no XLA reduction). Prefill is
     bound by the tensor cores and by the decode ALU work, which is amortized over
     ``tile_m`` tokens and over 128-row warpgroups. Stages are the most that fit in
@@ -666,7 +667,7 @@ def _gemm_kernel(
     N_pad]; x [M, K]; ts f32 [1] or [E]; bias [N_pad] or None; tile_expert
     int32 [m_tiles] or None; out [M, N_out]
     (``fused_epilogue``), f32 partial sums [split_k, M, N_out], or (stream-K) f32
-    partial sums [2 ctas, M, tile_n] in the slots of :class:`StreamK`.
+    partial sums [ctas * max_tiles, M, tile_n] in the slots of :class:`StreamK`.
 
     Cluster split-K (``red_smem`` given): split ``s > 0`` sends its f32 ``[rows,
     tile_m]`` accumulator into slot ``s - 1`` of split 0's ``red_smem [split_k - 1,
@@ -744,10 +745,11 @@ def _gemm_kernel(
         return out
 
     def mma_body(idx, w_smem, s_smem, x_smem, acc_ref):
-        if stream is not None:  # the run enters its second tile: store the first one's sum
+        if stream is not None:  # the run enters another tile: store the running sum
             enters = (idx[0] > 0) & (step_of(idx[0]) == 0)
-            # (not awaited: the pipeline goes on; the final store waits for it)
-            pl.when(enters)(lambda: store(acc_ref[...], slot=2 * n_idx, wait=False))
+            slot = stream.max_tiles * n_idx + tile_of(idx[0]) - tile_of(0) - 1
+            # (not awaited: the pipeline goes on; the next store waits for it)
+            pl.when(enters)(lambda: store(acc_ref[...], slot=slot, wait=False))
 
         for g in range(groups_per_step):
             # The whole k-group is decoded before its wgmmas are issued. Without
@@ -773,9 +775,8 @@ def _gemm_kernel(
         return acc_ref
 
     def epilogue(acc):
-        if stream is not None:  # (the sum of both tiles if the run crossed into a second)
-            crossed = tile_of(u1 - u0 - 1) != tile_of(0)
-            store(acc, slot=2 * n_idx + crossed.astype(jnp.int32))
+        if stream is not None:  # the running sum over all tiles of the run
+            store(acc, slot=stream.max_tiles * n_idx + tile_of(u1 - u0 - 1) - tile_of(0))
             return
         if red_smem is None:
             store(acc)
@@ -878,11 +879,12 @@ class StreamK(NamedTuple):
     K step) units, unit ``u`` being step ``u % tile_steps`` of tile ``u // tile_steps``.
 
     CTA ``c`` runs units ``[c * units // ctas, (c + 1) * units // ctas)`` with one
-    accumulator. It stores the sum ``A`` of its first tile in slot ``2 c``; if the run
-    goes on into the next tile, it keeps accumulating and stores ``A + B`` in slot
-    ``2 c + 1``, and that tile's share is slot ``2 c + 1`` minus slot ``2 c`` (the
-    Mosaic GPU interpreter cannot reset an accumulator mid-pipeline; the difference
-    costs fp32 rounding of ``|A|`` only, far below the output's precision).
+    accumulator that it never resets: when the run enters another tile it stores the
+    running sum, and at the end the final one, the sum after the ``s``-th tile of the run
+    going to slot ``c * max_tiles + s``. The run's share of its ``s``-th tile is slot
+    ``s`` minus slot ``s - 1`` (the Mosaic GPU interpreter cannot reset an accumulator
+    mid-pipeline; the differences cost fp32 rounding of the running sum only, far below
+    the output's precision).
     """
 
     n_tiles: int
@@ -897,26 +899,37 @@ class StreamK(NamedTuple):
         """First and end unit of CTA ``c`` (a Python or a traced int)."""
         return c * self.units // self.ctas, (c + 1) * self.units // self.ctas
 
+    def tiles_of(self, c: int) -> range:
+        """The tiles CTA ``c``'s run touches."""
+        u0, u1 = self.run(c)
+        return range(u0 // self.tile_steps, (u1 - 1) // self.tile_steps + 1)
+
+    @property
+    def max_tiles(self) -> int:
+        """The most tiles one run touches (partial-sum slots per CTA)."""
+        return max(len(self.tiles_of(c)) for c in range(self.ctas))
+
     def terms(self) -> tuple[np.ndarray, np.ndarray]:
         """int32 slots and float32 signs ``[n_tiles, J]``: tile ``t`` is the sum of
         ``sign * partials[slot]`` over its row (padding: sign 0, slot 0)."""
         per_tile: list[list[tuple[int, float]]] = [[] for _ in range(self.n_tiles)]
+        width = self.max_tiles
         for c in range(self.ctas):
-            u0, u1 = self.run(c)
-            first, last = u0 // self.tile_steps, (u1 - 1) // self.tile_steps
-            per_tile[first].append((2 * c, 1.0))
-            if last != first:
-                per_tile[last] += [(2 * c + 1, 1.0), (2 * c, -1.0)]
-        width = max(map(len, per_tile))
-        slots = np.zeros((self.n_tiles, width), np.int32)
-        signs = np.zeros((self.n_tiles, width), np.float32)
+            for s, t in enumerate(self.tiles_of(c)):
+                per_tile[t].append((c * width + s, 1.0))
+                if s:
+                    per_tile[t].append((c * width + s - 1, -1.0))
+        cols = max(map(len, per_tile))
+        slots = np.zeros((self.n_tiles, cols), np.int32)
+        signs = np.zeros((self.n_tiles, cols), np.float32)
         for t, row in enumerate(per_tile):
             slots[t, : len(row)] = [slot for slot, _ in row]
             signs[t, : len(row)] = [sign for _, sign in row]
         return slots, signs
 
     def add_partials(self, partials: jax.Array) -> jax.Array:
-        """f32 ``[2 ctas, rows, tile_n]`` partial sums -> ``[rows, n_tiles * tile_n]``."""
+        """f32 ``[ctas * max_tiles, rows, tile_n]`` partial sums -> ``[rows, n_tiles *
+        tile_n]`` (slots no run wrote are never read)."""
         _, rows, tile_n = partials.shape
         slots, signs = self.terms()
         terms = partials[slots] * signs[:, :, None, None]
@@ -926,16 +939,14 @@ class StreamK(NamedTuple):
 
 def stream_k_schedule(cfg: GemmConfig, n: int, k: int) -> StreamK | None:
     """The :class:`StreamK` schedule of ``cfg`` for an ``[N, K]`` weight (None when
-    ``cfg.stream_k`` is 0); raises ValueError if a CTA's run could span three tiles or
-    hold no unit."""
+    ``cfg.stream_k`` is 0); raises ValueError if a CTA's run would hold no unit."""
     if not cfg.stream_k:
         return None
     sched = StreamK(-(-n // cfg.tile_n), -(-k // cfg.tile_k), cfg.stream_k)
-    if not sched.n_tiles <= cfg.stream_k <= sched.units:
+    if cfg.stream_k > sched.units:
         raise ValueError(
-            f"stream_k={cfg.stream_k} must lie in [n_tiles, n_tiles * K steps] ="
-            f" [{sched.n_tiles}, {sched.units}] for N={n}, K={k}, tile_n={cfg.tile_n},"
-            f" tile_k={cfg.tile_k}"
+            f"stream_k={cfg.stream_k} must be at most the n_tiles * K steps = {sched.units}"
+            f" units of N={n}, K={k} in tiles of tile_n={cfg.tile_n}, tile_k={cfg.tile_k}"
         )
     return sched
 
@@ -991,8 +1002,8 @@ def _launch(
     """Runs the kernel over ``m_tiles`` token tiles of ``x2d`` (rows a multiple of 8 or
     at most 8). Returns the product ``[rows, n_tiles * tile_n]`` in ``out_dtype`` with
     tensor scale and bias applied, or (:func:`_stores_partials`) float32 partial sums
-    ``[split_k, rows, n_tiles * tile_n]`` without them (stream-K: ``[2 ctas, rows,
-    tile_n]``, see :class:`StreamK`)."""
+    ``[split_k, rows, n_tiles * tile_n]`` without them (stream-K: ``[ctas * max_tiles,
+    rows, tile_n]``, see :class:`StreamK`)."""
     dtype = x2d.dtype
     k_group = data.shape[-1] * _CODES_PER_LANE
     fused = not _stores_partials(cfg)
@@ -1007,7 +1018,7 @@ def _launch(
     rows_out = x2d.shape[0]
     out_shape = (rows_out, n_out) if fused else (cfg.split_k, rows_out, n_out)
     if stream is not None:
-        out_shape = (2 * stream.ctas, rows_out, cfg.tile_n)
+        out_shape = (stream.ctas * stream.max_tiles, rows_out, cfg.tile_n)
 
     num_wgs, rows = cfg.num_compute_wgs, cfg.wg_rows
     lanes = k_group // _CODES_PER_LANE
