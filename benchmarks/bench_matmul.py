@@ -54,11 +54,16 @@ def sweep(m: int, n: int, k: int):
                 for reduce in ("xla", "cluster") if 2 <= split_k <= 4 else ("xla",):
                     cfg = dataclasses.replace(cfg, split_k_reduce=reduce)
                     yield gemm._fit_stages(cfg, m, jnp.bfloat16)
-            if tiles <= num_sms <= tiles * steps:  # stream-K over all SMs
+            if num_sms <= tiles * steps:  # stream-K over all SMs (a unit per CTA)
                 cfg = dataclasses.replace(
-                    base, tile_n=tile_n, tile_k=tile_k, stages=stages, split_k=1, stream_k=num_sms
+                    base,
+                    tile_n=tile_n,
+                    tile_k=tile_k,
+                    stages=stages,
+                    split_k=1,
+                    split_k_reduce="xla",
+                    stream_k=num_sms,
                 )
-                cfg = dataclasses.replace(cfg, split_k_reduce="xla")
                 yield gemm._fit_stages(cfg, m, jnp.bfloat16)
     else:
         grid = itertools.product((128, 256), (128, 256), (64, 128), (3, 4), (False, None))
