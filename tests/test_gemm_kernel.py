@@ -559,6 +559,26 @@ def test_default_config_consults_the_tuned_table():
     assert gemm_tuned.lookup("some other GPU", bucket, n, k) is None
 
 
+def test_sass_mix_finds_the_wgmma_loop():
+    """benchmarks/sass_mix.py counts the innermost backward-branch loop holding an HGMMA."""
+    from benchmarks import sass_mix
+
+    sass = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_1:
+        /*0010*/                   LDS.U16 R2, [R3] ;
+.L_x_2:
+        /*0020*/                   LOP3.LUT R4, R2, 0x1, RZ, 0xc0, !PT ;
+        /*0030*/                   HGMMA.64x8x16.F32.BF16 R8, R4, gdesc[UR4], R8 ;
+        /*0040*/              @P0 BRA `(.L_x_2) ;
+        /*0050*/                   HMUL2.BF16_V2 R5, R2.H0_H0, R4 ;
+        /*0060*/              @!P1 BRA `(.L_x_1) ;
+        /*0070*/                   EXIT ;
+    """
+    loop = sass_mix.main_loop(sass)
+    assert [op for _, op, _ in loop] == ["LOP3", "HGMMA", "BRA"]
+
+
 def test_tune_script_rewrites_only_the_table(tmp_path):
     from benchmarks import tune_matmul
 
