@@ -39,9 +39,8 @@ def render(tuned: dict) -> str:
             entry = tuned[device][key]
             values = list(entry)
             # trailing fields at their defaults (split_k_reduce "xla", stream_k 0) are left out
-            while len(values) > 7 and values[-1] == gemm_tuned.Tuned._field_defaults.get(
-                entry._fields[len(values) - 1]
-            ):
+            defaults = gemm_tuned.Tuned._field_defaults
+            while values and values[-1] == defaults.get(entry._fields[len(values) - 1], ...):
                 values.pop()
             fields = ", ".join(json.dumps(v) for v in values)
             lines.append(f"        {key}: Tuned({fields}),")

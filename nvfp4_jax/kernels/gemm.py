@@ -322,10 +322,10 @@ def default_config(
     k_steps = -(-k // cfg.tile_k)
     ctas = -(-n // cfg.tile_n) * -(-m // cfg.tile_m)
     split_k = _largest_divisor_at_most(k_steps, max(1, num_sms // ctas))
-    if stream_k and m <= 8 and not narrow_decode and ctas * split_k < 0.9 * num_sms:
-        stream = dataclasses.replace(cfg, tile_k=64, stream_k=num_sms)
-        if ctas * -(-k // 64) >= num_sms:  # at least one unit per CTA
-            return _fit_stages(stream, m, dtype)
+    short = ctas * split_k < 0.9 * num_sms
+    if stream_k and m <= 8 and not narrow_decode and short and ctas * -(-k // 64) >= num_sms:
+        # (the last condition: at least one tile_k-64 unit per CTA)
+        return _fit_stages(dataclasses.replace(cfg, tile_k=64, stream_k=num_sms), m, dtype)
     return _fit_stages(dataclasses.replace(cfg, split_k=split_k), m, dtype)
 
 
