@@ -28,22 +28,23 @@ M_VALUES = (1, 16, 64, 256, 1024, 4096)
 NK_VALUES = ((4096, 4096), (14336, 4096), (4096, 14336), (28672, 8192))
 
 
-def sweep(m: int, n: int, k: int):
+def sweep(m: int, n: int, k: int, k_group: int | None = None):
     """The default config, then a grid around it (for ``--configs``). Decode (M <= 64):
-    128/256-feature tiles, tile_k 64/128, 4 or 8 pipeline stages (fewer where SMEM is
+    128/256-feature tiles, tile_k one or two k-groups, 4 or 8 pipeline stages (fewer where SMEM is
     short), and the two largest split-K values that keep the grid within one wave, with
     XLA and (split-K 2 to 4; 8-CTA clusters measured slower) cluster reduction, and
     stream-K over all SMs. Prefill:
     tile shapes, tile_k, stages, with and without ``overlap_decode``, and the dequantize
-    route."""
-    plan = pallas_plan(m, n, k)
+    route. ``k_group``: the prepared weight's (None: the default for ``k``)."""
+    k_group = k_group or gemm.default_k_group(k)
+    plan = pallas_plan(m, n, k, k_group=k_group)
     yield plan
-    base = gemm.default_config(m, n, k)
+    base = gemm.default_config(m, n, k, k_group=k_group)
     if plan != base:
         yield base
     num_sms = gemm.sm_count()
     if m <= 64:
-        for tile_n, tile_k, stages in itertools.product((128, 256), (64, 128), (4, 8)):
+        for tile_n, tile_k, stages in itertools.product((128, 256), (k_group, 2 * k_group), (4, 8)):
             tiles = -(-n // tile_n) * -(-m // base.tile_m)
             steps = -(-k // tile_k)
             splits = [s for s in range(1, 17) if steps % s == 0 and tiles * s <= num_sms] or [1]
@@ -66,7 +67,9 @@ def sweep(m: int, n: int, k: int):
                 )
                 yield gemm._fit_stages(cfg, m, jnp.bfloat16)
     else:
-        grid = itertools.product((128, 256), (128, 256), (64, 128), (3, 4), (False, None))
+        grid = itertools.product(
+            (128, 256), (128, 256), (k_group, 2 * k_group), (3, 4), (False, None)
+        )
         keys = ("tile_n", "tile_m", "tile_k", "stages", "overlap_decode")
         for values in grid:
             yield dataclasses.replace(base, **dict(zip(keys, values)))

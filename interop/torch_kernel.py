@@ -176,6 +176,7 @@ class TorchGemm:
         self.n, self.k = data.shape[0], 2 * data.shape[1]
         self.dtype = dtype
         prepared = gemm.prepare_weight(data, scales, tensor_scale, dtype=_JAX_DTYPE[dtype])
+        self.k_group = prepared.k_group
         codes = jax.lax.bitcast_convert_type(prepared.data, jnp.uint8)  # torch has few uint16 ops
         # The JAX arrays whose memory the torch views below share (prepared.data is dropped).
         self._jax_buffers = (codes, prepared.scales, prepared.tensor_scale)
@@ -190,7 +191,9 @@ class TorchGemm:
         # kernel (thread-block clusters); XLA-reduced partials would need three more torch
         # ops per call (sum, scale, cast).
         dtype = _JAX_DTYPE[self.dtype]
-        cfg = gemm.default_config(m, self.n, self.k, dtype=dtype, stream_k=False)
+        cfg = gemm.default_config(
+            m, self.n, self.k, dtype=dtype, stream_k=False, k_group=self.k_group
+        )
         cfg = gemm.single_kernel_config(cfg, m, self.k, dtype)
         rows = m if m <= 8 else -(-m // 8) * 8  # TMA of (8, .)-tiled views
         n_out = -(-self.n // cfg.tile_n) * cfg.tile_n

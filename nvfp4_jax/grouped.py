@@ -61,7 +61,9 @@ def _pallas_grouped_matmul(x, w: NVFP4Array, group_sizes, out_dtype, config=None
         w = prepare(w, x.dtype)
     interpret = backends.interpret_pallas()
     if config is None:
-        config = gemm.default_grouped_config(x.shape[0], num_experts, n, k, dtype=x.dtype)
+        config = gemm.default_grouped_config(
+            x.shape[0], num_experts, n, k, dtype=x.dtype, k_group=w.prepared.k_group
+        )
         if interpret:  # the interpreter runs only the SMEM-operand variant
             config = dataclasses.replace(config, a_operand="smem")
     return gemm.nvfp4_grouped_matmul(

@@ -50,17 +50,20 @@ DEQUANTIZE_DOT_MIN_M = 2048
 DEQUANTIZE = "dequantize"
 
 
-def pallas_plan(m: int, n: int, k: int, dtype=jnp.bfloat16, config=None):
+def pallas_plan(
+    m: int, n: int, k: int, dtype=jnp.bfloat16, config=None, k_group: int | None = None
+):
     """How the ``"pallas"`` backend computes an ``[m, k] x [k, n]`` product: a
     :class:`~nvfp4_jax.kernels.gemm.GemmConfig` for the fused kernel, or
     :data:`DEQUANTIZE` for the dequantize kernel + XLA dot. ``config`` (either of those)
     overrides; None picks :data:`DEQUANTIZE` for ``m >= DEQUANTIZE_DOT_MIN_M`` (the
     tensor cores bound the product, and the fused kernel's in-loop decode costs more than
-    one pass over the weight) and :func:`gemm.default_config` below."""
+    one pass over the weight) and :func:`gemm.default_config` below (for a weight prepared
+    with ``k_group``; None: the default for ``k``, :func:`gemm.default_k_group`)."""
     if config is None:
         if m >= DEQUANTIZE_DOT_MIN_M:
             return DEQUANTIZE
-        return gemm.default_config(m, n, k, dtype=dtype)
+        return gemm.default_config(m, n, k, dtype=dtype, k_group=k_group)
     if config != DEQUANTIZE and not isinstance(config, gemm.GemmConfig):
         raise TypeError(
             f"config must be a kernels.gemm.GemmConfig, {DEQUANTIZE!r} or None, got {config!r}"
@@ -77,12 +80,15 @@ def _pallas_matmul(x2d, w: NVFP4Array, bias, out_dtype, config=None) -> jax.Arra
         )
     n, k = w.data.shape[0], 2 * w.data.shape[1]
     interpret = backends.interpret_pallas()
-    plan = pallas_plan(x2d.shape[0], n, k, x2d.dtype, config)
+    prepared = w.prepared
+    if prepared is None or prepared.scales.dtype != x2d.dtype:
+        prepared = None  # built below unless the dequantize route is taken
+    k_group = None if prepared is None else prepared.k_group
+    plan = pallas_plan(x2d.shape[0], n, k, x2d.dtype, config, k_group)
     if plan == DEQUANTIZE:
         backends.note("matmul", Backend.PALLAS, DEQUANTIZE)
         return _dequantize_dot(x2d, w, bias, out_dtype, interpret)
-    prepared = w.prepared
-    if prepared is None or prepared.scales.dtype != x2d.dtype:
+    if prepared is None:
         prepared = _prepare_layout(w, x2d.dtype)
     if config is None and interpret:  # the interpreter runs only the SMEM-operand variant
         plan = dataclasses.replace(plan, a_operand="smem")
@@ -122,17 +128,18 @@ backends.register("matmul", Backend.XLA)(_xla_matmul)
 backends.register("matmul", Backend.PALLAS)(_pallas_matmul)
 
 
-def _prepare_layout(w: NVFP4Array, dtype) -> gemm.PreparedWeight:
-    return gemm.prepare_weight(w.data, w.scales, w.tensor_scale, dtype=dtype)
+def _prepare_layout(w: NVFP4Array, dtype, k_group: int | None = None):
+    return gemm.prepare_weight(w.data, w.scales, w.tensor_scale, dtype=dtype, k_group=k_group)
 
 
-def prepare(w: NVFP4Array, dtype: Any = jnp.bfloat16) -> NVFP4Array:
+def prepare(w: NVFP4Array, dtype: Any = jnp.bfloat16, *, k_group: int | None = None) -> NVFP4Array:
     """Return ``w`` with the GEMM kernel's layout for ``dtype`` activations attached.
 
-    The layout (documented in ``kernels.gemm.prepare_weight``: 64-wide K groups of codes
-    interleaved into uint16 lanes, block scales transposed to ``[K/16, N]`` and pre-widened
-    to ``dtype`` with the decode's power of two folded in, N and K zero-padded) is built
-    once here and travels with the array through ``jit``/``vmap``, so ``matmul``/``linear``
+    The layout (documented in ``kernels.gemm.prepare_weight``: ``k_group``-wide K groups
+    (None: 128, or 64 where K is not a multiple of 32; 64 or 256 by choice) of codes
+    interleaved into uint16 lanes, block scales
+    transposed to ``[K/16, N]`` and pre-widened to ``dtype`` with the decode's power of two
+    folded in, N and K zero-padded) is built once here and travels with the array through ``jit``/``vmap``, so ``matmul``/``linear``
     never rebuild it. ``w`` is a 2-D weight quantized along K (either logical orientation)
     with a scalar tensor scale, or a stack of expert weights (logical ``[E, K, N]`` or
     ``[E, N, K]``, for ``grouped_matmul``) with a scalar or ``[E]`` tensor scale.
@@ -154,7 +161,7 @@ def prepare(w: NVFP4Array, dtype: Any = jnp.bfloat16) -> NVFP4Array:
             f"prepare: dtype must be bfloat16 or float16 (the activation dtype), got {dtype}"
         )
     out = jax.tree_util.tree_map(lambda v: v, w)
-    out.prepared = _prepare_layout(w, dtype)
+    out.prepared = _prepare_layout(w, dtype, k_group)
     return out
 
 

@@ -119,7 +119,7 @@ def _lane_code(lane, q):
 
 @pytest.mark.parametrize("k_group", [64, 128])
 def test_prepared_layout_bits(k_group):
-    n, k = 40, 144
+    n, k = 40, 160  # K % 32 == 0, as k-group 128 needs; pads to whole k-groups
     data, scales, ts = _random_weight(n, k, seed=3)
     prep = gemm.prepare_weight(
         jnp.asarray(data), jnp.asarray(scales), ts, dtype=None, k_group=k_group
@@ -155,7 +155,8 @@ def test_prepared_widened_scales(dtype):
     prep = gemm.prepare_weight(jnp.asarray(data), jnp.asarray(scales), ts, dtype=dtype)
     assert prep.scales.dtype == dtype
     got = np.asarray(prep.scales.astype(jnp.float32)) * 2.0 ** -gemm.scale_exponent(dtype)
-    np.testing.assert_array_equal(got, scales.astype(np.float32).T)
+    np.testing.assert_array_equal(got[:4], scales.astype(np.float32).T)
+    np.testing.assert_array_equal(got[4:], 0)  # K padded to the 128-wide k-group
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
@@ -214,11 +215,11 @@ def test_fast_decode_bit_pattern_is_exact():
 # -----------------------------------------------------------------------------
 
 
-def _interp_config(m, n, k, split_k=1, tile_k=64):
+def _interp_config(m, n, k, split_k=1, tile_k=None):
     return G(
         tile_n=64 if n <= 64 else 128,
         tile_m=min(64, -(-m // 8) * 8),
-        tile_k=tile_k,
+        tile_k=tile_k or gemm.default_k_group(k),
         stages=2,
         split_k=split_k,
         a_operand="smem",
@@ -300,8 +301,9 @@ def test_interpret_stream_k(m, n, k, ctas, dtype, max_tiles):
     data, scales, ts = _random_weight(n, k, seed=m + n + ctas)
     x = _random_x(m, k, dtype, seed=ctas)
     bias = jnp.asarray(np.random.default_rng((_SALT, 17)).standard_normal(n).astype(np.float32))
-    prep = gemm.prepare_weight(jnp.asarray(data), jnp.asarray(scales), ts, dtype=dtype)
-    cfg = dataclasses.replace(_interp_config(m, n, k), stream_k=ctas)
+    # k-group 64 (the layout's smallest): the steps of tile_k 64 set the runs above
+    prep = gemm.prepare_weight(jnp.asarray(data), jnp.asarray(scales), ts, dtype=dtype, k_group=64)
+    cfg = dataclasses.replace(_interp_config(m, n, k, tile_k=64), stream_k=ctas)
     assert gemm.stream_k_schedule(cfg, n, k).max_tiles == max_tiles  # mid-pipeline stores
     y = gemm.nvfp4_matmul(x, prep, n=n, k=k, bias=bias, config=cfg, interpret=True)
     assert y.shape == (m, n) and y.dtype == dtype
@@ -342,7 +344,7 @@ def test_zero_weight_gives_bias():
         n=n,
         k=k,
         bias=bias,
-        config=G(tile_n=64, tile_m=8, tile_k=64, a_operand="smem"),
+        config=G(tile_n=64, tile_m=8, tile_k=128, a_operand="smem"),
         interpret=True,
     )
     np.testing.assert_array_equal(
@@ -382,7 +384,7 @@ def test_race_detector_sees_a_race():
     "cfg",
     [
         # two compute warpgroups, more K steps than stages (buffer reuse), bias
-        G(tile_n=128, tile_m=16, tile_k=64, stages=2, a_operand="smem", fast_decode=False),
+        G(tile_n=128, tile_m=16, tile_k=128, stages=2, a_operand="smem", fast_decode=False),
         # split-K partials, a k-group spanning two steps' worth of blocks
         G(
             tile_n=128,
@@ -431,8 +433,19 @@ def test_config_validation():
 
 def test_wrapper_validation():
     data, scales, ts = _random_weight(64, 128, seed=0)
-    prep = gemm.prepare_weight(jnp.asarray(data), jnp.asarray(scales), ts)
+    prep = gemm.prepare_weight(jnp.asarray(data), jnp.asarray(scales), ts, k_group=64)
     x = jnp.zeros((4, 128), jnp.bfloat16)
+    wide = gemm.prepare_weight(jnp.asarray(data), jnp.asarray(scales), ts)  # k-group 128
+    with pytest.raises(ValueError, match="tile_k=64 must be a multiple of k_group=128"):
+        gemm.nvfp4_matmul(x, wide, n=64, k=128, config=G(tile_k=64))
+    with pytest.raises(ValueError, match="k_group must be"):
+        gemm.prepare_weight(jnp.asarray(data), jnp.asarray(scales), ts, k_group=32)
+    odd_data, odd_scales, _ = _random_weight(64, 48, seed=0)  # K = 48: x rows of 16 only
+    assert gemm.prepare_weight(jnp.asarray(odd_data), jnp.asarray(odd_scales), ts).k_group == 64
+    with pytest.raises(ValueError, match="multiple of 32"):
+        gemm.prepare_weight(jnp.asarray(odd_data), jnp.asarray(odd_scales), ts, k_group=128)
+    with pytest.raises(ValueError, match="k_group must be"):
+        gemm.default_config(1, 64, 128, k_group=96)
     with pytest.raises(ValueError):
         gemm.nvfp4_matmul(x, prep, n=64, k=256)
     with pytest.raises(ValueError):
@@ -474,10 +487,17 @@ def test_default_config_buckets():
             assert (-(-k // cfg.tile_k)) % cfg.split_k == 0
             if m <= 64:
                 assert cfg.tile_m == -(-m // 8) * 8
-    # M <= 16: 256-feature tiles, split-K over tile_k 64 filling one wave; without split-K
-    # (narrow_decode, the grouped kernel's choice) 128-feature tiles that fill more SMs.
+    # M <= 16: 256-feature tiles, split-K over one k-group per step filling one wave;
+    # without split-K (narrow_decode, the grouped kernel's choice) 128-feature tiles that
+    # fill more SMs.
     wide = gemm.default_config(1, 4096, 4096, num_sms=132)
-    assert (wide.tile_n, wide.tile_k, wide.split_k) == (256, 64, 8)
+    assert (wide.tile_n, wide.tile_k, wide.split_k) == (256, 128, 8)
+    wide64 = gemm.default_config(1, 4096, 4096, num_sms=132, k_group=64, tuned=False)
+    assert (wide64.tile_n, wide64.tile_k, wide64.split_k) == (256, 64, 8)
+    # Prefill split-K whose f32 partial sums and two 128-token stages exceed SMEM: 64 tokens
+    small = gemm.default_config(256, 4096, 4096, num_sms=132)
+    assert (small.tile_m, small.split_k) == (64, 2)
+    assert gemm.smem_bytes(small, 64) <= gemm._SMEM_BYTES
     narrow = gemm.default_config(1, 4096, 4096, num_sms=132, narrow_decode=True)
     assert (narrow.tile_n, narrow.tile_k, narrow.split_k) == (128, 128, 4)
     big = gemm.default_config(16, 28672, 8192, num_sms=132)  # 112 tiles: no split
@@ -485,7 +505,7 @@ def test_default_config_buckets():
     # M <= 8 with a grid short of 90% of the SMs: stream-K over all of them, unless ruled out
     for n, k in ((28672, 8192), (14336, 4096)):  # 112 tiles, 56 tiles x 2 splits
         stream = gemm.default_config(1, n, k, num_sms=132, tuned=False)
-        assert (stream.tile_n, stream.tile_k, stream.split_k, stream.stream_k) == (256, 64, 1, 132)
+        assert (stream.tile_n, stream.tile_k, stream.split_k, stream.stream_k) == (256, 128, 1, 132)
         assert gemm.default_config(1, n, k, num_sms=132, tuned=False, stream_k=False).stream_k == 0
         assert gemm.default_config(1, n, k, num_sms=132, narrow_decode=True).stream_k == 0
     assert gemm.default_config(16, 14336, 4096, num_sms=132, tuned=False).stream_k == 0
@@ -510,7 +530,9 @@ def test_tuned_table_entries_are_valid():
             assert e.us > 0 and e.date
             if "H100" in device:  # lowers for sm_90 at the bucket's largest M
                 data = jnp.zeros((n, k // 2), jnp.uint8)
-                prep = gemm.prepare_weight(data, jnp.ones((n, k // 16), jnp.float8_e4m3fn), 1.0)
+                prep = gemm.prepare_weight(
+                    data, jnp.ones((n, k // 16), jnp.float8_e4m3fn), 1.0, k_group=e.k_group
+                )
                 x = jnp.zeros((bucket, k), jnp.bfloat16)
                 text = cross_lower(
                     lambda x, p, n=n, k=k, cfg=cfg: gemm.nvfp4_matmul(x, p, n=n, k=k, config=cfg),
@@ -550,13 +572,19 @@ def test_default_config_consults_the_tuned_table():
         4096,
     ]
     (bucket, n, k), e = next(iter(gemm_tuned.TUNED["NVIDIA H100 80GB HBM3"].items()))
+    other = 128 if e.k_group == 64 else 64
     with jax.sharding.use_abstract_mesh(h100_mesh()):  # an H100 as seen from this CPU
-        cfg = gemm.default_config(bucket, n, k)
-        heuristic = gemm.default_config(bucket, n, k, tuned=False)
+        cfg = gemm.default_config(bucket, n, k, k_group=e.k_group)
+        heuristic = gemm.default_config(bucket, n, k, tuned=False, k_group=e.k_group)
+        # an entry measured on another prepared layout is not used
+        assert gemm.default_config(bucket, n, k, k_group=other) == gemm.default_config(
+            bucket, n, k, tuned=False, k_group=other
+        )
     assert (cfg.tile_n, cfg.tile_m, cfg.tile_k, cfg.stages, cfg.split_k) == e[:5]
     assert cfg.split_k_reduce == e.split_k_reduce
-    assert heuristic == gemm.default_config(bucket, n, k, num_sms=132)  # CPU: no table entry
-    assert gemm_tuned.lookup("some other GPU", bucket, n, k) is None
+    # CPU: no table entry
+    assert heuristic == gemm.default_config(bucket, n, k, num_sms=132, k_group=e.k_group)
+    assert gemm_tuned.lookup("some other GPU", bucket, n, k, e.k_group) is None
 
 
 def test_sass_mix_finds_the_wgmma_loop():
@@ -670,7 +698,9 @@ _LOWER_CASES = {
 def test_cross_lowers_for_sm90(case):
     m, n, k, cfg, with_bias = _LOWER_CASES[case]
     data, scales, ts = _random_weight(n, k, seed=1)
-    prep = gemm.prepare_weight(jnp.asarray(data), jnp.asarray(scales), ts)
+    prep = gemm.prepare_weight(
+        jnp.asarray(data), jnp.asarray(scales), ts, k_group=_k_group_for(cfg, k)
+    )
     x = jnp.zeros((m, k), jnp.bfloat16)
     bias = jnp.zeros((n,), jnp.float32) if with_bias else None
     text = cross_lower(
@@ -703,7 +733,15 @@ def test_oversized_config_is_rejected_at_lowering():
 # -----------------------------------------------------------------------------
 
 
-def _gpu_check(m, n, k, cfg=None, bias=False, dtype=jnp.bfloat16, scale_dtype=jnp.bfloat16):
+def _k_group_for(cfg, k):
+    """The default k-group for ``k``, or 64 for a config whose tile_k is 64 (kept in the
+    tests so that the k-group 64 layout stays covered)."""
+    return 64 if cfg is not None and cfg.tile_k % 128 else gemm.default_k_group(k)
+
+
+def _gpu_check(
+    m, n, k, cfg=None, bias=False, dtype=jnp.bfloat16, scale_dtype=jnp.bfloat16, k_group=None
+):
     data, scales, ts = _random_weight(n, k, seed=m + n + k)
     x = _random_x(m, k, dtype, seed=m * 3 + k)
     b = (
@@ -711,7 +749,13 @@ def _gpu_check(m, n, k, cfg=None, bias=False, dtype=jnp.bfloat16, scale_dtype=jn
         if bias
         else None
     )
-    prep = gemm.prepare_weight(jnp.asarray(data), jnp.asarray(scales), ts, dtype=scale_dtype)
+    prep = gemm.prepare_weight(
+        jnp.asarray(data),
+        jnp.asarray(scales),
+        ts,
+        dtype=scale_dtype,
+        k_group=k_group or _k_group_for(cfg, k),
+    )
     y = gemm.nvfp4_matmul(x, prep, n=n, k=k, bias=b, config=cfg)
     assert y.shape == (m, n) and y.dtype == dtype
     err = _rel_err(y, _reference64(x, data, scales, ts, b))
@@ -732,7 +776,8 @@ def test_gpu_tuned_entries_of_this_device():
         pytest.skip(f"no tuned entries for {jax.devices()[0].device_kind}")
     for (bucket, n, k), entry in entries.items():
         for m in (bucket, bucket - 3):
-            _gpu_check(m, n, k, gemm.tuned_config(entry), bias=m % 2 == 1)
+            cfg = gemm.tuned_config(entry)
+            _gpu_check(m, n, k, cfg, bias=m % 2 == 1, k_group=entry.k_group)
 
 
 @gpu

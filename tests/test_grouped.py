@@ -108,14 +108,14 @@ def test_fp16_prepared_and_jit_with_dynamic_group_sizes(rng, backend):
 @pytest.mark.parametrize(
     "cfg",
     [
-        G(tile_n=128, tile_m=8, tile_k=64, stages=2, split_k=2, a_operand="smem"),
+        G(tile_n=128, tile_m=8, tile_k=128, stages=2, split_k=2, a_operand="smem"),
         G(tile_n=64, tile_m=16, tile_k=128, stages=2, a_operand="smem"),
     ],
     ids=["split_k2_tile8", "tile16_k128"],
 )
 def test_kernel_configs_in_interpreter(rng, cfg):
     sizes, t = [19, 0, 4, 9], 35
-    k, n = 128, 136
+    k, n = 256, 136
     w = _experts(rng, len(sizes), k, n)
     prep = gemm.prepare_weight(w.data, w.scales, w.tensor_scale)
     x = jnp.asarray(rng.standard_normal((t, k)), jnp.bfloat16)
@@ -131,7 +131,7 @@ def test_grouped_kernel_has_no_races(rng):
     prep = gemm.prepare_weight(w.data, w.scales, w.tensor_scale)
     x = jnp.asarray(rng.standard_normal((t, k)), jnp.bfloat16)
     gs = jnp.asarray(sizes, jnp.int32)
-    cfg = G(tile_n=128, tile_m=8, tile_k=64, stages=2, a_operand="smem")
+    cfg = G(tile_n=128, tile_m=8, tile_k=128, stages=2, a_operand="smem")
     y = gemm.nvfp4_grouped_matmul(x, prep, gs, n=n, k=k, config=cfg, interpret=RACES)
     assert not races_found()
     _check(y, x, w, gs)

@@ -68,6 +68,20 @@ def test_leading_dims_fp16_linear_prepared_jit_vmap(rng, backend):
         _check(yw[i], x[0], jax.tree_util.tree_map(lambda v: v[i], ws))
 
 
+@pytest.mark.parametrize("k_group", [64, 256])
+def test_prepare_k_group(rng, k_group):
+    """Every prepared k-group gives the product; the default config follows the layout."""
+    m, k, n = 5, 320, 72  # K pads to a whole k-group of 256 (K % 64 == 0, as 256 needs)
+    w = _weight(rng, k, n)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    prepared = nv.prepare(w, k_group=k_group)
+    assert prepared.prepared.k_group == k_group
+    assert prepared.prepared.data.shape[0] * k_group == -(-k // k_group) * k_group
+    _check(nv.matmul(x, prepared, backend="pallas"), x, w)
+    with pytest.raises(ValueError, match="k_group must be 64, 128 or 256"):
+        nv.prepare(w, k_group=32)
+
+
 def test_float32_output_falls_back_to_xla_unless_pallas_is_named(rng, monkeypatch):
     monkeypatch.delenv(backends.ENV_VAR, raising=False)
     w = _weight(rng, 32, 64)

@@ -13,9 +13,10 @@ accumulation. It uses "swap-AB": each CTA computes the transposed product
 wgmma's 64-row M side and the tokens (as few as 8) fill its N side.
 
 Glossary: a *scale block* is the 16 consecutive k that share one E4M3 scale;
-a *k-group* is the 64 (``k_group``) consecutive k whose codes are interleaved
-into one uint16 lane by :func:`prepare_weight`; a *quarter* is the 16-column
-slice of a k-group that one uint16 nibble position covers; a *tile* is the
+a *k-group* is the ``k_group`` (128 by default; 64 or 256) consecutive k whose
+codes are interleaved into uint16 lanes by :func:`prepare_weight`; a *quarter* is
+the ``k_group / 4``-column slice of a k-group that one nibble position of the lanes
+covers; a *tile* is the
 kernel's unit of work (``tile_n x tile_m`` outputs, ``tile_k`` per step).
 
 Kernel structure (``plgpu.kernel``, grid ``(n_tiles, m_tiles, split_k)``):
@@ -23,7 +24,7 @@ one memory warpgroup streams packed codes, block scales and x tiles through a
 ``stages``-deep TMA pipeline (``plgpu.emit_pipeline_warp_specialized``); each
 of 1-3 compute warpgroups owns 64 or 128 output features, decodes a k-group's
 four quarters (codes -> bf16/f16 bit patterns with integer ops, times the
-broadcast per-16 scales), issues four ``[rows, 16] x [16, tile_m]`` wgmmas
+broadcast per-16 scales), issues four ``[rows, k_group/4] x [k_group/4, tile_m]`` wgmmas
 against column slices of ``x_smem.T`` and waits for them before decoding the
 next k-group, or (``overlap_decode``, the default with register operands)
 decodes k-group g + 1 while the wgmmas of k-group g run and waits once per step.
@@ -58,10 +59,11 @@ benchmarks/results/stream_k-2026-11-23.md).
 
 Measured on H100 80GB HBM3 (jax 0.11.2, weights rotated beyond L2, device
 time incl. the split-K reduction; benchmarks/results/matmul-2026-11-23.md)
-against bf16 ``jnp.dot``: M <= 16 is 1.72-1.90x faster at N=K=4096 and
-2.00-2.64x at 14336x4096 .. 28672x8192; M=64 1.55-1.92x; M >= 256 0.7-0.9x, so
-``nvfp4_jax.matmul`` dequantizes and calls XLA's dot from M = 2048 on instead
-(0.90-0.97x at M = 4096; benchmarks/results/prefill-2026-11-23.md). Tried and
+against bf16 ``jnp.dot`` (run 7, k-group 128): M <= 16 is 1.79-1.82x faster at
+N=K=4096 and 2.24-2.77x at 14336x4096 .. 28672x8192; M=64 1.99-2.43x; M = 256
+0.82-1.03x; M = 1024 0.79-0.94x, so ``nvfp4_jax.matmul`` dequantizes and calls XLA's
+dot from M = 2048 on instead (0.91-1.06x at M = 4096;
+benchmarks/results/prefill-2026-11-23.md). Tried and
 measured worse for prefill: 128-feature x 256-token tiles (1.3-1.45x slower) and
 keeping a step's wgmmas in flight across pipeline steps (at most 3% faster, up to
 60% slower, and wrong with 128-token tiles).
@@ -98,6 +100,12 @@ _MAX_TILE_M = 256
 _BLOCK = 16
 # Codes per uint16 lane of the prepared data (one per quarter of a k-group).
 _CODES_PER_LANE = 4
+# The k-group :func:`prepare_weight` uses by default where K allows it (see
+# default_k_group): 128 k per k-group puts 64 bytes in every TMA row of codes and of x
+# (k-group 64: 32 bytes), which measured 15-24% faster at M = 16-64 and on MoE shapes
+# (benchmarks/results/k_group-2026-11-23.md).
+DEFAULT_K_GROUP = 128
+_K_GROUPS = (64, 128, 256)
 # Lane bit of code bit i (0: mantissa, 1-2: exponent, 3: sign) of quarter q.
 _LANE_BITS = ((0, 1, 2, 9), (3, 4, 5, 12), (6, 7, 8, 15), (10, 11, 13, 14))
 # SMEM per CTA on H100 as reported by the Mosaic GPU lowering.
@@ -128,7 +136,7 @@ class GemmConfig:
       tile_m: tokens per CTA (wgmma N); multiple of 8, at most 256. The wrapper
         shrinks it to ``round_up(M, 8)`` when M is smaller.
       tile_k: reduction depth per pipeline step; multiple of the prepared
-        weight's ``k_group`` (64).
+        weight's ``k_group`` (:data:`DEFAULT_K_GROUP`, 128).
       stages: SMEM pipeline depth (TMA buffers in flight).
       split_k: number of CTAs that share the K range of one output tile.
       split_k_reduce: how their fp32 partial sums are added (``split_k > 1``):
@@ -259,6 +267,23 @@ def sm_count(num_sms: int | None = None) -> int:
     return num_sms or device_info().num_sms or 132
 
 
+def default_k_group(k: int) -> int:
+    """The k-group of a weight with reduction size ``k``: :data:`DEFAULT_K_GROUP` (128),
+    or 64 where ``k`` is not a multiple of 32 (the x tile's TMA rows are ``k_group / 4``
+    elements of a ``[M, K]`` array, so K must be a multiple of them)."""
+    return DEFAULT_K_GROUP if k % (DEFAULT_K_GROUP // _CODES_PER_LANE) == 0 else 64
+
+
+def _check_k_group(k_group, k: int) -> None:
+    if k_group not in _K_GROUPS:
+        raise ValueError(f"k_group must be 64, 128 or 256, got {k_group!r}")
+    if k % (k_group // _CODES_PER_LANE):
+        raise ValueError(
+            f"k_group={k_group} needs K to be a multiple of {k_group // _CODES_PER_LANE} (the"
+            f" x tile's TMA rows), got K={k}; use k_group=64 (any K % 16 == 0)"
+        )
+
+
 def _largest_divisor_at_most(n: int, bound: int) -> int:
     return max(d for d in range(1, max(1, min(n, bound)) + 1) if n % d == 0)
 
@@ -273,60 +298,83 @@ def default_config(
     narrow_decode: bool = False,
     tuned: bool = True,
     stream_k: bool = True,
+    k_group: int | None = None,
 ) -> GemmConfig:
     """Tiling for one product: the measured best of :mod:`gemm_tuned` for this device and
     shape where the table has one (``tuned``), else a heuristic per shape bucket (decode:
-    M <= 64, prefill: M > 64).
+    M <= 64, prefill: M > 64). ``k_group`` is the prepared weight's (None: the default
+    for ``k``, :func:`default_k_group`); tile_k is a multiple of it, and table entries
+    measured on another k-group are not used.
 
     Decode is bound by streaming the weights and by the decode ALU work: two
     compute warpgroups and a token tile of ``round_up(M, 8)``, with split-K so
     that ``n_tiles * split_k`` covers the SMs. M <= 16: 128 rows per
-    warpgroup, tile_k 64 while split-K applies; M <= 64: 64 rows each while the
+    warpgroup, one k-group per step while split-K applies; M <= 64: 64 rows each while the
     128-feature tiles fit in one wave, 128 rows beyond. ``narrow_decode`` applies
     the M <= 64 rule to M <= 16 too: the better tiling when split-K is not
     used (measured 1.6x faster without it at N = K = 4096, M = 1) and the grouped
     kernel's choice (tuned on MoE shapes). M <= 8 where the grid, one wave, leaves
     more than a tenth of the SMs idle (e.g. 112 tiles of 256 features): stream-K over
-    all SMs in tile_k-64 units instead (measured 11% faster than no split at
+    all SMs in one-k-group units instead (measured 11% faster than no split at
     28672x8192, M = 1, and 20.2 us against 22.0 us for two XLA-reduced splits at
     14336x4096 in another run; not faster at M = 16 or 64, and within 4% either way
     for the two waves of 224 tiles at 57344x8192); ``stream_k=False``
     rules it out (a launch from torch, which runs no XLA reduction). Prefill is
     bound by the tensor cores and by the decode ALU work, which is amortized over
-    ``tile_m`` tokens and over 128-row warpgroups. Stages are the most that fit in
-    SMEM (at most 4). Measured on H100 (jax 0.11.2) with ``benchmarks/bench_matmul.py
+    ``tile_m`` tokens and over 128-row warpgroups; where split-K's f32 partial-sum tile
+    and two stages of 128 tokens exceed SMEM, 64-token tiles. Stages are the most that
+    fit in SMEM (at most 4). Measured on H100 (jax 0.11.2) with ``benchmarks/bench_matmul.py
     --configs`` (results in benchmarks/results/matmul_sweep-*.md).
     """
+    if k_group is None:
+        k_group = default_k_group(k)
+    if k_group not in _K_GROUPS:
+        raise ValueError(f"k_group must be 64, 128 or 256, got {k_group!r}")
     num_sms = sm_count(num_sms)
-    entry = gemm_tuned.lookup(device_info().device_kind, m, n, k) if tuned else None
+    entry = gemm_tuned.lookup(device_info().device_kind, m, n, k, k_group) if tuned else None
     if entry is not None and (stream_k or not entry.stream_k):
         return _fit_stages(tuned_config(entry), m, dtype)
     if m <= 16 and not narrow_decode:
         # 128-row warpgroups; while two splits of every 256-feature tile fit in one
-        # wave, split-K over short K ranges (tile_k 64) fills the SMs. Measured 4-14%
-        # faster than 128-feature tiles at M=1 (H100, 4096x4096 and 14336x4096).
+        # wave, split-K over short K ranges (one k-group per step) fills the SMs.
+        # Measured 4-14% faster than 128-feature tiles at M=1 (H100, 4096x4096 and
+        # 14336x4096).
         two_splits_fit = 2 * -(-n // 256) <= num_sms
         cfg = GemmConfig(
-            tile_n=256, tile_m=_round_up(max(m, 1), 8), tile_k=64 if two_splits_fit else 256
+            tile_n=256, tile_m=_round_up(max(m, 1), 8), tile_k=k_group if two_splits_fit else 256
         )
     elif m <= 64:
         tile_m = _round_up(max(m, 1), 8)
         if -(-n // 128) > num_sms:  # more than a wave of 128-feature tiles
             cfg = GemmConfig(tile_n=256, tile_m=tile_m, tile_k=256)
         else:  # 64-row warpgroups, split-K to fill the SMs
-            cfg = GemmConfig(tile_n=128, tile_m=tile_m, tile_k=128)
+            cfg = GemmConfig(tile_n=128, tile_m=tile_m, tile_k=max(128, k_group))
     else:
-        cfg = GemmConfig(tile_n=256, tile_m=128, tile_k=64)
+        cfg = GemmConfig(tile_n=256, tile_m=128, tile_k=k_group)
     if _round_up(n, _WGMMA_ROWS) < cfg.tile_n:  # no warpgroup without output features
         cfg = dataclasses.replace(cfg, tile_n=_round_up(n, _WGMMA_ROWS))
-    k_steps = -(-k // cfg.tile_k)
-    ctas = -(-n // cfg.tile_n) * -(-m // cfg.tile_m)
-    split_k = _largest_divisor_at_most(k_steps, max(1, num_sms // ctas))
-    short = ctas * split_k < 0.9 * num_sms
-    if stream_k and m <= 8 and not narrow_decode and short and ctas * -(-k // 64) >= num_sms:
-        # (the last condition: at least one tile_k-64 unit per CTA)
-        return _fit_stages(dataclasses.replace(cfg, tile_k=64, stream_k=num_sms), m, dtype)
-    return _fit_stages(dataclasses.replace(cfg, split_k=split_k), m, dtype)
+    while True:
+        k_steps = -(-k // cfg.tile_k)
+        ctas = -(-n // cfg.tile_n) * -(-m // cfg.tile_m)
+        split_k = _largest_divisor_at_most(k_steps, max(1, num_sms // ctas))
+        short = ctas * split_k < 0.9 * num_sms
+        if (
+            stream_k
+            and m <= 8
+            and not narrow_decode
+            and short
+            and ctas * -(-k // k_group) >= num_sms
+        ):
+            # (the last condition: at least one k-group unit per CTA)
+            cfg = dataclasses.replace(cfg, tile_k=k_group, stream_k=num_sms)
+        else:
+            cfg = dataclasses.replace(cfg, split_k=split_k)
+        cfg = _fit_stages(cfg, m, dtype)
+        if cfg.tile_m <= 64 or smem_bytes(cfg, token_tile(cfg, m), dtype) <= _SMEM_BYTES:
+            return cfg
+        # Prefill split-K: two stages of 128-token x 128-k tiles and the f32 partial-sum
+        # tile exceed SMEM; 64-token tiles (the split recomputed for their grid) fit.
+        cfg = dataclasses.replace(cfg, tile_m=64, split_k=1)
 
 
 def single_kernel_config(cfg: GemmConfig, m: int, k: int, dtype=jnp.bfloat16) -> GemmConfig:
@@ -416,7 +464,7 @@ def prepare_weight(
     tensor_scale: jax.Array | float,
     *,
     dtype=jnp.bfloat16,
-    k_group: int = 64,
+    k_group: int | None = None,
 ) -> PreparedWeight:
     """Reorders a canonical NVFP4 weight into the layout the kernel reads.
 
@@ -431,9 +479,12 @@ def prepare_weight(
         block scales are stored pre-widened to it, which saves the kernel four
         instructions per scale. ``None`` keeps raw E4M3 scales (half the scale
         bytes, works with either activation dtype).
-      k_group: interleaving granule along K (64, 128 or 256). Kernel ``tile_k``
-        must be a multiple of it. The x tile in SMEM is swizzled at
-        ``k_group / 4`` columns (64 -> 32-byte swizzle).
+      k_group: interleaving granule along K (64, 128 or 256; K must be a multiple
+        of ``k_group / 4``). None: :func:`default_k_group` (128, or 64 where K is not
+        a multiple of 32). Kernel ``tile_k`` must be a multiple of it. Every TMA row
+        of codes and of the x tile is ``k_group / 4`` uint16/bf16 elements, swizzled
+        at that width: 32 bytes for 64, 64 bytes for 128 (measured 15-24% faster at
+        M = 16-64 than 64, as TMA moves narrow rows slowly), 128 bytes for 256.
 
     Returns:
       A :class:`PreparedWeight` with
@@ -479,8 +530,9 @@ def prepare_weight(
             f"scales must be [N, K/16] = {[n, k // _BLOCK]} with K % 16 == 0, got"
             f" {list(scales.shape)} for data {list(data.shape)}"
         )
-    if k_group not in (64, 128, 256):
-        raise ValueError(f"k_group must be 64, 128 or 256, got {k_group}")
+    if k_group is None:
+        k_group = default_k_group(k)
+    _check_k_group(k_group, k)
     if dtype is not None and jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
         raise ValueError(f"dtype must be bf16, f16 or None, got {dtype}")
     k_pad = _round_up(k, k_group)
@@ -864,7 +916,8 @@ def smem_bytes(cfg: GemmConfig, tile_m: int, dtype=jnp.bfloat16, scale_itemsize:
         + tile_m * cfg.tile_k * itemsize
     )  # activations
     out = cfg.tile_n * tile_m * (4 if _stores_partials(cfg) else 2)  # output tile
-    a = cfg.tile_n * 64 * itemsize if cfg.a_operand == "smem" else 0
+    # the SMEM operand holds one k-group (at most tile_k columns)
+    a = cfg.tile_n * cfg.tile_k * itemsize if cfg.a_operand == "smem" else 0
     red = (cfg.split_k - 1) * cfg.tile_n * tile_m * 4 if cfg.cluster_reduce else 0
     return cfg.stages * stage + out + a + red + cfg.tile_n * 4 + 1024
 
@@ -1142,7 +1195,7 @@ def nvfp4_matmul(
     if bias is not None and bias.shape != (n,):
         raise ValueError(f"bias must be [{n}], got {list(bias.shape)}")
     m = x2d.shape[0]
-    cfg = config or default_config(m, n, k, dtype=x2d.dtype)
+    cfg = config or default_config(m, n, k, dtype=x2d.dtype, k_group=k_group)
     k_steps = _check_config(cfg, k, k_group, interpret)
     stream = stream_k_schedule(cfg, n, k)
 
@@ -1189,7 +1242,14 @@ def max_token_tiles(rows: int, num_experts: int, tile_m: int) -> int:
 
 
 def default_grouped_config(
-    rows: int, num_experts: int, n: int, k: int, *, dtype=jnp.bfloat16, num_sms: int | None = None
+    rows: int,
+    num_experts: int,
+    n: int,
+    k: int,
+    *,
+    dtype=jnp.bfloat16,
+    num_sms: int | None = None,
+    k_group: int | None = None,
 ) -> GemmConfig:
     """:func:`default_config` for a group of 1.5x the average size (``rows / min(E,
     rows)`` tokens) plus 4, so that most routed groups fit in one token tile: a group
@@ -1199,7 +1259,14 @@ def default_grouped_config(
     active = max(1, min(num_experts, rows))
     typical = -(-3 * max(rows, 1) // (2 * active)) + 4
     cfg = default_config(
-        typical, n, k, dtype=dtype, num_sms=num_sms, narrow_decode=True, tuned=False
+        typical,
+        n,
+        k,
+        dtype=dtype,
+        num_sms=num_sms,
+        narrow_decode=True,
+        tuned=False,
+        k_group=k_group,
     )
     tiles = max(-(-rows // cfg.tile_m), active)
     tiles = max(1, min(tiles, max_token_tiles(rows, num_experts, cfg.tile_m)))
@@ -1209,8 +1276,13 @@ def default_grouped_config(
         cfg = dataclasses.replace(cfg, tile_n=256, stages=4)
     ctas = -(-n // cfg.tile_n) * tiles
     split_k = _largest_divisor_at_most(-(-k // cfg.tile_k), max(1, num_sms // ctas))
-    cfg = dataclasses.replace(cfg, split_k=split_k, stages=4)
-    return _fit_stages(cfg, cfg.tile_m, dtype)  # the grouped kernel uses all of tile_m
+    cfg = _fit_stages(dataclasses.replace(cfg, split_k=split_k, stages=4), cfg.tile_m, dtype)
+    while cfg.split_k > 1 and smem_bytes(cfg, cfg.tile_m, dtype) > _SMEM_BYTES:
+        # f32 partial sums of 128-token tiles next to two stages exceed SMEM: fewer splits
+        # until the buffers fit (the fused epilogue stores bf16/f16, half the bytes)
+        split_k = _largest_divisor_at_most(-(-k // cfg.tile_k), cfg.split_k - 1)
+        cfg = _fit_stages(dataclasses.replace(cfg, split_k=split_k, stages=4), cfg.tile_m, dtype)
+    return cfg  # (the grouped kernel uses all of tile_m)
 
 
 def group_of(ends: jax.Array, count: int) -> jax.Array:
@@ -1300,7 +1372,9 @@ def nvfp4_grouped_matmul(
             f" {group_sizes.dtype}{list(group_sizes.shape)}"
         )
     rows = x2d.shape[0]
-    cfg = config or default_grouped_config(rows, num_experts, n, k, dtype=x2d.dtype)
+    cfg = config or default_grouped_config(
+        rows, num_experts, n, k, dtype=x2d.dtype, k_group=k_group
+    )
     if cfg.stream_k:
         raise ValueError(f"the grouped product does not run stream-K, got config {cfg}")
     k_steps = _check_config(cfg, k, k_group, interpret)
