@@ -58,7 +58,8 @@ def _pallas_grouped_matmul(x, w: NVFP4Array, group_sizes, out_dtype, config=None
         )
     num_experts, n, k = w.data.shape[0], w.data.shape[1], 2 * w.data.shape[2]
     if w.prepared is None or w.prepared.scales.dtype != x.dtype:
-        w = prepare(w, x.dtype)
+        k_group = None if w.prepared is None else w.prepared.k_group  # kept when rebuilt
+        w = prepare(w, x.dtype, k_group=k_group)
     interpret = backends.interpret_pallas()
     if config is None:
         config = gemm.default_grouped_config(

@@ -81,15 +81,15 @@ def _pallas_matmul(x2d, w: NVFP4Array, bias, out_dtype, config=None) -> jax.Arra
     n, k = w.data.shape[0], 2 * w.data.shape[1]
     interpret = backends.interpret_pallas()
     prepared = w.prepared
-    if prepared is None or prepared.scales.dtype != x2d.dtype:
-        prepared = None  # built below unless the dequantize route is taken
-    k_group = None if prepared is None else prepared.k_group
+    k_group = None if prepared is None else prepared.k_group  # a rebuilt layout keeps it
+    if prepared is not None and prepared.scales.dtype != x2d.dtype:
+        prepared = None  # rebuilt for x2d.dtype below unless the dequantize route is taken
     plan = pallas_plan(x2d.shape[0], n, k, x2d.dtype, config, k_group)
     if plan == DEQUANTIZE:
         backends.note("matmul", Backend.PALLAS, DEQUANTIZE)
         return _dequantize_dot(x2d, w, bias, out_dtype, interpret)
     if prepared is None:
-        prepared = _prepare_layout(w, x2d.dtype)
+        prepared = _prepare_layout(w, x2d.dtype, k_group)
     if config is None and interpret:  # the interpreter runs only the SMEM-operand variant
         plan = dataclasses.replace(plan, a_operand="smem")
     return gemm.nvfp4_matmul(

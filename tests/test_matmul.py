@@ -82,6 +82,20 @@ def test_prepare_k_group(rng, k_group):
         nv.prepare(w, k_group=32)
 
 
+def test_layout_rebuilt_for_another_dtype_keeps_its_k_group(rng):
+    """A weight prepared for f16 and used with bf16 activations is re-laid out with the
+    k-group it was prepared with (a tile_k 64 config needs k-group 64)."""
+    from nvfp4_jax.kernels import gemm
+
+    w = _weight(rng, 128, 64)
+    x = jnp.asarray(rng.standard_normal((3, 128)), jnp.bfloat16)
+    cfg = gemm.GemmConfig(tile_n=64, tile_m=8, tile_k=64, stages=2, a_operand="smem")
+    y = nv.matmul(x, nv.prepare(w, jnp.float16, k_group=64), backend="pallas", config=cfg)
+    _check(y, x, w)
+    with pytest.raises(ValueError, match="tile_k=64 must be a multiple of k_group=128"):
+        nv.matmul(x, nv.prepare(w, jnp.float16), backend="pallas", config=cfg)
+
+
 def test_float32_output_falls_back_to_xla_unless_pallas_is_named(rng, monkeypatch):
     monkeypatch.delenv(backends.ENV_VAR, raising=False)
     w = _weight(rng, 32, 64)

@@ -16,8 +16,8 @@ Glossary: a *scale block* is the 16 consecutive k that share one E4M3 scale;
 a *k-group* is the ``k_group`` (128 by default; 64 or 256) consecutive k whose
 codes are interleaved into uint16 lanes by :func:`prepare_weight`; a *quarter* is
 the ``k_group / 4``-column slice of a k-group that one nibble position of the lanes
-covers; a *tile* is the
-kernel's unit of work (``tile_n x tile_m`` outputs, ``tile_k`` per step).
+covers; a *tile* is the kernel's unit of work (``tile_n x tile_m`` outputs,
+``tile_k`` per step).
 
 Kernel structure (``plgpu.kernel``, grid ``(n_tiles, m_tiles, split_k)``):
 one memory warpgroup streams packed codes, block scales and x tiles through a
@@ -328,8 +328,7 @@ def default_config(
     """
     if k_group is None:
         k_group = default_k_group(k)
-    if k_group not in _K_GROUPS:
-        raise ValueError(f"k_group must be 64, 128 or 256, got {k_group!r}")
+    _check_k_group(k_group, k)
     num_sms = sm_count(num_sms)
     entry = gemm_tuned.lookup(device_info().device_kind, m, n, k, k_group) if tuned else None
     if entry is not None and (stream_k or not entry.stream_k):
