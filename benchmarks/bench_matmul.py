@@ -107,11 +107,6 @@ def main() -> None:
     p.add_argument("--configs", action="store_true")
     p.add_argument("--iterations", type=int, default=20)
     p.add_argument("--no-xla", action="store_true", help="skip the (slow) XLA dequant->dot path")
-    p.add_argument(
-        "--raw-scales",
-        action="store_true",
-        help="also time the kernel on raw E4M3 block scales (prepare_weight(dtype=None))",
-    )
     args = p.parse_args()
     hbm = common.hbm_copy_bandwidth()
     rows = []
@@ -121,7 +116,7 @@ def main() -> None:
         w_bf16 = [
             jax.random.normal(jax.random.key(i), (n, k), jnp.bfloat16) for i in range(bf16_copies)
         ]
-        wq, fp4_copies, fp4_bytes = common.prepared_copies(w_bf16[0].T)
+        _, fp4_copies, fp4_bytes = common.prepared_copies(w_bf16[0].T)
         floor_us = fp4_bytes / (hbm * 1e9) * 1e6
         for m in args.m:
             x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
@@ -130,22 +125,6 @@ def main() -> None:
             )
             configs = sweep(m, n, k) if args.configs else [pallas_plan(m, n, k)]
             t_fp4, cfg = fastest(configs, x, fp4_copies, args.iterations, verbose=args.configs)
-            if args.raw_scales:
-                raw = gemm.prepare_weight(wq.data, wq.scales, wq.tensor_scale, dtype=None)
-                raw_bytes = raw.data.nbytes + raw.scales.nbytes
-                raw_copies = [common.fresh_copy(raw) for _ in range(common.copies_for(raw_bytes))]
-                fused = [c for c in sweep(m, n, k) if c != DEQUANTIZE]
-                for cfg in fused if args.configs else fused[:1]:
-                    try:
-                        t = common.time_per_call(
-                            lambda x, w, cfg=cfg: gemm.nvfp4_matmul(x, w, n=n, k=k, config=cfg),
-                            [(x, w) for w in raw_copies],
-                            args.iterations,
-                        )
-                    except Exception as e:  # noqa: BLE001
-                        print(f"  skip raw {cfg}: {str(e).splitlines()[0][:100]}")
-                        continue
-                    print(f"  raw-scales {t:.2f} us {cfg}", flush=True)
             t_xla = float("nan")
             if not args.no_xla:
                 t_xla = common.time_per_call(

@@ -67,9 +67,7 @@ def main() -> None:
         for i in range(copies):
             w = jax.random.normal(jax.random.key(i), (k, n), jnp.bfloat16)
             q = nv.quantize(w, axis=0)  # stored [N, K/2], as TorchGemm takes it
-            weights.append(
-                torch_kernel.TorchGemm(q.data, q.scales, q.tensor_scale, None, torch.bfloat16)
-            )
+            weights.append(torch_kernel.TorchGemm(q.data, q.scales, q.tensor_scale, None))
         dense = [
             torch.randn(n, k, dtype=torch.bfloat16, device="cuda")
             for _ in range(common.copies_for(n * k * 2))
@@ -81,12 +79,12 @@ def main() -> None:
             policies = {
                 "no split": gemm._fit_stages(
                     dataclasses.replace(
-                        gemm.default_config(m, n, k, narrow_decode=True, tuned=False), split_k=1
+                        gemm.default_config(m, n, k, stream_k=False, tuned=False), split_k=1
                     ),
                     m,
                     jnp.bfloat16,
                 ),
-                "cluster": gemm.single_kernel_config(base, m, k),
+                "cluster": gemm.single_kernel_config(base, m, k, n=n),
             }
             row = [m, n, k, t_bf16]
             for cfg in policies.values():

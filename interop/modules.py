@@ -134,8 +134,9 @@ class NVFP4Linear(nn.Module):
     ``x.dtype`` on the same device (float32 accumulation). Leading dims are flattened, so
     one compiled kernel (CUDA) or XLA executable serves every shape with the same number of
     rows. On a Hopper GPU the layer also keeps the kernel's prepared layout of the weight
-    (built on the first call per activation dtype: the packed codes re-interleaved plus the
-    block scales widened to 16 bits, about 1.1x the checkpoint buffers). The buffers are
+    (built on the first call, for bf16 and fp16 alike: the packed codes re-interleaved plus
+    the block scales transposed, one byte each, about the size of the checkpoint buffers).
+    The buffers are
     handed to JAX once (zero-copy) and reconverted only after ``load_state_dict``, ``.to()``
     or a buffer reassignment; in-place writes to a buffer (other than through
     ``load_state_dict``) need :meth:`refresh`. Inference only: an ``x`` that requires grad
@@ -192,7 +193,7 @@ class NVFP4Linear(nn.Module):
         self.register_buffer(
             "bias", torch.zeros(out_features, dtype=bias_dtype, **kw) if bias else None
         )
-        # (source buffers, device, jitted fn, JAX args, {dtype: TorchGemm} or None)
+        # (source buffers, device, jitted fn, JAX args, [TorchGemm] (empty until built) or None)
         self._jax: tuple | None = None
 
     # -- constructors ---------------------------------------------------------------------
@@ -355,15 +356,15 @@ class NVFP4Linear(nn.Module):
         )  # validates shapes, scale > 0
         jbias = None if bias is None else to_jax(bias, copy=None)
         backend = _backend_for(self.backend, weight.device)
-        torch_gemms = None  # activation dtype -> TorchGemm, for the direct kernel launch
+        torch_gemm = None  # holds the TorchGemm of the direct kernel launch, built lazily
         if weight.device.type == "cuda" and _launches_from_torch(backend):
-            torch_gemms = {}
+            torch_gemm = []
         self._jax = (
             sources,
             weight.device,
             _linear_fn(backend),
             (a.data, a.scales, a.tensor_scale, jbias),
-            torch_gemms,
+            torch_gemm,
         )
         return self._jax
 
@@ -411,23 +412,21 @@ class NVFP4Linear(nn.Module):
             )
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"x must have shape [..., {self.in_features}], got {tuple(x.shape)}")
-        _, device, fn, args, torch_gemms = self._jax_state()
+        _, device, fn, args, torch_gemm = self._jax_state()
         if x.device != device:
             raise ValueError(f"x is on {x.device}, but the layer's buffers are on {device}")
         lead = x.shape[:-1]
         if x.numel() == 0:
             return x.new_empty(*lead, self.out_features)
         x2d = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-        if torch_gemms is not None and x2d.shape[0] < DEQUANTIZE_DOT_MIN_M:
+        if torch_gemm is not None and x2d.shape[0] < DEQUANTIZE_DOT_MIN_M:
             # The Pallas kernel launched from torch, no JAX dispatch. Prefill-sized inputs
             # take the JAX path below: its dequantize route beats the fused kernel there
             # (nvfp4_jax.matmul.pallas_plan), and the dispatch cost is small next to them.
-            gemm = torch_gemms.get(x.dtype)
-            if gemm is None:
+            if not torch_gemm:  # one prepared layout serves bf16 and fp16 activations
                 bias = self._buffers["bias"]
-                gemm = TorchGemm(*args[:3], None if bias is None else bias.detach(), x.dtype)
-                torch_gemms[x.dtype] = gemm
-            y = gemm(x2d if x2d.is_contiguous() else x2d.contiguous())
+                torch_gemm.append(TorchGemm(*args[:3], None if bias is None else bias.detach()))
+            y = torch_gemm[0](x2d if x2d.is_contiguous() else x2d.contiguous())
         else:
             y = _export(fn(_to_jax_fast(x2d), *args), device)
         return y if x.dim() == 2 else y.view(*lead, self.out_features)

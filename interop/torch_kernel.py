@@ -169,13 +169,14 @@ class TorchGemm:
       data, scales, tensor_scale: the weight as JAX arrays on the GPU (``uint8 [N, K/2]``,
         ``float8_e4m3fn [N, K/16]``, float32 scalar).
       bias: ``[N]`` torch tensor or None.
-      dtype: the activation dtype (bf16 or fp16) the weight is prepared for.
+
+    The prepared layout (compact scales) serves bf16 and fp16 activations alike; a kernel is
+    compiled per (rows, activation dtype).
     """
 
-    def __init__(self, data, scales, tensor_scale, bias: torch.Tensor | None, dtype: torch.dtype):
+    def __init__(self, data, scales, tensor_scale, bias: torch.Tensor | None):
         self.n, self.k = data.shape[0], 2 * data.shape[1]
-        self.dtype = dtype
-        prepared = gemm.prepare_weight(data, scales, tensor_scale, dtype=_JAX_DTYPE[dtype])
+        prepared = gemm.prepare_weight(data, scales, tensor_scale)  # compact scales
         self.k_group = prepared.k_group
         codes = jax.lax.bitcast_convert_type(prepared.data, jnp.uint8)  # torch has few uint16 ops
         # The JAX arrays whose memory the torch views below share (prepared.data is dropped).
@@ -184,20 +185,20 @@ class TorchGemm:
         self.scales = to_torch(prepared.scales)
         self.tensor_scale = to_torch(prepared.tensor_scale)
         self.bias = bias
-        self._launchers: dict[int, _Launcher] = {}
+        self._launchers: dict[tuple[int, torch.dtype], _Launcher] = {}
 
-    def _launcher(self, m: int, device: torch.device) -> _Launcher:
+    def _launcher(self, m: int, torch_dtype: torch.dtype, device: torch.device) -> _Launcher:
         # One launch per call: the JAX path's tiling, with split-K reduced inside the
         # kernel (thread-block clusters); XLA-reduced partials would need three more torch
         # ops per call (sum, scale, cast).
-        dtype = _JAX_DTYPE[self.dtype]
+        dtype = _JAX_DTYPE[torch_dtype]
         cfg = gemm.default_config(
             m, self.n, self.k, dtype=dtype, stream_k=False, k_group=self.k_group
         )
-        cfg = gemm.single_kernel_config(cfg, m, self.k, dtype)
+        cfg = gemm.single_kernel_config(cfg, m, self.k, dtype, n=self.n)
         rows = m if m <= 8 else -(-m // 8) * 8  # TMA of (8, .)-tiled views
         n_out = -(-self.n // cfg.tile_n) * cfg.tile_n
-        args = [torch.empty(rows, self.k, dtype=self.dtype, device=device)]
+        args = [torch.empty(rows, self.k, dtype=torch_dtype, device=device)]
         args += [self.data, self.scales, self.tensor_scale]
         bias = None
         if self.bias is not None:
@@ -206,14 +207,16 @@ class TorchGemm:
         with torch.cuda.device(device):
             apply, on_current = _compile(self.n, self.k, cfg, rows, args)
         launcher = _Launcher(apply, on_current, rows, bias)
-        self._launchers[m] = launcher
+        self._launchers[m, torch_dtype] = launcher
         return launcher
 
     def __call__(self, x2d: torch.Tensor) -> torch.Tensor:
-        """``x2d``: contiguous ``[M, K]`` CUDA tensor of ``dtype`` -> ``[M, N]``."""
+        """``x2d``: contiguous ``[M, K]`` bf16/fp16 CUDA tensor -> ``[M, N]`` of its dtype."""
+        if x2d.dtype not in _JAX_DTYPE:
+            raise TypeError(f"x2d must be bfloat16 or float16, got {x2d.dtype}")
         m = x2d.shape[0]
         device = x2d.device
-        launcher = self._launchers.get(m) or self._launcher(m, device)
+        launcher = self._launchers.get((m, x2d.dtype)) or self._launcher(m, x2d.dtype, device)
         if launcher.rows != m:
             x2d = F.pad(x2d, (0, 0, 0, launcher.rows - m))
         args = (x2d, self.data, self.scales, self.tensor_scale)

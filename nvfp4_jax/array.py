@@ -130,9 +130,15 @@ class NVFP4Array:
             f"axis={self.axis + self.ndim}, data={leaf(self.data)}, "
             f"scales={leaf(self.scales)}, tensor_scale={ts}"
             + (
-                f", prepared for {jnp.dtype(self.prepared.scales.dtype).name}"
+                f", prepared with {_scale_format(self.prepared.scales.dtype)} scales, k-group"
+                f" {self.prepared.k_group}"
                 if self.prepared is not None
                 else ""
             )
             + ")"
         )
+
+
+def _scale_format(dtype) -> str:
+    dtype = jnp.dtype(dtype)
+    return "compact" if dtype == jnp.uint8 else f"{dtype.name}-widened"

@@ -51,15 +51,14 @@ def _xla_grouped_matmul(x, w: NVFP4Array, group_sizes, out_dtype, config=None) -
 
 def _pallas_grouped_matmul(x, w: NVFP4Array, group_sizes, out_dtype, config=None) -> jax.Array:
     """Pallas path: the GEMM kernel over expert-aligned token tiles (prepares ``w`` here
-    when it carries no layout for ``x.dtype``)."""
+    when it carries no layout)."""
     if jnp.dtype(out_dtype) not in ACTIVATION_DTYPES:
         raise NotImplementedError(
             f"the Pallas GEMM writes bfloat16/float16, not {jnp.dtype(out_dtype)}"
         )
     num_experts, n, k = w.data.shape[0], w.data.shape[1], 2 * w.data.shape[2]
-    if w.prepared is None or w.prepared.scales.dtype != x.dtype:
-        k_group = None if w.prepared is None else w.prepared.k_group  # kept when rebuilt
-        w = prepare(w, x.dtype, k_group=k_group)
+    if w.prepared is None:  # any prepared layout serves both activation dtypes
+        w = prepare(w)
     interpret = backends.interpret_pallas()
     if config is None:
         config = gemm.default_grouped_config(

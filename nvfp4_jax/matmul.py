@@ -73,7 +73,7 @@ def pallas_plan(
 
 def _pallas_matmul(x2d, w: NVFP4Array, bias, out_dtype, config=None) -> jax.Array:
     """Pallas path: the Mosaic GPU kernel on the prepared layout (built here if ``w`` has
-    none for ``x2d.dtype``; ``prepare`` once to avoid that), or :func:`_dequantize_dot`."""
+    none; ``prepare`` once to avoid that), or :func:`_dequantize_dot`."""
     if jnp.dtype(out_dtype) not in ACTIVATION_DTYPES:
         raise NotImplementedError(
             f"the Pallas GEMM writes bfloat16/float16, not {jnp.dtype(out_dtype)}"
@@ -81,15 +81,13 @@ def _pallas_matmul(x2d, w: NVFP4Array, bias, out_dtype, config=None) -> jax.Arra
     n, k = w.data.shape[0], 2 * w.data.shape[1]
     interpret = backends.interpret_pallas()
     prepared = w.prepared
-    k_group = None if prepared is None else prepared.k_group  # a rebuilt layout keeps it
-    if prepared is not None and prepared.scales.dtype != x2d.dtype:
-        prepared = None  # rebuilt for x2d.dtype below unless the dequantize route is taken
+    k_group = None if prepared is None else prepared.k_group
     plan = pallas_plan(x2d.shape[0], n, k, x2d.dtype, config, k_group)
     if plan == DEQUANTIZE:
         backends.note("matmul", Backend.PALLAS, DEQUANTIZE)
         return _dequantize_dot(x2d, w, bias, out_dtype, interpret)
-    if prepared is None:
-        prepared = _prepare_layout(w, x2d.dtype, k_group)
+    if prepared is None:  # any prepared layout serves both activation dtypes
+        prepared = _prepare_layout(w, None, k_group)
     if config is None and interpret:  # the interpreter runs only the SMEM-operand variant
         plan = dataclasses.replace(plan, a_operand="smem")
     return gemm.nvfp4_matmul(
@@ -132,17 +130,24 @@ def _prepare_layout(w: NVFP4Array, dtype, k_group: int | None = None):
     return gemm.prepare_weight(w.data, w.scales, w.tensor_scale, dtype=dtype, k_group=k_group)
 
 
-def prepare(w: NVFP4Array, dtype: Any = jnp.bfloat16, *, k_group: int | None = None) -> NVFP4Array:
-    """Return ``w`` with the GEMM kernel's layout for ``dtype`` activations attached.
+def prepare(w: NVFP4Array, dtype: Any = None, *, k_group: int | None = None) -> NVFP4Array:
+    """Return ``w`` with the GEMM kernel's weight layout attached.
 
-    The layout (documented in ``kernels.gemm.prepare_weight``: ``k_group``-wide K groups
-    (None: 128, or 64 where K is not a multiple of 32; 64 or 256 by choice) of codes
-    interleaved into uint16 lanes, block scales
-    transposed to ``[K/16, N]`` and pre-widened to ``dtype`` with the decode's power of two
-    folded in, N and K zero-padded) is built once here and travels with the array through ``jit``/``vmap``, so ``matmul``/``linear``
-    never rebuild it. ``w`` is a 2-D weight quantized along K (either logical orientation)
-    with a scalar tensor scale, or a stack of expert weights (logical ``[E, K, N]`` or
-    ``[E, N, K]``, for ``grouped_matmul``) with a scalar or ``[E]`` tensor scale.
+    The layout (documented in ``kernels.gemm.prepare_weight``) interleaves the codes of
+    ``k_group``-wide K groups (None: 128, or 64 where K is not a multiple of 32; 64 or 256
+    by choice) into uint16 lanes and transposes the block scales to ``[K/16, N]``, N and K
+    zero-padded. It is built once here and travels with the array through ``jit``/``vmap``,
+    so ``matmul``/``linear``/``grouped_matmul`` never rebuild it. ``w`` is a 2-D weight
+    quantized along K (either logical orientation) with a scalar tensor scale, or a stack
+    of expert weights (logical ``[E, K, N]`` or ``[E, N, K]``, for ``grouped_matmul``) with
+    a scalar or ``[E]`` tensor scale.
+
+    ``dtype`` picks the block scales' storage. None (default): compact one-byte scales that
+    the kernel widens with a shift and an add; they serve bf16 and fp16 activations alike,
+    and measured 3-13% faster than widened scales at decode sizes (M <= 16) on an H100 and
+    1-4% slower at M = 256-1024 (benchmarks/results/scales-2026-11-23.md). bf16 or fp16:
+    scales pre-widened to that dtype (two bytes each); activations of the other dtype still
+    work (the kernel converts, exactly).
     """
     if not isinstance(w, NVFP4Array):
         raise TypeError(f"w must be an NVFP4Array, got {type(w).__name__}")
@@ -155,10 +160,10 @@ def prepare(w: NVFP4Array, dtype: Any = jnp.bfloat16, *, k_group: int | None = N
             f"shape {w.shape} blocked on axis {w.axis + w.ndim}, tensor scale shape "
             f"{jnp.shape(w.tensor_scale)}"
         )
-    dtype = jnp.dtype(dtype)
-    if dtype not in ACTIVATION_DTYPES:
+    if dtype is not None and jnp.dtype(dtype) not in ACTIVATION_DTYPES:
         raise TypeError(
-            f"prepare: dtype must be bfloat16 or float16 (the activation dtype), got {dtype}"
+            "prepare: dtype must be None (compact scales), bfloat16 or float16 (scales"
+            f" widened to that activation dtype), got {jnp.dtype(dtype)}"
         )
     out = jax.tree_util.tree_map(lambda v: v, w)
     out.prepared = _prepare_layout(w, dtype, k_group)

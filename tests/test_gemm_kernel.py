@@ -122,7 +122,7 @@ def test_prepared_layout_bits(k_group):
     n, k = 40, 160  # K % 32 == 0, as k-group 128 needs; pads to whole k-groups
     data, scales, ts = _random_weight(n, k, seed=3)
     prep = gemm.prepare_weight(
-        jnp.asarray(data), jnp.asarray(scales), ts, dtype=None, k_group=k_group
+        jnp.asarray(data), jnp.asarray(scales), ts, dtype=jnp.bfloat16, k_group=k_group
     )
     k_pad, n_pad, lanes = -(-k // k_group) * k_group, 48, k_group // 4
     assert prep.data.shape == (k_pad // k_group, n_pad, lanes)
@@ -146,7 +146,60 @@ def test_prepared_layout_bits(k_group):
     assert sorted(b for q in gemm._LANE_BITS for b in q) == list(range(16))
     s = np.zeros((n_pad, k_pad // 16), np.float32)
     s[:n, : k // 16] = scales.astype(np.float32)
-    np.testing.assert_array_equal(np.asarray(prep.scales.astype(jnp.float32)), s.T)
+    got = np.asarray(prep.scales.astype(jnp.float32)) * 2.0 ** -gemm.scale_exponent(jnp.bfloat16)
+    np.testing.assert_array_equal(got, s.T)
+
+
+def test_compact_scales_every_e4m3_value():
+    """Every E4M3 byte: the compact byte widens back to the exact scale (times the decode's
+    power of two, for bf16 and f16), NaN to inf with the block's codes zeroed, and a zero or
+    negative scale moves into the codes."""
+    e4m3 = np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).reshape(1, 256)
+    data = np.random.default_rng((_SALT, 40)).integers(0, 256, (1, 256 * 8), dtype=np.uint8)
+    new_data, compact = gemm.compact_scales(jnp.asarray(data), jnp.asarray(e4m3))
+    assert compact.dtype == jnp.uint8 and compact.shape == (1, 256)
+    s = e4m3[0].astype(np.float64)
+    for dtype in (jnp.bfloat16, jnp.float16):
+        for exp in (0, gemm.scale_exponent(dtype)):
+            wide = gemm._widen_compact(compact[0], dtype, exp).astype(jnp.float32)
+            wide = np.asarray(wide, np.float64)
+            live = np.isfinite(s) & (s != 0)
+            np.testing.assert_array_equal(wide[live], np.abs(s[live]) * 2.0**exp)
+            assert np.all(np.isposinf(wide[np.isnan(s)]))
+    per_byte = np.repeat(s, 8)
+    new_data = np.asarray(new_data)[0]
+    np.testing.assert_array_equal(new_data[(per_byte == 0) | np.isnan(per_byte)], 0)
+    np.testing.assert_array_equal(new_data[per_byte > 0], data[0][per_byte > 0])
+    np.testing.assert_array_equal(new_data[per_byte < 0], data[0][per_byte < 0] ^ 0x88)
+
+
+def test_interpret_compact_scales_signs_zeros_and_nans():
+    _check_compact_specials(jnp.bfloat16, _interp_config(8, 64, 256), interpret=True)
+
+
+def _check_compact_specials(dtype, config, interpret=False):
+    """A weight with negative, zero, subnormal and NaN block scales, prepared with compact
+    scales: the product matches float64 where finite and is NaN exactly in the outputs
+    whose dot product touches a NaN block."""
+    m, n, k = 8, 64, 256
+    data, scales, ts = _random_weight(n, k, seed=41)
+    rng = np.random.default_rng((_SALT, 42))
+    s = scales.astype(np.float32)
+    s = np.where(rng.random(s.shape) < 0.3, -s, s)
+    s[rng.random(s.shape) < 0.1] = 0.0
+    s[rng.random(s.shape) < 0.1] = 2.0**-9  # the smallest subnormal
+    s = s.astype(ml_dtypes.float8_e4m3fn)
+    s[3, 5] = np.nan
+    x = _random_x(m, k, dtype, seed=43)
+    prep = gemm.prepare_weight(jnp.asarray(data), jnp.asarray(s), ts, dtype=None)
+    y = gemm.nvfp4_matmul(x, prep, n=n, k=k, config=config, interpret=interpret)
+    y = np.asarray(y.astype(jnp.float32), np.float64)
+    ref = _reference64(x, data, s, ts)
+    assert np.all(np.isnan(y[:, 3])) and np.isnan(y).sum() == m
+    finite = np.ones(n, bool)
+    finite[3] = False
+    rel = np.linalg.norm(y[:, finite] - ref[:, finite]) / np.linalg.norm(ref[:, finite])
+    assert rel <= 1e-2
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
@@ -487,31 +540,39 @@ def test_default_config_buckets():
             assert (-(-k // cfg.tile_k)) % cfg.split_k == 0
             if m <= 64:
                 assert cfg.tile_m == -(-m // 8) * 8
-    # M <= 16: 256-feature tiles, split-K over one k-group per step filling one wave;
-    # without split-K (narrow_decode, the grouped kernel's choice) 128-feature tiles that
-    # fill more SMs.
-    wide = gemm.default_config(1, 4096, 4096, num_sms=132)
-    assert (wide.tile_n, wide.tile_k, wide.split_k) == (256, 128, 8)
-    wide64 = gemm.default_config(1, 4096, 4096, num_sms=132, k_group=64, tuned=False)
-    assert (wide64.tile_n, wide64.tile_k, wide64.split_k) == (256, 64, 8)
-    # Prefill split-K whose f32 partial sums and two 128-token stages exceed SMEM: 64 tokens
-    small = gemm.default_config(256, 4096, 4096, num_sms=132)
-    assert (small.tile_m, small.split_k) == (64, 2)
-    assert gemm.smem_bytes(small, 64) <= gemm._SMEM_BYTES
-    narrow = gemm.default_config(1, 4096, 4096, num_sms=132, narrow_decode=True)
-    assert (narrow.tile_n, narrow.tile_k, narrow.split_k) == (128, 128, 4)
-    big = gemm.default_config(16, 28672, 8192, num_sms=132)  # 112 tiles: no split
-    assert (big.tile_n, big.tile_k, big.split_k) == (256, 256, 1)
-    # M <= 8 with a grid short of 90% of the SMs: stream-K over all of them, unless ruled out
-    for n, k in ((28672, 8192), (14336, 4096)):  # 112 tiles, 56 tiles x 2 splits
-        stream = gemm.default_config(1, n, k, num_sms=132, tuned=False)
-        assert (stream.tile_n, stream.tile_k, stream.split_k, stream.stream_k) == (256, 128, 1, 132)
-        assert gemm.default_config(1, n, k, num_sms=132, tuned=False, stream_k=False).stream_k == 0
-        assert gemm.default_config(1, n, k, num_sms=132, narrow_decode=True).stream_k == 0
-    assert gemm.default_config(16, 14336, 4096, num_sms=132, tuned=False).stream_k == 0
-    assert gemm.default_config(1, 4096, 4096, num_sms=132).stream_k == 0  # 128 CTAs
+    # Decode while 128-feature tiles fit in one wave: 64-row warpgroups, split-K to fill it
+    for m in (1, 16, 64):
+        narrow = gemm.default_config(m, 4096, 4096, num_sms=132, tuned=False)
+        assert (narrow.tile_n, narrow.tile_k, narrow.split_k, narrow.stream_k) == (128, 128, 4, 0)
+        one_wave = gemm.default_config(m, 14336, 4096, num_sms=132, tuned=False)  # 112 tiles
+        assert (one_wave.tile_n, one_wave.split_k, one_wave.stream_k) == (128, 1, 0)
+    narrow64 = gemm.default_config(1, 4096, 4096, num_sms=132, k_group=64, tuned=False)
+    assert (narrow64.tile_n, narrow64.tile_k, narrow64.split_k) == (128, 128, 4)
+    # Beyond a wave: 256-feature tiles; at M <= 8 where their one wave leaves >10% of the
+    # SMs idle, stream-K over all of them, unless ruled out
+    stream = gemm.default_config(1, 28672, 8192, num_sms=132, tuned=False)  # 112 tiles
+    assert (stream.tile_n, stream.tile_k, stream.split_k, stream.stream_k) == (256, 128, 1, 132)
+    for m, flag in ((1, False), (16, True), (64, True)):
+        plain = gemm.default_config(m, 28672, 8192, num_sms=132, tuned=False, stream_k=flag)
+        assert (plain.tile_n, plain.tile_k, plain.split_k, plain.stream_k) == (256, 256, 1, 0)
     assert gemm.default_config(1, 57344, 8192, num_sms=132, tuned=False).stream_k == 0
-    assert gemm.single_kernel_config(stream, 1, 4096).stream_k == 0
+    assert gemm.single_kernel_config(stream, 1, 8192).stream_k == 0
+    # Prefill: 256 x 128 tiles with split-K, unless the f32 partial sums would outweigh
+    # the weight (4 splits of 256-feature tiles at N = K = 4096, M = 256): 128 x 128 tiles
+    # and half the splits. 128-token f32 partials are stored 64 tokens at a time.
+    small = gemm.default_config(256, 4096, 4096, num_sms=132, tuned=False)
+    assert (small.tile_n, small.tile_m, small.split_k) == (128, 128, 2)
+    long_k = gemm.default_config(256, 4096, 14336, num_sms=132, tuned=False)
+    assert (long_k.tile_n, long_k.tile_m, long_k.split_k) == (256, 128, 4)
+    assert gemm.smem_bytes(long_k, 128) <= gemm._SMEM_BYTES
+    assert gemm._out_chunk(long_k, 128) == 64 and gemm._out_chunk(long_k, 104) == 64
+    assert gemm._out_chunk(gemm.default_config(1024, 4096, 4096, num_sms=132), 128) == 128
+    # split_k=False (the grouped kernel sizes its own split): the tiles without either rule
+    for m, n, k, tile_n in ((256, 4096, 4096, 256), (1, 28672, 8192, 256), (1, 4096, 4096, 128)):
+        cfg = gemm.default_config(m, n, k, num_sms=132, tuned=False, split_k=False)
+        assert (cfg.tile_n, cfg.split_k, cfg.stream_k) == (tile_n, 1, 0)
+    grouped = gemm.default_grouped_config(6144, 64, 2816, 2048, num_sms=132)
+    assert (grouped.tile_n, grouped.tile_m, grouped.split_k) == (256, 128, 1)
 
 
 def test_token_tile_and_sm_count():
@@ -557,7 +618,17 @@ def test_single_kernel_config_reduces_split_k_in_clusters():
     # Prefill tiles: no split whose partial sums fit SMEM next to the pipeline.
     wide = gemm.single_kernel_config(G(tile_n=256, tile_m=128, tile_k=64, split_k=8), 300, 1024)
     assert wide.split_k == 1 and gemm.smem_bytes(wide, 128) <= gemm._SMEM_BYTES
-    for cfg in (one, tall, wide):  # no XLA work after the kernel
+    # Decode: split 128-feature tiles become 256-feature ones with twice the splits (fewer,
+    # faster clusters), where N has 256 features
+    narrow = G(tile_n=128, tile_m=8, tile_k=128, split_k=4)
+    wider = gemm.single_kernel_config(narrow, 1, 4096, n=4096)
+    assert (wider.tile_n, wider.split_k, wider.split_k_reduce) == (256, 4, "cluster")
+    assert gemm.single_kernel_config(narrow, 1, 4096, n=192).tile_n == 128
+    assert (
+        gemm.single_kernel_config(dataclasses.replace(narrow, tile_m=64), 64, 4096, n=4096).tile_n
+        == 128
+    )
+    for cfg in (one, tall, wide, wider):  # no XLA work after the kernel
         assert not gemm._stores_partials(cfg)
 
 
@@ -691,6 +762,14 @@ _LOWER_CASES = {
         G(tile_n=128, tile_m=16, tile_k=128, split_k=4, split_k_reduce="cluster"),
         False,
     ),
+    # f32 partial sums of 128-token tiles, staged through SMEM 64 tokens at a time
+    "prefill_split_k_chunked_store": (
+        200,
+        4096,
+        14336,
+        G(tile_n=256, tile_m=128, tile_k=128, stages=3, split_k=4),
+        True,
+    ),
 }
 
 
@@ -709,11 +788,14 @@ def test_cross_lowers_for_sm90(case):
     assert "mosaic_gpu" in text
 
 
-def test_cross_lowers_f16():
+@pytest.mark.parametrize(
+    "dtype,scale_dtype", [(jnp.float16, jnp.float16), (jnp.bfloat16, None), (jnp.float16, None)]
+)
+def test_cross_lowers_scale_formats(dtype, scale_dtype):
     m, n, k = 16, 1024, 1024
     data, scales, ts = _random_weight(n, k, seed=2)
-    prep = gemm.prepare_weight(jnp.asarray(data), jnp.asarray(scales), ts, dtype=jnp.float16)
-    x = jnp.zeros((m, k), jnp.float16)
+    prep = gemm.prepare_weight(jnp.asarray(data), jnp.asarray(scales), ts, dtype=scale_dtype)
+    x = jnp.zeros((m, k), dtype)
     text = cross_lower(lambda x, p: gemm.nvfp4_matmul(x, p, n=n, k=k), x, prep)
     assert "mosaic_gpu" in text
 
@@ -848,6 +930,8 @@ def test_gpu_configs(cfg):
         (64, 4096, 14336, G(tile_n=256, tile_m=64, tile_k=64, stream_k=132)),
         (1, 57344, 8192, G(tile_n=256, tile_m=8, tile_k=64, stream_k=132)),  # 3 tiles a run
         (3, 1000, 1040, G(tile_n=128, tile_m=8, tile_k=64, stream_k=3)),  # up to 4 tiles a run
+        # f32 partials of 128-token tiles stored in 64-token chunks (the last one 40 tokens)
+        (232, 4096, 14336, G(tile_n=256, tile_m=128, tile_k=128, stages=3, split_k=4)),
     ],
     ids=lambda v: (
         str(v)
@@ -882,9 +966,21 @@ def test_gpu_split_k_is_deterministic(split_k_reduce):
 
 
 @gpu
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("fast_decode", [True, False])
+def test_gpu_compact_scales_signs_zeros_and_nans(dtype, fast_decode):
+    _check_compact_specials(dtype, G(tile_n=64, tile_m=8, tile_k=128, fast_decode=fast_decode))
+
+
+@gpu
 @pytest.mark.parametrize(
     "dtype,scale_dtype",
-    [(jnp.float16, jnp.float16), (jnp.bfloat16, None), (jnp.float16, jnp.bfloat16)],
+    [
+        (jnp.float16, jnp.float16),
+        (jnp.bfloat16, None),
+        (jnp.float16, None),
+        (jnp.float16, jnp.bfloat16),
+    ],
 )
 def test_gpu_dtypes(dtype, scale_dtype):
     _gpu_check(16, 1024, 2048, bias=True, dtype=dtype, scale_dtype=scale_dtype)

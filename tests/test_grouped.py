@@ -84,7 +84,7 @@ def test_grouped_matmul_matches_float64(rng, backend, case):
 def test_fp16_prepared_and_jit_with_dynamic_group_sizes(rng, backend):
     e, k, n, t = 3, 80, 64, 17
     w = nv.prepare(_experts(rng, e, k, n, dtype=jnp.float16), jnp.float16)
-    assert "prepared for float16" in repr(w)
+    assert "prepared with float16-widened scales, k-group 64" in repr(w)
     x = jnp.asarray(rng.standard_normal((t, k)), jnp.float16)
     traces = []
 

@@ -82,18 +82,24 @@ def test_prepare_k_group(rng, k_group):
         nv.prepare(w, k_group=32)
 
 
-def test_layout_rebuilt_for_another_dtype_keeps_its_k_group(rng):
-    """A weight prepared for f16 and used with bf16 activations is re-laid out with the
-    k-group it was prepared with (a tile_k 64 config needs k-group 64)."""
+@pytest.mark.parametrize("dtype", [None, jnp.bfloat16, jnp.float16])
+def test_prepared_layout_serves_either_activation_dtype(rng, dtype):
+    """A layout (compact or widened scales) serves bf16 and f16 activations as it is: a
+    matmul never rebuilds it (a tile_k 64 config runs on a k-group 64 layout and is
+    rejected on the default k-group 128 one)."""
     from nvfp4_jax.kernels import gemm
 
     w = _weight(rng, 128, 64)
-    x = jnp.asarray(rng.standard_normal((3, 128)), jnp.bfloat16)
     cfg = gemm.GemmConfig(tile_n=64, tile_m=8, tile_k=64, stages=2, a_operand="smem")
-    y = nv.matmul(x, nv.prepare(w, jnp.float16, k_group=64), backend="pallas", config=cfg)
-    _check(y, x, w)
-    with pytest.raises(ValueError, match="tile_k=64 must be a multiple of k_group=128"):
-        nv.matmul(x, nv.prepare(w, jnp.float16), backend="pallas", config=cfg)
+    for x_dtype in (jnp.bfloat16, jnp.float16):
+        x = jnp.asarray(rng.standard_normal((3, 128)), x_dtype)
+        y = nv.matmul(x, nv.prepare(w, dtype, k_group=64), backend="pallas", config=cfg)
+        assert y.dtype == x_dtype
+        _check(y, x, w)
+        with pytest.raises(ValueError, match="tile_k=64 must be a multiple of k_group=128"):
+            nv.matmul(x, nv.prepare(w, dtype), backend="pallas", config=cfg)
+    with pytest.raises(TypeError, match="dtype must be None"):
+        nv.prepare(w, jnp.float32)
 
 
 def test_float32_output_falls_back_to_xla_unless_pallas_is_named(rng, monkeypatch):
@@ -175,7 +181,7 @@ def test_closed_over_weight_and_prepared_cache(rng):
     x = jnp.asarray(rng.standard_normal((4, 64)), jnp.bfloat16)
     f = jax.jit(lambda x: nv.matmul(x, w, backend="pallas"))
     _check(f(x), x, w)
-    assert "prepared for bfloat16" in repr(w)
+    assert "prepared with compact scales, k-group 128" in repr(w)
 
 
 def test_bad_inputs(rng):

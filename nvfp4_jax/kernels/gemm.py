@@ -24,13 +24,14 @@ one memory warpgroup streams packed codes, block scales and x tiles through a
 ``stages``-deep TMA pipeline (``plgpu.emit_pipeline_warp_specialized``); each
 of 1-3 compute warpgroups owns 64 or 128 output features, decodes a k-group's
 four quarters (codes -> bf16/f16 bit patterns with integer ops, times the
-broadcast per-16 scales), issues four ``[rows, k_group/4] x [k_group/4, tile_m]`` wgmmas
-against column slices of ``x_smem.T`` and waits for them before decoding the
+broadcast per-16 scales, widened from compact bytes with a shift and an add),
+issues four ``[rows, k_group/4] x [k_group/4, tile_m]`` wgmmas against column slices of ``x_smem.T`` and waits for them before decoding the
 next k-group, or (``overlap_decode``, the default with register operands)
 decodes k-group g + 1 while the wgmmas of k-group g run and waits once per step.
 The fp32 epilogue applies tensor scale and bias and stores the transposed
 tile through SMEM with TMA; with ``split_k > 1`` it stores fp32 partial sums
-that a small XLA fusion reduces, or adds them within a cluster (below).
+(staged 64 tokens at a time, which keeps 128-token tiles within SMEM) that a small XLA
+fusion reduces, or adds them within a cluster (below).
 
 Two switches: ``a_operand`` ("registers": register-A wgmma, GPU only;
 "smem": the decoded tile goes through swizzled SMEM, which the Mosaic GPU CPU
@@ -59,10 +60,10 @@ benchmarks/results/stream_k-2026-11-23.md).
 
 Measured on H100 80GB HBM3 (jax 0.11.2, weights rotated beyond L2, device
 time incl. the split-K reduction; benchmarks/results/matmul-2026-11-23.md)
-against bf16 ``jnp.dot`` (run 7, k-group 128): M <= 16 is 1.79-1.82x faster at
-N=K=4096 and 2.24-2.77x at 14336x4096 .. 28672x8192; M=64 1.99-2.43x; M = 256
-0.82-1.03x; M = 1024 0.79-0.94x, so ``nvfp4_jax.matmul`` dequantizes and calls XLA's
-dot from M = 2048 on instead (0.91-1.06x at M = 4096;
+against bf16 ``jnp.dot`` (run 8: k-group 128, compact scales): M <= 16 is 1.92-2.05x
+faster at N=K=4096 and 2.58-3.06x at 14336x4096 .. 28672x8192; M = 64 2.02-2.40x;
+M = 256 0.98-1.11x; M = 1024 0.79-0.94x, so ``nvfp4_jax.matmul`` dequantizes and calls
+XLA's dot from M = 2048 on instead (0.86-0.96x at M = 4096;
 benchmarks/results/prefill-2026-11-23.md). Tried and
 measured worse for prefill: 128-feature x 256-token tiles (1.3-1.45x slower) and
 keeping a step's wgmmas in flight across pipeline steps (at most 3% faster, up to
@@ -113,6 +114,11 @@ _SMEM_BYTES = 232448
 # With the fast decode the weights enter the MMA scaled by 2^-_FAST_SHIFT (see
 # scale_exponent); the epilogue multiplies it back.
 _FAST_SHIFT = 7
+# Compact block scales (prepare_weight(dtype=None)): byte ``E << 3 | m`` is the scale
+# ``2^(E - _COMPACT_BIAS) * (1 + m/8)``, E in 0..17 covering every nonzero E4M3 value
+# (subnormals normalized); _COMPACT_INF (E = 18) marks a NaN scale.
+_COMPACT_BIAS = 9
+_COMPACT_INF = 18 << 3
 
 
 AOperand = Literal["registers", "smem"]
@@ -295,9 +301,9 @@ def default_config(
     *,
     dtype=jnp.bfloat16,
     num_sms: int | None = None,
-    narrow_decode: bool = False,
     tuned: bool = True,
     stream_k: bool = True,
+    split_k: bool = True,
     k_group: int | None = None,
 ) -> GemmConfig:
     """Tiling for one product: the measured best of :mod:`gemm_tuned` for this device and
@@ -306,25 +312,27 @@ def default_config(
     for ``k``, :func:`default_k_group`); tile_k is a multiple of it, and table entries
     measured on another k-group are not used.
 
-    Decode is bound by streaming the weights and by the decode ALU work: two
-    compute warpgroups and a token tile of ``round_up(M, 8)``, with split-K so
-    that ``n_tiles * split_k`` covers the SMs. M <= 16: 128 rows per
-    warpgroup, one k-group per step while split-K applies; M <= 64: 64 rows each while the
-    128-feature tiles fit in one wave, 128 rows beyond. ``narrow_decode`` applies
-    the M <= 64 rule to M <= 16 too: the better tiling when split-K is not
-    used (measured 1.6x faster without it at N = K = 4096, M = 1) and the grouped
-    kernel's choice (tuned on MoE shapes). M <= 8 where the grid, one wave, leaves
-    more than a tenth of the SMs idle (e.g. 112 tiles of 256 features): stream-K over
-    all SMs in one-k-group units instead (measured 11% faster than no split at
-    28672x8192, M = 1, and 20.2 us against 22.0 us for two XLA-reduced splits at
-    14336x4096 in another run; not faster at M = 16 or 64, and within 4% either way
-    for the two waves of 224 tiles at 57344x8192); ``stream_k=False``
-    rules it out (a launch from torch, which runs no XLA reduction). Prefill is
-    bound by the tensor cores and by the decode ALU work, which is amortized over
-    ``tile_m`` tokens and over 128-row warpgroups; where split-K's f32 partial-sum tile
-    and two stages of 128 tokens exceed SMEM, 64-token tiles. Stages are the most that
-    fit in SMEM (at most 4). Measured on H100 (jax 0.11.2) with ``benchmarks/bench_matmul.py
-    --configs`` (results in benchmarks/results/matmul_sweep-*.md).
+    Decode is bound by streaming the weights: two compute warpgroups and a token tile of
+    ``round_up(M, 8)``. While the 128-feature tiles fit in one wave, 64 rows per
+    warpgroup with split-K so that ``n_tiles * split_k`` covers the SMs (measured 3-9%
+    faster than 256-feature tiles with twice the splits at N = K = 4096, M <= 16, and
+    than stream-K at 14336x4096, H100, k-group 128, compact scales); beyond a wave,
+    128-row warpgroups, and at M <= 8 stream-K over all SMs in one-k-group units where
+    that one wave leaves more than a tenth of them idle (e.g. 112 tiles of 256 features:
+    measured 11% faster than no split at 28672x8192, M = 1; 5% slower at M = 16, the
+    tuned table has M = 64; the two waves of 224 tiles at 57344x8192 do not qualify).
+    ``stream_k=False`` rules stream-K out (a launch from torch, which runs no XLA
+    reduction); ``split_k=False`` rules out stream-K and split-K, and the tile choices
+    that follow from them (the grouped kernel, which sizes its own split).
+
+    Prefill is bound by the tensor cores and by the decode ALU work, which is amortized
+    over 128-token tiles and 128-row warpgroups (256 x 128 tiles), with split-K where the
+    tiles do not fill the SMs, unless its f32 partial sums would outweigh the weight
+    (N = K = 4096, M = 256: 4 splits write 2x the weight's bytes): then 128 x 128 tiles
+    and half the splits (measured 1.17x against 0.95x of bf16 there). Stages are the
+    most that fit in SMEM (at most 4). Measured on H100 (jax 0.11.2) with
+    ``benchmarks/bench_matmul.py --configs`` (results in
+    benchmarks/results/matmul_sweep-*.md and scales-2026-11-23.md).
     """
     if k_group is None:
         k_group = default_k_group(k)
@@ -333,16 +341,7 @@ def default_config(
     entry = gemm_tuned.lookup(device_info().device_kind, m, n, k, k_group) if tuned else None
     if entry is not None and (stream_k or not entry.stream_k):
         return _fit_stages(tuned_config(entry), m, dtype)
-    if m <= 16 and not narrow_decode:
-        # 128-row warpgroups; while two splits of every 256-feature tile fit in one
-        # wave, split-K over short K ranges (one k-group per step) fills the SMs.
-        # Measured 4-14% faster than 128-feature tiles at M=1 (H100, 4096x4096 and
-        # 14336x4096).
-        two_splits_fit = 2 * -(-n // 256) <= num_sms
-        cfg = GemmConfig(
-            tile_n=256, tile_m=_round_up(max(m, 1), 8), tile_k=k_group if two_splits_fit else 256
-        )
-    elif m <= 64:
+    if m <= 64:
         tile_m = _round_up(max(m, 1), 8)
         if -(-n // 128) > num_sms:  # more than a wave of 128-feature tiles
             cfg = GemmConfig(tile_n=256, tile_m=tile_m, tile_k=256)
@@ -352,40 +351,43 @@ def default_config(
         cfg = GemmConfig(tile_n=256, tile_m=128, tile_k=k_group)
     if _round_up(n, _WGMMA_ROWS) < cfg.tile_n:  # no warpgroup without output features
         cfg = dataclasses.replace(cfg, tile_n=_round_up(n, _WGMMA_ROWS))
-    while True:
-        k_steps = -(-k // cfg.tile_k)
-        ctas = -(-n // cfg.tile_n) * -(-m // cfg.tile_m)
-        split_k = _largest_divisor_at_most(k_steps, max(1, num_sms // ctas))
-        short = ctas * split_k < 0.9 * num_sms
-        if (
-            stream_k
-            and m <= 8
-            and not narrow_decode
-            and short
-            and ctas * -(-k // k_group) >= num_sms
-        ):
-            # (the last condition: at least one k-group unit per CTA)
-            cfg = dataclasses.replace(cfg, tile_k=k_group, stream_k=num_sms)
-        else:
-            cfg = dataclasses.replace(cfg, split_k=split_k)
-        cfg = _fit_stages(cfg, m, dtype)
-        if cfg.tile_m <= 64 or smem_bytes(cfg, token_tile(cfg, m), dtype) <= _SMEM_BYTES:
-            return cfg
-        # Prefill split-K: two stages of 128-token x 128-k tiles and the f32 partial-sum
-        # tile exceed SMEM; 64-token tiles (the split recomputed for their grid) fit.
-        cfg = dataclasses.replace(cfg, tile_m=64, split_k=1)
+    if not split_k:
+        return _fit_stages(cfg, m, dtype)
+    k_steps = -(-k // cfg.tile_k)
+    ctas = -(-n // cfg.tile_n) * -(-m // cfg.tile_m)
+    splits = _largest_divisor_at_most(k_steps, max(1, num_sms // ctas))
+    if (
+        stream_k
+        and cfg.tile_n == 256
+        and m <= 8
+        and ctas * splits < 0.9 * num_sms
+        and ctas * -(-k // k_group) >= num_sms  # at least one k-group unit per CTA
+    ):
+        return _fit_stages(dataclasses.replace(cfg, tile_k=k_group, stream_k=num_sms), m, dtype)
+    partial_bytes = splits * _round_up(m, 8) * n * 4
+    if m > 64 and splits > 1 and partial_bytes > n * k // 2 and cfg.tile_n == 256:
+        cfg = dataclasses.replace(cfg, tile_n=128)
+        splits = _largest_divisor_at_most(k_steps, max(1, num_sms // (2 * ctas)))
+    return _fit_stages(dataclasses.replace(cfg, split_k=splits), m, dtype)
 
 
-def single_kernel_config(cfg: GemmConfig, m: int, k: int, dtype=jnp.bfloat16) -> GemmConfig:
+def single_kernel_config(
+    cfg: GemmConfig, m: int, k: int, dtype=jnp.bfloat16, *, n: int | None = None
+) -> GemmConfig:
     """``cfg`` as one kernel launch with no XLA work after it (e.g. launched from torch):
     split-K reduced inside clusters of at most 4 CTAs (the largest divisor of the K steps
     up to ``min(split_k, 4)`` whose partial-sum buffers fit SMEM; 8-CTA clusters measured
     40-100% slower than 8 splits reduced by XLA on H100, 4-CTA ones close to it), else no
-    split-K; stream-K becomes one CTA per tile."""
+    split-K; stream-K becomes one CTA per tile. At M <= 16, split 128-feature tiles of an
+    ``n >= 256`` weight become 256-feature tiles with twice the splits first: clusters of
+    128-feature tiles measured slower (N = K = 4096, 4-CTA clusters: 12.2 against 9.3 us at
+    M = 1, 13.4 against 10.3 us at M = 16)."""
     if cfg.stream_k:
         return _fit_stages(dataclasses.replace(cfg, stream_k=0), m, dtype)
     if cfg.split_k == 1 or cfg.cluster_reduce:
         return cfg
+    if cfg.tile_n == 128 and m <= 16 and n is not None and _round_up(n, _WGMMA_ROWS) >= 256:
+        cfg = dataclasses.replace(cfg, tile_n=256, compute_wgs=None, split_k=2 * cfg.split_k)
     k_steps = -(-k // cfg.tile_k)
     for split_k in range(min(cfg.split_k, 4), 1, -1):
         if k_steps % split_k == 0:
@@ -427,8 +429,8 @@ class PreparedWeight(NamedTuple):
 
     Attributes:
       data: uint16 ``[(E,) K_pad / k_group, N_pad, k_group / 4]``.
-      scales: ``[(E,) K_pad / 16, N_pad]``, float8_e4m3fn (raw) or bf16/f16
-        (pre-widened and pre-multiplied by ``2**scale_exponent(dtype)``).
+      scales: ``[(E,) K_pad / 16, N_pad]``, uint8 (compact, :func:`compact_scales`) or
+        bf16/f16 (pre-widened and pre-multiplied by ``2**scale_exponent(dtype)``).
       tensor_scale: float32 ``[1]`` multiplier (``[E]`` for a stack).
     """
 
@@ -451,7 +453,7 @@ def scale_exponent(dtype) -> int:
     ``v * s * 2^-7``; ``448 * 2^e`` stays finite. The epilogue multiplies by
     ``2^7``.
     """
-    if jnp.dtype(dtype) == jnp.float8_e4m3fn:
+    if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):  # not a widened format
         return 0
     bias = 1 - jnp.finfo(dtype).minexp
     return bias - 1 - _FAST_SHIFT
@@ -462,7 +464,7 @@ def prepare_weight(
     scales: jax.Array,
     tensor_scale: jax.Array | float,
     *,
-    dtype=jnp.bfloat16,
+    dtype=None,
     k_group: int | None = None,
 ) -> PreparedWeight:
     """Reorders a canonical NVFP4 weight into the layout the kernel reads.
@@ -474,10 +476,10 @@ def prepare_weight(
         stack ``[E, N, K/2]`` of expert weights, prepared one by one.
       scales: float8_e4m3fn ``[N, K/16]`` (``[E, N, K/16]``).
       tensor_scale: float32 scalar multiplier (for a stack: a scalar or ``[E]``).
-      dtype: activation dtype the weight will be used with (bf16 or f16): the
-        block scales are stored pre-widened to it, which saves the kernel four
-        instructions per scale. ``None`` keeps raw E4M3 scales (half the scale
-        bytes, works with either activation dtype).
+      dtype: None (default): compact one-byte block scales (see :func:`compact_scales`),
+        which the kernel widens with a shift and an add; or bf16/f16: scales stored
+        pre-widened to that dtype (twice the bytes, no widening in the kernel). Every
+        format serves both activation dtypes.
       k_group: interleaving granule along K (64, 128 or 256; K must be a multiple
         of ``k_group / 4``). None: :func:`default_k_group` (128, or 64 where K is not
         a multiple of 32). Kernel ``tile_k`` must be a multiple of it. Every TMA row
@@ -504,7 +506,9 @@ def prepare_weight(
       * ``scales[b, n]``: the scale of block ``b`` (``k in [16 b, 16 b + 16)``)
         of feature ``n``, i.e. the canonical scales transposed ("group-major"),
         so that one pipeline step reads a ``(tile_k/16, tile_n)`` box whose rows
-        are per-feature vectors. E4M3, or ``dtype(s * 2**scale_exponent(dtype))``.
+        are per-feature vectors. ``dtype(s * 2**scale_exponent(dtype))``, or (``dtype``
+        None) the uint8 bytes of :func:`compact_scales`, whose blocks with a zero, NaN
+        or negative scale have their codes zeroed or negated.
       * ``tensor_scale``: float32 ``[1]``, applied in the fp32 epilogue.
 
       ``K_pad = round_up(K, k_group)``, ``N_pad = round_up(N, 16)``; padding
@@ -537,6 +541,8 @@ def prepare_weight(
     k_pad = _round_up(k, k_group)
     n_pad = _round_up(n, 16)
     lanes = k_group // _CODES_PER_LANE
+    if dtype is None:
+        data, s = compact_scales(data, scales)
 
     codes = jnp.stack([data & 0xF, data >> 4], axis=-1).reshape(n, k)
     codes = jnp.pad(codes, ((0, n_pad - n), (0, k_pad - k))).astype(jnp.uint16)
@@ -551,12 +557,56 @@ def prepare_weight(
     )
     packed = packed.transpose(1, 0, 2)  # [K_pad / k_group, N_pad, lanes]
 
-    s = scales.astype(jnp.float8_e4m3fn)
-    s = jnp.pad(s, ((0, n_pad - n), (0, (k_pad - k) // _BLOCK))).T
     if dtype is not None:
-        s = (s.astype(jnp.float32) * np.float32(2.0 ** scale_exponent(dtype))).astype(dtype)
+        s = scales.astype(jnp.float32) * np.float32(2.0 ** scale_exponent(dtype))
+        s = s.astype(dtype)
+    s = jnp.pad(s, ((0, n_pad - n), (0, (k_pad - k) // _BLOCK))).T
     ts = jnp.asarray(tensor_scale, jnp.float32).reshape(1)
     return PreparedWeight(packed, s, ts)
+
+
+def compact_scales(data: jax.Array, scales: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Canonical ``data`` uint8 ``[N, K/2]`` and E4M3 ``scales [N, K/16]`` -> the same
+    weight with compact one-byte scales: ``(data', bytes)``, bytes uint8 ``[N, K/16]``.
+
+    Byte ``E << 3 | m`` stands for ``2^(E - 9) * (1 + m/8)``: E in 0..17 spans every
+    nonzero E4M3 magnitude (2^-9 .. 448, subnormals normalized), so the kernel makes the
+    bf16 (f16) scale times ``2^e`` with one shift and one add: ``byte << 4`` (``<< 7``)
+    plus the biased exponent of ``2^(e - 9)`` (see :func:`_widen_compact`). A scale's
+    sign and its zeros and NaNs go into the codes, keeping every product exact: a block
+    whose scale is negative has its codes' signs flipped; a zero scale keeps byte 0
+    (2^-9) with its codes zeroed; a NaN scale becomes byte 18 << 3 (which widens to
+    +inf in the fast decode) with its codes zeroed, so each product is 0 * inf = NaN.
+    """
+    s = scales.astype(jnp.float32)
+    bits = lax.bitcast_convert_type(jnp.abs(s), jnp.uint32)
+    # f32 exponent field F, mantissa m: E = F - 127 + 9.
+    compact = (bits >> 20) - np.uint32((127 - _COMPACT_BIAS) << 3)
+    nan = jnp.isnan(s)
+    compact = jnp.where(s == 0, 0, jnp.where(nan, _COMPACT_INF, compact)).astype(jnp.uint8)
+    per_byte = lambda mask: jnp.repeat(mask, _BLOCK // 2, axis=-1)
+    data = jnp.where(per_byte((s == 0) | nan), np.uint8(0), data)
+    data = jnp.where(per_byte(s < 0), data ^ np.uint8(0x88), data)  # both codes' sign bits
+    return data, compact
+
+
+def _widen_compact(b: jax.Array, dtype, exp: int) -> jax.Array:
+    """Compact scale bytes ``b`` -> ``dtype`` scales times ``2**exp`` (exact).
+
+    ``b << (mantissa bits - 3)`` puts E into the exponent field and m atop the mantissa;
+    adding the biased exponent of ``2^(exp - 9)`` rebases E. With the fast decode's
+    ``exp`` the NaN marker (E = 18) lands on the all-ones exponent field, +inf; other
+    exponents need a select for it.
+    """
+    info = jnp.finfo(dtype)
+    bias = 1 - info.minexp
+    base = bias - _COMPACT_BIAS + exp
+    b16 = b.astype(jnp.uint16)
+    bits = (b16 << np.uint16(info.nmant - 3)) + np.uint16(base << info.nmant)
+    if base + (_COMPACT_INF >> 3) != 2 * bias + 1:
+        inf_bits = np.uint16(np.array(np.inf, dtype).view(np.uint16))
+        bits = jnp.where(b16 == np.uint16(_COMPACT_INF), inf_bits, bits)
+    return lax.bitcast_convert_type(bits, dtype)
 
 
 # -----------------------------------------------------------------------------
@@ -730,7 +780,7 @@ def _gemm_kernel(
     groups_per_step = cfg.tile_k // k_group
     blocks_per_quarter = lanes // _BLOCK
     fast = cfg.use_fast_decode
-    # Scales are stored times 2^stored_exp; the decode needs them times 2^exp.
+    # Widened scales are stored times 2^stored_exp; the decode needs them times 2^exp.
     stored_exp = scale_exponent(scales_gmem.dtype)
     scale_exp = scale_exponent(dtype) if fast else 0
 
@@ -772,7 +822,9 @@ def _gemm_kernel(
     def block_scale(s_smem, block):
         """Scales of one scale block as a dtype [rows, 16] WGMMA-layout tile."""
         s = plgpu.load(s_smem.at[block, row_slice], layout=plgpu.Layout.WGMMA.reduce(1))
-        if s.dtype != dtype or stored_exp != scale_exp:  # exact: e4m3 fits f16/bf16
+        if s.dtype == jnp.uint8:
+            s = _widen_compact(s, dtype, scale_exp)
+        elif s.dtype != dtype or stored_exp != scale_exp:  # widened otherwise; exact
             s = s.astype(jnp.float32) * np.float32(2.0 ** (scale_exp - stored_exp))
             s = s.astype(dtype)
         s = lax.broadcast_in_dim(s, (rows, _BLOCK), (0,))
@@ -866,11 +918,18 @@ def _gemm_kernel(
         else:
             dst = out_gmem.at[s_idx, pl.ds(m_idx * tile_m, tile_m), pl.ds(n0, rows)]
         o_ref = o_smem.at[wg]
-        if stream is not None:  # a stream-K flush's store may still read o_smem
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-        o_ref.T[...] = plgpu.layout_cast(acc.astype(o_smem.dtype), plgpu.Layout.WGMMA_TRANSPOSED)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_ref, dst)
+        chunk = o_smem.shape[1]  # tokens staged per TMA store (f32 partials: at most 64)
+        for start in range(0, tile_m, chunk):
+            if stream is not None or start:  # an earlier store may still read o_smem
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            size = min(chunk, tile_m - start)
+            part = acc if size == tile_m else acc[:, start : start + size]
+            o_part = o_ref if size == chunk else o_ref.at[pl.ds(0, size)]
+            o_part.T[...] = plgpu.layout_cast(
+                part.astype(o_smem.dtype), plgpu.Layout.WGMMA_TRANSPOSED
+            )
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_part, dst.at[pl.ds(start, size)])
         if wait:
             plgpu.wait_smem_to_gmem(0)
 
@@ -914,11 +973,18 @@ def smem_bytes(cfg: GemmConfig, tile_m: int, dtype=jnp.bfloat16, scale_itemsize:
         + cfg.tile_n * cfg.tile_k // _BLOCK * scale_itemsize  # block scales
         + tile_m * cfg.tile_k * itemsize
     )  # activations
-    out = cfg.tile_n * tile_m * (4 if _stores_partials(cfg) else 2)  # output tile
+    out = cfg.tile_n * _out_chunk(cfg, tile_m) * (4 if _stores_partials(cfg) else 2)
     # the SMEM operand holds one k-group (at most tile_k columns)
     a = cfg.tile_n * cfg.tile_k * itemsize if cfg.a_operand == "smem" else 0
     red = (cfg.split_k - 1) * cfg.tile_n * tile_m * 4 if cfg.cluster_reduce else 0
     return cfg.stages * stage + out + a + red + cfg.tile_n * 4 + 1024
+
+
+def _out_chunk(cfg: GemmConfig, tile_m: int) -> int:
+    """Tokens of the output tile staged in SMEM per TMA store: the whole tile, or 64 for
+    f32 partial sums of a 128- or 256-token tile (which keeps that tiling's SMEM for the
+    pipeline: 128 KB of f32 for 256 x 128 outputs)."""
+    return 64 if _stores_partials(cfg) and tile_m > 64 else tile_m
 
 
 def _stores_partials(cfg: GemmConfig) -> bool:
@@ -1074,7 +1140,7 @@ def _launch(
 
     num_wgs, rows = cfg.num_compute_wgs, cfg.wg_rows
     lanes = k_group // _CODES_PER_LANE
-    scratch = [plgpu.SMEM((num_wgs, tile_m, rows), store_dtype)]
+    scratch = [plgpu.SMEM((num_wgs, _out_chunk(cfg, tile_m), rows), store_dtype)]
     if cfg.a_operand == "smem":
         scratch.append(
             plgpu.SMEM(
@@ -1263,8 +1329,8 @@ def default_grouped_config(
         k,
         dtype=dtype,
         num_sms=num_sms,
-        narrow_decode=True,
         tuned=False,
+        split_k=False,
         k_group=k_group,
     )
     tiles = max(-(-rows // cfg.tile_m), active)

@@ -5,6 +5,8 @@ The table is written by ``benchmarks/tune_matmul.py``: run it on the target GPU 
 regenerate it (it times ``benchmarks/bench_matmul.py``'s config grid per shape and keeps the
 fastest). A call with M rows uses the entry of the smallest bucket >= M (the largest bucket
 beyond it); shapes, devices and prepared layouts (``k_group``) without an entry use the heuristic.
+One entry per shape, for the k-group it was measured with: the k-group 64 entries predate the
+k-group 128 default layout; the k-group 128 ones were measured with compact block scales.
 """
 
 from __future__ import annotations
@@ -31,14 +33,16 @@ class Tuned(NamedTuple):
 TUNED: dict[str, dict[tuple[int, int, int], Tuned]] = {
     "NVIDIA H100 80GB HBM3": {
         (8, 4096, 4096): Tuned(256, 8, 64, 4, 8, 8.58, "2026-11-23"),
+        (8, 4096, 14336): Tuned(256, 8, 128, 4, 8, 15.75, "2026-11-23", "xla", 0, 128),
         (8, 14336, 4096): Tuned(256, 8, 64, 4, 2, 21.33, "2026-11-23", "cluster"),
         (8, 28672, 8192): Tuned(256, 8, 64, 4, 1, 60.15, "2026-11-23", "xla", 132),
         (16, 4096, 4096): Tuned(256, 16, 64, 4, 8, 8.9, "2026-11-23"),
         (16, 14336, 4096): Tuned(256, 16, 64, 4, 2, 19.98, "2026-11-23", "cluster"),
+        (16, 28672, 8192): Tuned(256, 16, 256, 4, 1, 53.39, "2026-11-23", "xla", 0, 128),
         (64, 4096, 4096): Tuned(128, 64, 64, 4, 4, 13.19, "2026-11-23"),
         (64, 4096, 14336): Tuned(256, 64, 64, 4, 7, 28.19, "2026-11-23"),
         (64, 14336, 4096): Tuned(256, 64, 64, 4, 2, 28.64, "2026-11-23", "cluster"),
-        (64, 28672, 8192): Tuned(256, 64, 256, 2, 1, 83.52, "2026-11-23"),
+        (64, 28672, 8192): Tuned(256, 64, 128, 4, 1, 65.86, "2026-11-23", "xla", 132, 128),
     },
 }
 # END TUNED
