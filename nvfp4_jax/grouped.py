@@ -13,8 +13,9 @@ expert-aligned token tiles (each CTA looks up its tile's expert; unused tiles ex
 so empty experts cost nothing); ``"xla"`` dequantizes every expert (exact) and calls
 ``jax.lax.ragged_dot``.
 
-Scale format: the kernel reads each expert's E4M3 block scales widened to the activation
-dtype (exact) and applies each expert's tensor scale in its float32 epilogue, so unlike
+Scale format: the kernel widens each expert's block scales (compact bytes, or scales
+pre-widened by ``prepare``) to the activation dtype, exactly, and applies each expert's
+tensor scale in its float32 epilogue, so unlike
 Marlin's S0E5M3 scales (see ``scales.marlin_process_scales``) it needs no scale factor shared
 across experts: the prepared stack equals per-expert dequantization exactly.
 """

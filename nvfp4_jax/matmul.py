@@ -144,8 +144,8 @@ def prepare(w: NVFP4Array, dtype: Any = None, *, k_group: int | None = None) -> 
 
     ``dtype`` picks the block scales' storage. None (default): compact one-byte scales that
     the kernel widens with a shift and an add; they serve bf16 and fp16 activations alike,
-    and measured 3-13% faster than widened scales at decode sizes (M <= 16) on an H100 and
-    1-4% slower at M = 256-1024 (benchmarks/results/scales-2026-11-23.md). bf16 or fp16:
+    and took 0.5-12% less time than widened scales at decode sizes (M <= 16) on an H100,
+    0-4% more at M = 256-1024 (benchmarks/results/scales-2026-11-23.md). bf16 or fp16:
     scales pre-widened to that dtype (two bytes each); activations of the other dtype still
     work (the kernel converts, exactly).
     """
