@@ -171,6 +171,10 @@ def test_compact_scales_every_e4m3_value():
     np.testing.assert_array_equal(new_data[(per_byte == 0) | np.isnan(per_byte)], 0)
     np.testing.assert_array_equal(new_data[per_byte > 0], data[0][per_byte > 0])
     np.testing.assert_array_equal(new_data[per_byte < 0], data[0][per_byte < 0] ^ 0x88)
+    with pytest.raises(TypeError, match="scales float8_e4m3fn"):
+        gemm.compact_scales(jnp.asarray(data), jnp.asarray(e4m3).astype(jnp.float32))
+    with pytest.raises(ValueError, match=r"scales must be \[\.\.\., N, K/16\]"):
+        gemm.compact_scales(jnp.asarray(data), jnp.asarray(e4m3)[:, :255])
 
 
 def test_interpret_compact_scales_signs_zeros_and_nans():

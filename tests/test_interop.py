@@ -607,6 +607,18 @@ def test_gpu_second_device():
     assert to_torch(a).device == t.device
 
 
+def test_torch_gemm_serves_both_dtypes_from_one_layout_and_rejects_others():
+    """TorchGemm prepares one compact-scale layout (no activation dtype asked for) and
+    refuses activations other than bf16/fp16 before any launch."""
+    from interop.torch_kernel import TorchGemm
+
+    w = nv.quantize(jnp.asarray(np.random.default_rng(7).standard_normal((64, 128)), jnp.bfloat16))
+    g = TorchGemm(w.data, w.scales, w.tensor_scale, None)
+    assert g.scales.dtype == torch.uint8 and g.k_group == 128
+    with pytest.raises(TypeError, match="bfloat16 or float16, got torch.float32"):
+        g(torch.ones(2, 128))
+
+
 def test_torch_launch_function_is_one_mosaic_kernel():
     """The CUDA forward path compiles a lone Mosaic GPU call (as ``plgpu.as_torch_kernel``
     requires) and launches it with its operands in the kernel's order: lower what it

@@ -578,6 +578,15 @@ def compact_scales(data: jax.Array, scales: jax.Array) -> tuple[jax.Array, jax.A
     (2^-9) with its codes zeroed; a NaN scale becomes byte 18 << 3 (which widens to
     +inf in the fast decode) with its codes zeroed, so each product is 0 * inf = NaN.
     """
+    if data.dtype != jnp.uint8 or scales.dtype != jnp.float8_e4m3fn:
+        raise TypeError(
+            f"data must be uint8 and scales float8_e4m3fn, got {data.dtype} and {scales.dtype}"
+        )
+    if data.ndim < 1 or scales.shape != (*data.shape[:-1], 2 * data.shape[-1] // _BLOCK):
+        raise ValueError(
+            f"scales must be [..., N, K/16] for data [..., N, K/2], got {list(scales.shape)}"
+            f" for data {list(data.shape)}"
+        )
     s = scales.astype(jnp.float32)
     bits = lax.bitcast_convert_type(jnp.abs(s), jnp.uint32)
     # f32 exponent field F, mantissa m: E = F - 127 + 9.
