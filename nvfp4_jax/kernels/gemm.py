@@ -541,8 +541,12 @@ def prepare_weight(
     k_pad = _round_up(k, k_group)
     n_pad = _round_up(n, 16)
     lanes = k_group // _CODES_PER_LANE
+    scales = scales.astype(jnp.float8_e4m3fn)  # other float dtypes round to E4M3
     if dtype is None:
-        data, s = compact_scales(data, scales)
+        data, s = compact_scales(data, scales)  # (zero/NaN/negative scales touch the codes)
+    else:
+        s = scales.astype(jnp.float32) * np.float32(2.0 ** scale_exponent(dtype))
+        s = s.astype(dtype)
 
     codes = jnp.stack([data & 0xF, data >> 4], axis=-1).reshape(n, k)
     codes = jnp.pad(codes, ((0, n_pad - n), (0, k_pad - k))).astype(jnp.uint16)
@@ -557,9 +561,6 @@ def prepare_weight(
     )
     packed = packed.transpose(1, 0, 2)  # [K_pad / k_group, N_pad, lanes]
 
-    if dtype is not None:
-        s = scales.astype(jnp.float32) * np.float32(2.0 ** scale_exponent(dtype))
-        s = s.astype(dtype)
     s = jnp.pad(s, ((0, n_pad - n), (0, (k_pad - k) // _BLOCK))).T
     ts = jnp.asarray(tensor_scale, jnp.float32).reshape(1)
     return PreparedWeight(packed, s, ts)
