@@ -1,6 +1,8 @@
 """``torch.nn`` wrappers that run nvfp4-jax: :class:`NVFP4Linear` and :func:`quantize_model_`.
 
-Inference only (W4A16): the weight is NVFP4, activations stay bf16/fp16. On Hopper GPUs the
+W4A16: the weight is NVFP4 (frozen buffers), activations stay bf16/fp16 and get gradients
+(``grad_x = grad_y @ W`` through ``nvfp4_jax.linear``'s VJP), so adapters or earlier layers
+train through a quantized layer as in QLoRA. On Hopper GPUs the
 product is the Pallas GEMM kernel launched directly from torch (:mod:`interop.torch_kernel`),
 except for prefill-sized inputs (``nvfp4_jax.matmul.DEQUANTIZE_DOT_MIN_M`` rows or more), which
 take the JAX path below for ``nvfp4_jax.linear``'s dequantize route. Elsewhere (CPU tensors,
@@ -49,6 +51,45 @@ def _linear_fn(backend: str | None) -> Callable:
         return nvfp4_jax.linear(x2d, w, bias, backend=backend)
 
     return jax.jit(fn)
+
+
+@functools.cache
+def _input_grad_fn(backend: str | None) -> Callable:
+    """The jitted input gradient of :func:`_linear_fn`: ``grad_y [M, N] -> grad_x [M, K]``,
+    the vector-Jacobian product ``nvfp4_jax.linear`` defines (``grad_y @ (e2m1 · scale) ·
+    tensor_scale``, float32 accumulation). Its forward product is dead code that XLA drops."""
+
+    def fn(grad_y, data, scales, tensor_scale):
+        w = NVFP4Array(data, scales, tensor_scale, axis=-1, dtype=grad_y.dtype)
+        x = jnp.zeros((grad_y.shape[0], 2 * data.shape[1]), grad_y.dtype)
+        _, vjp = jax.vjp(lambda x: nvfp4_jax.linear(x, w, backend=backend), x)
+        return vjp(grad_y)[0]
+
+    return jax.jit(fn)
+
+
+class _InputGrad(torch.autograd.Function):
+    """Attaches the input gradient to an ``NVFP4Linear`` product: forward runs the layer's
+    product of ``x2d`` (no graph), backward maps ``grad_y`` to ``grad_x`` through
+    :func:`_input_grad_fn` on the weight the forward used. The weight and bias are buffers
+    (frozen): they get no gradient."""
+
+    @staticmethod
+    def forward(ctx, x2d: torch.Tensor, layer: NVFP4Linear) -> torch.Tensor:
+        sources, device, _, args, _ = layer._jax_state()
+        ctx.device, ctx.weight = device, args[:3]  # JAX views of the buffers
+        ctx.backend = _backend_for(layer.backend, device)
+        # Saved for torch's version check: an in-place write to a buffer before backward
+        # (e.g. load_state_dict) raises there instead of giving the new weight's gradient.
+        ctx.save_for_backward(*sources[:3])
+        return layer._product_2d(x2d.detach())
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y: torch.Tensor):
+        ctx.saved_tensors  # noqa: B018 (raises if a buffer was modified in place)
+        grad_x = _input_grad_fn(ctx.backend)(_to_jax_fast(grad_y), *ctx.weight)
+        return _export(grad_x, ctx.device), None
 
 
 @functools.cache
@@ -139,8 +180,12 @@ class NVFP4Linear(nn.Module):
     The buffers are
     handed to JAX once (zero-copy) and reconverted only after ``load_state_dict``, ``.to()``
     or a buffer reassignment; in-place writes to a buffer (other than through
-    ``load_state_dict``) need :meth:`refresh`. Inference only: an ``x`` that requires grad
-    while grad mode is on raises ``ValueError``; the buffers are not parameters.
+    ``load_state_dict``) need :meth:`refresh`.
+
+    Autograd: an ``x`` that requires grad (grad mode on) gets ``grad_x = grad_y @ W`` in
+    ``x.dtype`` (float32 accumulation; the Pallas dequantize kernel and XLA's dot on GPUs) from
+    the weight the forward used. The buffers are not parameters and get no gradient; double
+    backward is not supported.
 
     Build it with :meth:`from_linear`, :meth:`from_checkpoint_tensors`,
     :meth:`from_nvfp4_array`, or ``NVFP4Linear(in, out)`` followed by ``load_state_dict``.
@@ -399,26 +444,34 @@ class NVFP4Linear(nn.Module):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if x.dtype not in ACTIVATION_DTYPES:
             raise TypeError(f"x must be bfloat16 or float16, got {x.dtype}")
-        if x.requires_grad:
-            if torch.is_grad_enabled():
-                raise ValueError(
-                    "x requires grad, but NVFP4Linear is inference-only (no backward): run it "
-                    "under torch.no_grad() / torch.inference_mode(), or pass x.detach()"
-                )
-            x = x.detach()
         if x.is_nested or x.layout != torch.strided:
             raise TypeError(
                 f"x must be a dense tensor, got layout {x.layout} (nested={x.is_nested})"
             )
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"x must have shape [..., {self.in_features}], got {tuple(x.shape)}")
-        _, device, fn, args, torch_gemm = self._jax_state()
+        device = self._jax_state()[1]
         if x.device != device:
             raise ValueError(f"x is on {x.device}, but the layer's buffers are on {device}")
         lead = x.shape[:-1]
-        if x.numel() == 0:
-            return x.new_empty(*lead, self.out_features)
+        track = x.requires_grad and torch.is_grad_enabled()
+        if x.numel() == 0:  # (through F.linear only to give x its empty gradient)
+            empty = x.new_zeros(self.out_features, self.in_features)
+            return (
+                torch.nn.functional.linear(x, empty)
+                if track
+                else x.new_empty(*lead, empty.shape[0])
+            )
         x2d = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+        if track:
+            y = _InputGrad.apply(x2d, self)
+        else:
+            y = self._product_2d(x2d.detach())
+        return y if x.dim() == 2 else y.view(*lead, self.out_features)
+
+    def _product_2d(self, x2d: torch.Tensor) -> torch.Tensor:
+        """``x2d [M, in]`` (validated, no grad) -> ``[M, out]``."""
+        _, device, fn, args, torch_gemm = self._jax_state()
         if torch_gemm is not None and x2d.shape[0] < DEQUANTIZE_DOT_MIN_M:
             # The Pallas kernel launched from torch, no JAX dispatch. Prefill-sized inputs
             # take the JAX path below: its dequantize route beats the fused kernel there
@@ -426,10 +479,8 @@ class NVFP4Linear(nn.Module):
             if not torch_gemm:  # one prepared layout serves bf16 and fp16 activations
                 bias = self._buffers["bias"]
                 torch_gemm.append(TorchGemm(*args[:3], None if bias is None else bias.detach()))
-            y = torch_gemm[0](x2d if x2d.is_contiguous() else x2d.contiguous())
-        else:
-            y = _export(fn(_to_jax_fast(x2d), *args), device)
-        return y if x.dim() == 2 else y.view(*lead, self.out_features)
+            return torch_gemm[0](x2d if x2d.is_contiguous() else x2d.contiguous())
+        return _export(fn(_to_jax_fast(x2d), *args), device)
 
     # -- torch.nn.Module plumbing -----------------------------------------------------------
     def __getstate__(self):  # pickling / deepcopy: the JAX view is rebuilt on demand

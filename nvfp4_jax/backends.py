@@ -119,7 +119,9 @@ def available(op: str) -> list[str]:
     return [b.value for b in Backend if unavailable_reason(op, b, info) is None]
 
 
-def _parse(name: str, source: str, op: str) -> Backend:
+def _parse(name: str | Backend, source: str, op: str) -> Backend:
+    if isinstance(name, Backend):
+        return name
     try:
         return Backend(str(name).lower())
     except ValueError:

@@ -33,7 +33,7 @@ from nvfp4_jax import _checks, backends, reference
 from nvfp4_jax.array import NVFP4Array
 from nvfp4_jax.backends import Backend
 from nvfp4_jax.kernels import gemm
-from nvfp4_jax.matmul import ACTIVATION_DTYPES, prepare
+from nvfp4_jax.matmul import ACTIVATION_DTYPES, dense_codes, linear_in_activations, prepare
 
 
 def _expert_scales(w: NVFP4Array) -> jax.Array:
@@ -45,8 +45,14 @@ def _xla_grouped_matmul(x, w: NVFP4Array, group_sizes, out_dtype, config=None) -
     """XLA path: exact per-expert dequantization to ``x.dtype``, ``ragged_dot`` in f32."""
     del config
     wt = reference.dequantize(w.data, w.scales, jnp.float32(1.0), x.dtype)  # [E, N, K]
+    return _dense_grouped(x, wt, _expert_scales(w), group_sizes, out_dtype)
+
+
+def _dense_grouped(x, wt, expert_scales, group_sizes, out_dtype) -> jax.Array:
+    """``ragged_dot(x, wtᵀ) · expert_scales[expert of row]`` for dense ``wt [E, N, K]``, f32
+    accumulation, one rounding to ``out_dtype``."""
     acc = lax.ragged_dot(x, jnp.swapaxes(wt, 1, 2), group_sizes, preferred_element_type=jnp.float32)
-    row_scale = _expert_scales(w)[gemm.group_of(jnp.cumsum(group_sizes), x.shape[0])]
+    row_scale = expert_scales[gemm.group_of(jnp.cumsum(group_sizes), x.shape[0])]
     return (acc * row_scale[:, None]).astype(out_dtype)
 
 
@@ -150,11 +156,21 @@ def grouped_matmul(
       ``[T, N]`` in ``out_dtype`` (float32 accumulation); rows past ``sum(group_sizes)``
       are zero. Under ``vmap`` (over ``x``, ``group_sizes`` or ``w``) the products run one
       after another.
+
+    Differentiable in ``x`` (the weights and group sizes are constants), as
+    :func:`nvfp4_jax.matmul`: row ``t`` of expert ``e`` gets ``g[t] @ dequantize(w[e])ᵀ``.
     """
     x, group_sizes, n, out_dtype = _validate(x, w, group_sizes, out_dtype)
     if x.shape[0] == 0:
         return jnp.zeros((0, n), out_dtype)
-    return _grouped(x, w, group_sizes, out_dtype, backend, config)
+    return _differentiable(x, w, group_sizes, out_dtype, backend, config)
+
+
+def _grouped_tangent(x_dot, w, group_sizes, *, out_dtype, backend):
+    """``ragged_dot(x_dot, (e2m1 · scale)ᵀ) · tensor_scale[expert]``; transposed, row ``t``
+    of expert ``e`` gets ``g[t] @ (e2m1 · scale)_e · tensor_scale_e``."""
+    wt = dense_codes(w, x_dot.dtype, backend)  # [E, N, K]
+    return _dense_grouped(x_dot, wt, _expert_scales(w), group_sizes, out_dtype)
 
 
 def _grouped(x, w, group_sizes, out_dtype, backend, config):
@@ -176,3 +192,7 @@ def _grouped(x, w, group_sizes, out_dtype, backend, config):
         return out, True
 
     return run(x, w, group_sizes)
+
+
+# Differentiable in x; the weights and group sizes are constants.
+_differentiable = linear_in_activations(_grouped, _grouped_tangent, bias_like=False)

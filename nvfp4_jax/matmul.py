@@ -16,6 +16,8 @@ significant bits) and calls ``dot_general``.
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -35,8 +37,13 @@ def _xla_matmul(x2d, w: NVFP4Array, bias, out_dtype, config=None) -> jax.Array:
     """XLA path: ``x2d [M, K]`` times the dequantized ``[N, K]`` weight, f32 accumulation."""
     del config
     wt = reference.dequantize(w.data, w.scales, jnp.float32(1.0), x2d.dtype)  # [N, K]
+    return _dense_product(x2d, wt, w.tensor_scale, bias, out_dtype)
+
+
+def _dense_product(x2d, wt, tensor_scale, bias, out_dtype) -> jax.Array:
+    """``(x2d [M, K] @ wt[N, K]ᵀ) · tensor_scale + bias``, f32 accumulation, one rounding."""
     acc = lax.dot_general(x2d, wt, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    acc = acc * w.tensor_scale.astype(jnp.float32)
+    acc = acc * tensor_scale.astype(jnp.float32)
     if bias is not None:
         acc = acc + bias.astype(jnp.float32)
     return acc.astype(out_dtype)
@@ -207,7 +214,46 @@ def _validate(x: Any, w: Any, bias: Any, out_dtype: Any, fn: str, axis: int):
     return x, n, k, bias, out_dtype
 
 
-def _matmul_2d(x2d, w, bias, out_dtype, backend, config):
+def linear_in_activations(dispatch: Callable, tangent: Callable, bias_like: bool) -> Callable:
+    """``dispatch(x, w, c, out_dtype, backend, config)`` as a ``jax.custom_jvp`` function
+    that is differentiable in ``x`` (and in ``c`` if ``bias_like``), the NVFP4 weight ``w``
+    a constant (zero cotangent).
+
+    ``tangent(x_dot, w, c_dot if bias_like else c, *, out_dtype, backend)`` is the tangent,
+    linear in ``x_dot`` (and ``c_dot``), so JAX transposes it for reverse mode. It runs under
+    ``jax.checkpoint``: the dense ``e2m1 · scale`` weight it builds is rebuilt wherever a
+    tangent or cotangent needs it and never kept between the forward and the backward pass
+    -- the saved state is the NVFP4 weight itself.
+    """
+    fn = jax.custom_jvp(dispatch, nondiff_argnums=(3, 4, 5))
+
+    @fn.defjvp
+    def jvp(out_dtype, backend, config, primals, tangents):
+        x, w, c = primals
+        y = dispatch(x, w, c, out_dtype, backend, config)
+        t = functools.partial(tangent, out_dtype=out_dtype, backend=backend)
+        return y, jax.checkpoint(t)(tangents[0], w, tangents[2] if bias_like else c)
+
+    return fn
+
+
+def _tangent_2d(x_dot, w, bias_dot, *, out_dtype, backend):
+    """``(x_dot @ (e2m1 · scale)ᵀ) · tensor_scale + bias_dot``; transposed, the input
+    gradient ``g @ (e2m1 · scale) · tensor_scale`` (float32 accumulation, one rounding)."""
+    wt = dense_codes(w, x_dot.dtype, backend)  # [N, K]
+    return _dense_product(x_dot, wt, w.tensor_scale, bias_dot, out_dtype)
+
+
+def dense_codes(w: NVFP4Array, dtype: Any, backend: str | None = None) -> jax.Array:
+    """``e2m1 · block scale`` of ``w`` in storage layout (``[.., N, K]``) as ``dtype``,
+    without the tensor scale: exact in bf16 and fp16 (at most 5 significant bits, magnitudes
+    from 2^-10 to 2688)."""
+    if backends.select("dequantize", backend) is Backend.PALLAS and backends.interpret_pallas():
+        backend = Backend.XLA  # the interpreter's host callbacks do not rematerialize
+    return backends.call("dequantize", backend, w.data, w.scales, jnp.float32(1.0), dtype)
+
+
+def _dispatch_2d(x2d, w, bias, out_dtype, backend, config):
     """Dispatch one 2-D product; ``vmap`` over ``x`` folds its batch into M."""
 
     @jax.custom_batching.custom_vmap
@@ -231,7 +277,7 @@ def _matmul_2d(x2d, w, bias, out_dtype, backend, config):
                     else jnp.broadcast_to(bias, (axis_size,) + bias.shape)
                 )
             out = lax.map(
-                lambda a: _matmul_2d(a[0], a[1], a[2], out_dtype, backend, config),
+                lambda a: _dispatch_2d(a[0], a[1], a[2], out_dtype, backend, config),
                 (x_in, w_in, b_in),
             )
             return out, True
@@ -240,6 +286,10 @@ def _matmul_2d(x2d, w, bias, out_dtype, backend, config):
         return out.reshape(b, m, -1), True
 
     return run(x2d, w, bias)
+
+
+# One 2-D product, differentiable in x2d and bias.
+_matmul_2d = linear_in_activations(_dispatch_2d, _tangent_2d, bias_like=True)
 
 
 def matmul(
@@ -268,6 +318,12 @@ def matmul(
 
     Returns:
       ``[..., N]`` in ``out_dtype``.
+
+    Differentiable in ``x`` and ``bias`` (``jax.grad``, ``jax.jvp``, under ``jit``/``vmap``):
+    the input gradient is ``g @ dequantize(w)ᵀ`` (float32 accumulation, ``x``'s dtype). The
+    weight is a constant -- its cotangent is zero, as for a frozen (QLoRA-style) base weight;
+    train a dense copy through :func:`nvfp4_jax.quant_dequant` to learn the weight itself.
+    The backward pass keeps the NVFP4 weight, not a dense copy, between the passes.
     """
     return _product(x, w, bias, out_dtype, backend, config, "matmul", axis=-2)
 
@@ -282,8 +338,8 @@ def linear(
     config: Any = None,
 ) -> jax.Array:
     """``F.linear``: ``x @ dequantize(w).T`` (+ ``bias``) for ``w`` of logical shape
-    ``[N, K]`` quantized along K (``quantize(w_nk)``). Same storage and kernel as
-    :func:`matmul`."""
+    ``[N, K]`` quantized along K (``quantize(w_nk)``). Same storage, kernel and gradients
+    as :func:`matmul`."""
     return _product(x, w, bias, out_dtype, backend, config, "linear", axis=-1)
 
 

@@ -353,16 +353,82 @@ def test_forward_errors():
     with pytest.raises(ValueError, match=r"x must have shape"):
         m(torch.zeros((), dtype=torch.bfloat16))
     x = torch.zeros(2, 64, dtype=torch.bfloat16, requires_grad=True)
-    with pytest.raises(ValueError, match=r"inference-only.*no_grad"):
-        m(x)
     with torch.no_grad():
-        assert m(x).shape == (2, 48)
+        y = m(x)
+        assert y.shape == (2, 48) and not y.requires_grad
     with torch.inference_mode():
         assert m(torch.zeros(2, 64, dtype=torch.bfloat16)).shape == (2, 48)
     assert m(torch.zeros(0, 3, 64, dtype=torch.bfloat16)).shape == (0, 3, 48)
     assert m(torch.zeros(0, 64, dtype=torch.bfloat16)).shape == (0, 48)
     with pytest.raises(TypeError, match="x must be a torch.Tensor"):
         m(np.zeros((2, 64)))
+
+
+def _grad_reference(layers, x, g):
+    """float64 input gradient of ``g · (layers[-1] ∘ gelu ∘ ... ∘ layers[0])(x)`` with the
+    layers' dequantized weights."""
+    xd = x.detach().double().requires_grad_()
+    h = xd
+    for i, layer in enumerate(layers):
+        if i:
+            h = F.gelu(h)
+        sd = layer.state_dict()
+        w = _torch_dequantize(sd["weight"], sd["weight_scale"], sd["weight_scale_2"])
+        h = F.linear(h, w, None if layer.bias is None else layer.bias.detach().cpu().double())
+    (h * g.double()).sum().backward()
+    return xd.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_backward_input_gradient(dtype):
+    """x.grad = grad_y @ W through two quantized layers (leading dims, bias, a strided
+    grad_y); the weight and bias buffers get no gradient."""
+    model = nn.Sequential(_layer(64, 48, seed=1), nn.GELU(), _layer(48, 32, bias=False, seed=2))
+    model = model.to(dtype)
+    interop.quantize_model_(model)
+    x = torch.randn(2, 5, 64, dtype=dtype, requires_grad=True)
+    g = torch.randn(2, 32, 5, dtype=dtype).transpose(1, 2)  # non-contiguous upstream grad
+    y = model(x)
+    assert y.requires_grad and y.dtype == dtype
+    y.backward(g)
+    assert x.grad.dtype == dtype and x.grad.shape == x.shape
+    assert _rel(x.grad, _grad_reference([model[0], model[2]], x, g)) <= 1e-2
+    assert all(b.grad is None for b in model.buffers())
+    # Gradient checking on an empty batch, and no graph under no_grad.
+    e = torch.zeros(0, 64, dtype=dtype, requires_grad=True)
+    model[0](e).sum().backward()
+    assert e.grad.shape == (0, 64)
+    with torch.no_grad():
+        assert not model(x).requires_grad
+
+
+def test_backward_sees_the_weight_of_the_forward():
+    """Between forward and backward, a buffer reassignment leaves the gradient to the old
+    weight; an in-place write (load_state_dict) makes backward raise, as torch does for any
+    tensor saved for backward."""
+    layer = NVFP4Linear.from_linear(_layer(seed=3))
+    other = NVFP4Linear.from_linear(_layer(seed=4))
+    x = torch.randn(3, 64, dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(3, 48, dtype=torch.bfloat16)
+    ref = _grad_reference([layer], x, g)
+    y = layer(x)
+    for name in ("weight", "weight_scale"):
+        setattr(layer, name, other._buffers[name].clone())
+    y.backward(g)
+    assert _rel(x.grad, ref) <= 1e-2
+    y = layer(x)
+    layer.load_state_dict(other.state_dict())
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward(g)
+
+
+def test_lora_example_trains_through_quantized_layers():
+    import pathlib
+    import runpy
+
+    path = pathlib.Path(__file__).parents[1] / "examples" / "torch_mlp.py"
+    losses = runpy.run_path(str(path))["lora_demo"](torch.device("cpu"), steps=10)
+    assert np.isfinite(losses).all() and losses[-1] < 0.5 * losses[0], losses
 
 
 def test_forward_non_contiguous_x_and_jit_cache():
@@ -700,3 +766,17 @@ def test_gpu_torch_launch_matches_jax_dispatch(rows, monkeypatch):
     assert y16.dtype == torch.float16 and len(gemms) == 1
     assert {dtype for _, dtype in gemms[0]._launchers} == {x.dtype, torch.float16}
     assert _rel(y16.cpu(), F.linear(x.half().cpu().double(), w_dq, lin.bias.cpu().double())) <= 1e-2
+
+
+@_apply_marks
+@pytest.mark.parametrize("rows", [7, 2100])
+def test_gpu_backward_input_gradient(rows):
+    """CUDA: forward by the kernel launched from torch (or the dequantize route), backward
+    through JAX, on torch's current stream."""
+    model = nn.Sequential(_layer(1024, 520, seed=5), nn.GELU(), _layer(520, 256, seed=6)).cuda()
+    interop.quantize_model_(model)
+    x = torch.randn(rows, 1024, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    g = torch.randn(rows, 256, dtype=torch.bfloat16, device="cuda")
+    model(x).backward(g)
+    assert x.grad.device == x.device and x.grad.dtype == torch.bfloat16
+    assert _rel(x.grad.cpu(), _grad_reference([model[0], model[2]], x.cpu(), g.cpu())) <= 1e-2

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from cross_lowering import cross_lower
 
 import nvfp4_jax as nv
 from nvfp4_jax import backends
@@ -209,6 +210,94 @@ def test_bad_inputs(rng):
         nv.prepare(w, jnp.float32)
 
 
+def _input_grad64(g, w, transpose=False):
+    """float64 ``g @ Wᵀ`` for ``matmul`` (``W [K, N]``), ``g @ W`` for ``linear``."""
+    wd = np.asarray(nv.dequantize(w, jnp.float32), np.float64)
+    return np.asarray(g.astype(jnp.float32), np.float64) @ (wd if transpose else wd.T)
+
+
+def _close(got, ref, tol=1e-2):
+    got = np.asarray(got.astype(jnp.float32), np.float64)
+    assert got.shape == ref.shape and np.isfinite(got).all()
+    err = np.linalg.norm(got - ref) / np.linalg.norm(ref)
+    assert err <= tol, err
+    np.testing.assert_allclose(got, ref, atol=0.05 * np.abs(ref).max(), rtol=0.05)
+
+
+@pytest.mark.parametrize("backend", ["xla", "pallas"])
+def test_gradients_wrt_activations_and_bias(rng, backend):
+    """vjp: grad_x = g @ Wᵀ (x's dtype), grad_bias = sum of g (bias's dtype), leading dims,
+    ragged N; the weight's cotangent is zero (a frozen quantized weight)."""
+    k, n = 96, 40
+    w = _weight(rng, k, n)
+    x = jnp.asarray(rng.standard_normal((2, 5, k)), jnp.bfloat16)
+    bias = jnp.asarray(rng.standard_normal(n), jnp.float32)
+    g = jnp.asarray(rng.standard_normal((2, 5, n)), jnp.bfloat16)
+    y, vjp = jax.vjp(lambda x, b, w: nv.matmul(x, w, bias=b, backend=backend), x, bias, w)
+    _check(y.reshape(10, n), x.reshape(10, k), w, bias)
+    dx, db, dw = vjp(g)
+    assert dx.dtype == jnp.bfloat16 and db.dtype == jnp.float32
+    _close(dx.reshape(10, k), _input_grad64(g.reshape(10, n), w))
+    np.testing.assert_allclose(
+        np.asarray(db, np.float64), np.asarray(g, np.float64).sum((0, 1)), rtol=1e-6, atol=1e-5
+    )
+    assert not np.asarray(dw.scales.astype(jnp.float32)).any()
+    assert not np.asarray(dw.tensor_scale).any()
+    assert dw.data.dtype == jax.dtypes.float0
+    # jvp: the tangent is the product of the tangent input (the map is linear).
+    t = jnp.asarray(rng.standard_normal((2, 5, k)), jnp.bfloat16)
+    _, y_dot = jax.jvp(lambda x: nv.matmul(x, w, bias=bias, backend=backend), (x,), (t,))
+    _check(y_dot.reshape(10, n), t.reshape(10, k), w)
+
+
+@pytest.mark.parametrize("backend", ["xla", "pallas"])
+def test_gradients_linear_fp16_prepared_jit_vmap(rng, backend):
+    k, n = 64, 48
+    w_nk = nv.prepare(nv.quantize(jnp.asarray(rng.standard_normal((n, k)), jnp.float16)))
+    x = jnp.asarray(rng.standard_normal((3, k)), jnp.float16)
+    g = jnp.asarray(rng.standard_normal((3, n)), jnp.float16)
+    loss = lambda x: jnp.vdot(nv.linear(x, w_nk, backend=backend).astype(jnp.float32), g)
+    dx = jax.jit(jax.grad(loss))(x)
+    assert dx.dtype == jnp.float16
+    _close(dx, _input_grad64(g, w_nk, transpose=True))
+    # per-example gradients: vmap over the rows
+    dxs = jax.vmap(jax.grad(lambda xi, gi: jnp.vdot(nv.linear(xi, w_nk).astype(jnp.float32), gi)))(
+        x, g
+    )
+    _close(dxs, _input_grad64(g, w_nk, transpose=True))
+
+
+def test_backward_keeps_the_quantized_weight_not_a_dense_copy(rng):
+    """The residuals between forward and backward are the NVFP4 weight (and no [N, K] dense
+    weight): the dense e2m1 · scale is rebuilt in the backward pass."""
+    k, n = 256, 128
+    w = nv.prepare(_weight(rng, k, n))
+    x = jnp.asarray(rng.standard_normal((4, k)), jnp.bfloat16)
+    for backend in ("xla", "pallas"):
+        _, vjp = jax.vjp(lambda x, backend=backend: nv.matmul(x, w, backend=backend), x)
+        big = [
+            (r.shape, r.dtype)
+            for r in jax.tree_util.tree_leaves(vjp)
+            if r.size >= n * k and jnp.issubdtype(r.dtype, jnp.floating)
+        ]
+        assert not big, big
+
+
+def test_gradients_cross_lower_for_sm90(rng, monkeypatch):
+    """The compiled (not interpreted) gradient path lowers for an H100 on this CPU: the fused
+    kernel or the dequantize route forward, the Pallas dequantize kernel rematerialized in
+    the backward pass. (grouped_matmul's backward adds lax.ragged_dot, which does not lower
+    under the abstract mesh of a cross-lowering.)"""
+    monkeypatch.setattr(backends, "interpret_pallas", lambda: False)
+    w = nv.prepare(_weight(rng, 256, 128))
+    for m in (8, 2048):
+        x = jnp.asarray(rng.standard_normal((m, 256)), jnp.bfloat16)
+        loss = lambda x: nv.matmul(x, w, backend="pallas").astype(jnp.float32).sum()
+        calls = [ln for ln in cross_lower(jax.grad(loss), x).splitlines() if "@mosaic_gpu" in ln]
+        # the dequantize kernel reads the NVFP4 codes and scales (the forward is dead code)
+        assert calls and all("x128x16xf8E4M3FN>" in ln for ln in calls), calls
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 3, 16, 64, 200, 1024])
 @pytest.mark.parametrize("n", [64, 200, 4096])
@@ -244,3 +333,20 @@ def test_matmul_fp16_batch_gpu(rng):
     x = jnp.asarray(rng.standard_normal((2, 7, 4096)), jnp.float16)
     y = nv.matmul(x, w)
     _check(y.reshape(14, 4096), x.reshape(14, 4096), w)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 37, 2100])
+def test_gradients_gpu(rng, m):
+    """The backward pass on the GPU: the Pallas dequantize kernel (rematerialized) and XLA's
+    dot, after the fused kernel (or the dequantize route) in the forward pass."""
+    k, n = 1040, 520
+    w = nv.prepare(_weight(rng, k, n))
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    bias = jnp.asarray(rng.standard_normal(n), jnp.bfloat16)
+    g = jnp.asarray(rng.standard_normal((m, n)), jnp.bfloat16)
+    loss = lambda x, b: jnp.vdot(nv.matmul(x, w, bias=b).astype(jnp.float32), g)
+    dx, db = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, bias)
+    assert dx.dtype == jnp.bfloat16 and db.dtype == jnp.bfloat16
+    _close(dx, _input_grad64(g, w))
+    _close(db, np.asarray(g, np.float64).sum(0))
