@@ -34,7 +34,7 @@ from nvfp4_jax.scales import (
     tensor_scale_from_global_scale,
 )
 
-from nvfp4_jax import checkpoint, moe, schemes
+from nvfp4_jax import checkpoint, moe, schemes, sharding
 from nvfp4_jax.checkpoint import CheckpointReader, load_checkpoint, save_checkpoint
 
 __version__ = "0.1.0"
@@ -67,6 +67,7 @@ __all__ = [
     "save_checkpoint",
     "scaled_fp4_quant",
     "schemes",
+    "sharding",
     "slice_output",
     "swizzle_scales",
     "tensor_scale_from_global_scale",

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from nvfp4_jax import _checks, backends, reference
+from nvfp4_jax import _checks, backends, reference, sharding
 from nvfp4_jax.array import NVFP4Array
 from nvfp4_jax.backends import Backend
 from nvfp4_jax.kernels import gemm
@@ -161,6 +161,11 @@ def grouped_matmul(
     :func:`nvfp4_jax.matmul`: row ``t`` of expert ``e`` gets ``g[t] @ dequantize(w[e])ᵀ``.
     """
     x, group_sizes, n, out_dtype = _validate(x, w, group_sizes, out_dtype)
+    sharding.refuse(
+        "grouped_matmul",
+        {"x": x, "w": w, "group_sizes": group_sizes},
+        "its group sizes index the rows of the whole x",
+    )
     if x.shape[0] == 0:
         return jnp.zeros((0, n), out_dtype)
     return _differentiable(x, w, group_sizes, out_dtype, backend, config)

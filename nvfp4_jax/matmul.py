@@ -23,8 +23,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
-from nvfp4_jax import _checks, backends, reference
+from nvfp4_jax import _checks, backends, reference, sharding
 from nvfp4_jax.array import NVFP4Array
 from nvfp4_jax.backends import Backend
 from nvfp4_jax.kernels import dequantize as dequantize_kernel
@@ -324,6 +325,9 @@ def matmul(
     weight is a constant -- its cotangent is zero, as for a frozen (QLoRA-style) base weight;
     train a dense copy through :func:`nvfp4_jax.quant_dequant` to learn the weight itself.
     The backward pass keeps the NVFP4 weight, not a dense copy, between the passes.
+
+    Sharding: rows of ``x`` sharded over an explicit mesh run per device; tensor
+    parallelism runs inside ``jax.shard_map`` (:mod:`nvfp4_jax.sharding`).
     """
     return _product(x, w, bias, out_dtype, backend, config, "matmul", axis=-2)
 
@@ -344,7 +348,16 @@ def linear(
 
 
 def _product(x, w, bias, out_dtype, backend, config, fn: str, axis: int) -> jax.Array:
-    """Validate, flatten the leading dims of ``x``, run the 2-D product, restore them."""
+    """Validate, flatten the leading dims of ``x``, run the 2-D product, restore them; rows
+    of ``x`` sharded over an explicit mesh run per device (``jax.shard_map``)."""
     x, n, k, bias, out_dtype = _validate(x, w, bias, out_dtype, fn, axis)
-    out = _matmul_2d(x.reshape(-1, k), w, bias, out_dtype, backend, config)
-    return out.reshape(*x.shape[:-1], n)
+
+    def local(x, w, bias):
+        out = _matmul_2d(x.reshape(-1, k), w, bias, out_dtype, backend, config)
+        return out.reshape(*x.shape[:-1], n)
+
+    sharded = sharding.row_parallel_mesh(fn, x, {"w": w, "bias": bias})
+    if sharded is None:
+        return local(x, w, bias)
+    mesh, spec = sharded
+    return jax.shard_map(local, mesh=mesh, in_specs=(spec, P(), P()), out_specs=spec)(x, w, bias)
