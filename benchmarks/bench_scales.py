@@ -64,7 +64,7 @@ def main() -> None:
             for label, copies in prepared:
                 cfg = gemm.default_config(m, n, k, k_group=copies[0].k_group)
                 t = common.time_per_call(
-                    lambda x, w, cfg=cfg: gemm.nvfp4_matmul(x, w, n=n, k=k, config=cfg),
+                    lambda x, w, cfg=cfg, n=n, k=k: gemm.nvfp4_matmul(x, w, n=n, k=k, config=cfg),
                     [(x, w) for w in copies],
                     args.iterations,
                 )

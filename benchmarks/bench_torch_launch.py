@@ -74,7 +74,11 @@ def main() -> None:
         ]
         for m in args.m:
             x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
-            t_bf16 = kernel_us(lambda: [F.linear(x, w) for w in dense], len(dense), args.iterations)
+            t_bf16 = kernel_us(
+                lambda x=x, dense=dense: [F.linear(x, w) for w in dense],
+                len(dense),
+                args.iterations,
+            )
             base = gemm.default_config(m, n, k)
             policies = {
                 "no split": gemm._fit_stages(
@@ -92,7 +96,11 @@ def main() -> None:
                 xs = torch.randn(launch_rows, k, dtype=torch.bfloat16, device="cuda")
                 sets = [(xs, g.data, g.scales, g.tensor_scale) for g in weights]
                 apply, _ = torch_kernel._compile(n, k, cfg, launch_rows, list(sets[0]))
-                t = kernel_us(lambda: [apply(*a) for a in sets], len(sets), args.iterations)
+                t = kernel_us(
+                    lambda apply=apply, sets=sets: [apply(*a) for a in sets],
+                    len(sets),
+                    args.iterations,
+                )
                 row += [t, f"{t_bf16 / t:.2f}x", common.config_label(cfg)]
             rows.append(row)
             print(row, flush=True)
@@ -103,8 +111,10 @@ def main() -> None:
         + ["cluster", "vs bf16", "config"],
         rows,
         [
-            "times in us (CUDA kernel time via torch.profiler, all kernels of a call summed,"
-            " mean of 20 rotations over weight copies past 2x L2)"
+            (
+                "times in us (CUDA kernel time via torch.profiler, all kernels of a call summed,"
+                " mean of 20 rotations over weight copies past 2x L2)"
+            )
         ],
     )
 

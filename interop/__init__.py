@@ -12,9 +12,9 @@ from interop.dlpack import SUPPORTED_DTYPES, to_jax, to_torch
 from interop.modules import NVFP4Linear, QuantizeReport, quantize_model_
 
 __all__ = [
+    "SUPPORTED_DTYPES",
     "NVFP4Linear",
     "QuantizeReport",
-    "SUPPORTED_DTYPES",
     "quantize_model_",
     "to_jax",
     "to_torch",

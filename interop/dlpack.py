@@ -245,7 +245,7 @@ def dtype_route(dtype: torch.dtype, direction: str) -> str:
             jax.dlpack.from_dlpack(torch.zeros(4, dtype=dtype), copy=False)
         else:
             torch.from_dlpack(jnp.zeros(4, SUPPORTED_DTYPES[dtype]))
-    except Exception:  # BufferError, RuntimeError, TypeError depending on the version
+    except Exception:  # noqa: BLE001 (BufferError, RuntimeError, TypeError by version)
         return "uint8"
     return "native"
 

@@ -18,7 +18,8 @@ import functools
 import operator
 import os
 import sys
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -26,13 +27,11 @@ import torch
 from torch import nn
 
 import nvfp4_jax
-from nvfp4_jax import NVFP4Array
-from nvfp4_jax import backends
-from nvfp4_jax.matmul import DEQUANTIZE_DOT_MIN_M
-from nvfp4_jax.backends import Backend
-
 from interop.dlpack import _export, _to_jax_fast, to_jax, to_torch
 from interop.torch_kernel import TorchGemm
+from nvfp4_jax import NVFP4Array, backends
+from nvfp4_jax.backends import Backend
+from nvfp4_jax.matmul import DEQUANTIZE_DOT_MIN_M
 
 __all__ = ["NVFP4Linear", "QuantizeReport", "quantize_model_"]
 
@@ -224,7 +223,7 @@ class NVFP4Linear(nn.Module):
             raise TypeError(f"bias_dtype must be float32, bfloat16 or float16, got {bias_dtype}")
         self.in_features, self.out_features = in_features, out_features
         self.backend = _check_backend(backend)
-        kw = dict(device=device)
+        kw = {"device": device}
         self.register_buffer(
             "weight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, **kw)
         )

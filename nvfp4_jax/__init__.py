@@ -1,6 +1,7 @@
 """nvfp4-jax: NVIDIA's NVFP4 format (E2M1 codes, per-16 E4M3 block scales, a float32
 tensor scale) for JAX, with Pallas Mosaic GPU kernels for Hopper."""
 
+from nvfp4_jax import checkpoint, moe, schemes, sharding
 from nvfp4_jax.api import (
     dequantize,
     dequantize_to_dtype,
@@ -9,8 +10,7 @@ from nvfp4_jax.api import (
     scaled_fp4_quant,
 )
 from nvfp4_jax.array import NVFP4Array
-from nvfp4_jax.matmul import linear, matmul, prepare
-from nvfp4_jax.grouped import grouped_matmul
+from nvfp4_jax.checkpoint import CheckpointReader, load_checkpoint, save_checkpoint
 from nvfp4_jax.formats import (
     BLOCK_SIZE,
     e2m1_to_float,
@@ -18,6 +18,7 @@ from nvfp4_jax.formats import (
     pack_fp4,
     unpack_fp4,
 )
+from nvfp4_jax.grouped import grouped_matmul
 from nvfp4_jax.layouts import (
     pad_activation_for_cutlass,
     pad_weight_for_cutlass,
@@ -25,6 +26,7 @@ from nvfp4_jax.layouts import (
     swizzle_scales,
     unswizzle_scales,
 )
+from nvfp4_jax.matmul import linear, matmul, prepare
 from nvfp4_jax.scales import (
     global_scale_from_tensor_scale,
     marlin_compute_scale_factor,
@@ -33,9 +35,6 @@ from nvfp4_jax.scales import (
     marlin_process_scales,
     tensor_scale_from_global_scale,
 )
-
-from nvfp4_jax import checkpoint, moe, schemes, sharding
-from nvfp4_jax.checkpoint import CheckpointReader, load_checkpoint, save_checkpoint
 
 __version__ = "0.1.0"
 

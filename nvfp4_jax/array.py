@@ -39,7 +39,7 @@ class NVFP4Array:
     ``nvfp4_jax.prepare``), carried along so a jitted ``matmul`` never rebuilds it.
     """
 
-    __slots__ = ("data", "scales", "tensor_scale", "axis", "dtype", "prepared")
+    __slots__ = ("axis", "data", "dtype", "prepared", "scales", "tensor_scale")
 
     def __init__(
         self,

@@ -24,7 +24,7 @@ import enum
 import os
 import re
 import warnings
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import jax
 

@@ -86,8 +86,8 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from nvfp4_jax.array import NVFP4Array
 from nvfp4_jax._exact import div_rn
+from nvfp4_jax.array import NVFP4Array
 from nvfp4_jax.formats import BLOCK_SIZE, round_to_e4m3
 
 FORMATS = ("modelopt", "compressed-tensors", "quark")
@@ -522,7 +522,7 @@ class CheckpointReader:
 
     def _check_layer(self, layer: str, params: set[str]) -> None:
         spec = self.spec
-        name = lambda p: f"{layer}.{p}"  # noqa: E731
+        name = lambda p: f"{layer}.{p}"
         for p in (spec.weight, spec.weight_scale, spec.weight_scalar):
             if p not in params:
                 raise ValueError(

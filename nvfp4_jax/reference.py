@@ -28,7 +28,6 @@ import jax
 import jax.numpy as jnp
 
 from nvfp4_jax._exact import div_rn
-from nvfp4_jax.layouts import swizzle_scales, unswizzle_scales
 from nvfp4_jax.formats import (
     BLOCK_SIZE,
     E2M1_E4M3_MAX,
@@ -38,6 +37,7 @@ from nvfp4_jax.formats import (
     round_to_e4m3,
     unpack_codes,
 )
+from nvfp4_jax.layouts import swizzle_scales, unswizzle_scales
 
 
 def batch_broadcast(v: jax.Array, ndim: int) -> jax.Array:

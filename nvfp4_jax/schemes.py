@@ -46,8 +46,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from nvfp4_jax._exact import div_rn
 from nvfp4_jax import _checks
+from nvfp4_jax._exact import div_rn
 from nvfp4_jax.api import dequantize, quant_dequant
 from nvfp4_jax.array import NVFP4Array
 from nvfp4_jax.checkpoint import fuse

@@ -19,7 +19,7 @@ def _has_hopper_gpu() -> bool:
         from nvfp4_jax.backends import device_info
 
         return device_info().is_hopper_or_newer
-    except Exception:
+    except Exception:  # noqa: BLE001 (any failure to query a GPU means: no GPU tests)
         return False
 
 

@@ -10,11 +10,11 @@ import warnings
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+import oracle
 import pytest
 from safetensors.numpy import save_file
 
 import nvfp4_jax as nv
-import oracle
 from nvfp4_jax import checkpoint as ckpt
 
 F32 = np.float32

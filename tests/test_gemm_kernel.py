@@ -22,13 +22,12 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from cross_lowering import cross_lower, h100_mesh
 from hypothesis import given
 from hypothesis import strategies as st
-
-from cross_lowering import cross_lower, h100_mesh
 from race_detection import RACES, races_found
-from nvfp4_jax.kernels import gemm, gemm_tuned
 
+from nvfp4_jax.kernels import gemm, gemm_tuned
 
 # The value of every E2M1 code 0..15 (independent of the code under test).
 E2M1_BY_CODE = np.array(
@@ -686,7 +685,8 @@ def test_tune_script_rewrites_only_the_table(tmp_path):
     from benchmarks import tune_matmul
 
     path = tmp_path / "gemm_tuned.py"
-    source = open(tune_matmul.TABLE_PATH).read()
+    with open(tune_matmul.TABLE_PATH) as f:
+        source = f.read()
     path.write_text(source)
     tune_matmul.write_table(gemm_tuned.TUNED, str(path))
     assert path.read_text() == source  # the checked-in table is in the script's format
@@ -697,7 +697,7 @@ def test_tune_script_rewrites_only_the_table(tmp_path):
     table["NVIDIA H200"][(8, 512, 1024)] = gemm_tuned.Tuned(128, 8, 64, 4, 4, 2.5, "2026-11-24")
     tune_matmul.write_table(table, str(path))
     namespace = {}
-    exec(compile(path.read_text(), str(path), "exec"), namespace)
+    exec(compile(path.read_text(), str(path), "exec"), namespace)  # noqa: S102 (our own table)
     assert namespace["TUNED"] == table
     assert path.read_text().split("# BEGIN TUNED")[0] == source.split("# BEGIN TUNED")[0]
 

@@ -11,9 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from cross_lowering import cross_lower
-from race_detection import RACES, races_found
 from hypothesis import given
 from hypothesis import strategies as st
+from race_detection import RACES, races_found
 
 import nvfp4_jax as nv
 from nvfp4_jax import backends
@@ -412,4 +412,4 @@ def test_vmap_over_tokens_group_sizes_and_weights(rng, backend):
     ws = jax.tree_util.tree_map(lambda a: jnp.stack([a, a[::-1]]), w)  # two stacks of experts
     y = jax.vmap(lambda wi: nv.grouped_matmul(x[0], wi, gs[0], backend=backend))(ws)
     for i in range(2):
-        _check(y[i], x[0], jax.tree_util.tree_map(lambda a: a[i], ws), gs[0])
+        _check(y[i], x[0], jax.tree_util.tree_map(lambda a, i=i: a[i], ws), gs[0])

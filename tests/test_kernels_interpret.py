@@ -21,9 +21,9 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-
 from cross_lowering import cross_lower
 from race_detection import RACES, races_found
+
 from nvfp4_jax import layouts
 from nvfp4_jax.formats import encode_e2m1
 from nvfp4_jax.kernels import dequantize as kd

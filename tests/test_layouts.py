@@ -3,12 +3,12 @@
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+import oracle
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 import nvfp4_jax as nv
-import oracle
 
 
 def _scales(rng, shape):

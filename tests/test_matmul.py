@@ -66,7 +66,7 @@ def test_leading_dims_fp16_linear_prepared_jit_vmap(rng, backend):
     )
     yw = jax.vmap(lambda wi: nv.matmul(x[0], wi, backend=backend))(ws)
     for i in range(2):
-        _check(yw[i], x[0], jax.tree_util.tree_map(lambda v: v[i], ws))
+        _check(yw[i], x[0], jax.tree_util.tree_map(lambda v, i=i: v[i], ws))
 
 
 @pytest.mark.parametrize("k_group", [64, 256])

@@ -3,12 +3,12 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import oracle
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 import nvfp4_jax as nv
-import oracle
 
 DTYPES = [jnp.bfloat16, jnp.float16, jnp.float32]
 

@@ -4,10 +4,10 @@ gradient of quant_dequant."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import oracle
 import pytest
 
 import nvfp4_jax as nv
-import oracle
 
 
 def test_scaled_fp4_quant_plain_and_swizzled(rng):

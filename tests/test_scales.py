@@ -3,10 +3,10 @@
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+import oracle
 import pytest
 
 import nvfp4_jax as nv
-import oracle
 
 E4M3 = ml_dtypes.float8_e4m3fn
 ALL_POSITIVE_E4M3 = np.arange(1, 0x7F, dtype=np.uint8).view(E4M3)  # 126 finite positives

@@ -180,7 +180,7 @@ def dequantize(
             f"packed must be uint8 [..., K/2] with K % 16 == 0, got {packed.dtype} {packed.shape}"
         )
     ts = jnp.asarray(tensor_scale, jnp.float32)
-    batch, rows = split_batch(packed.shape, ts.shape)
+    _, rows = split_batch(packed.shape, ts.shape)
     kb = packed.shape[-1] // 8
     scales = jnp.asarray(scales)
     if scales.dtype == jnp.uint8:

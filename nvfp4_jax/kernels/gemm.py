@@ -82,11 +82,11 @@ import functools
 from typing import Literal, NamedTuple
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
-import jax.numpy as jnp
-import numpy as np
 
 from nvfp4_jax import reference as nvfp4_reference
 from nvfp4_jax.backends import device_info
