@@ -74,21 +74,21 @@ class _InputGrad(torch.autograd.Function):
     (frozen): they get no gradient."""
 
     @staticmethod
-    def forward(ctx, x2d: torch.Tensor, layer: NVFP4Linear) -> torch.Tensor:
-        sources, device, _, args, _ = layer._jax_state()
+    def forward(ctx, x2d: torch.Tensor, layer: NVFP4Linear, state: tuple) -> torch.Tensor:
+        sources, device, _, args, _ = state
         ctx.device, ctx.weight = device, args[:3]  # JAX views of the buffers
         ctx.backend = _backend_for(layer.backend, device)
         # Saved for torch's version check: an in-place write to a buffer before backward
         # (e.g. load_state_dict) raises there instead of giving the new weight's gradient.
         ctx.save_for_backward(*sources[:3])
-        return layer._product_2d(x2d.detach())
+        return layer._product_2d(x2d.detach(), state)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y: torch.Tensor):
         ctx.saved_tensors  # noqa: B018 (raises if a buffer was modified in place)
         grad_x = _input_grad_fn(ctx.backend)(_to_jax_fast(grad_y), *ctx.weight)
-        return _export(grad_x, ctx.device), None
+        return _export(grad_x, ctx.device), None, None
 
 
 @functools.cache
@@ -449,7 +449,8 @@ class NVFP4Linear(nn.Module):
             )
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"x must have shape [..., {self.in_features}], got {tuple(x.shape)}")
-        device = self._jax_state()[1]
+        state = self._jax_state()
+        device = state[1]
         if x.device != device:
             raise ValueError(f"x is on {x.device}, but the layer's buffers are on {device}")
         lead = x.shape[:-1]
@@ -463,14 +464,15 @@ class NVFP4Linear(nn.Module):
             )
         x2d = x if x.dim() == 2 else x.reshape(-1, self.in_features)
         if track:
-            y = _InputGrad.apply(x2d, self)
+            y = _InputGrad.apply(x2d, self, state)
         else:
-            y = self._product_2d(x2d.detach())
+            y = self._product_2d(x2d.detach(), state)
         return y if x.dim() == 2 else y.view(*lead, self.out_features)
 
-    def _product_2d(self, x2d: torch.Tensor) -> torch.Tensor:
-        """``x2d [M, in]`` (validated, no grad) -> ``[M, out]``."""
-        _, device, fn, args, torch_gemm = self._jax_state()
+    def _product_2d(self, x2d: torch.Tensor, state: tuple) -> torch.Tensor:
+        """``x2d [M, in]`` (validated, no grad) -> ``[M, out]`` with ``state =
+        self._jax_state()``."""
+        _, device, fn, args, torch_gemm = state
         if torch_gemm is not None and x2d.shape[0] < DEQUANTIZE_DOT_MIN_M:
             # The Pallas kernel launched from torch, no JAX dispatch. Prefill-sized inputs
             # take the JAX path below: its dequantize route beats the fused kernel there

@@ -33,7 +33,7 @@ from nvfp4_jax import _checks, backends, reference, sharding
 from nvfp4_jax.array import NVFP4Array
 from nvfp4_jax.backends import Backend
 from nvfp4_jax.kernels import gemm
-from nvfp4_jax.matmul import ACTIVATION_DTYPES, dense_codes, linear_in_activations, prepare
+from nvfp4_jax.matmul import ACTIVATION_DTYPES, _dense_codes, _linear_in_activations, prepare
 
 
 def _expert_scales(w: NVFP4Array) -> jax.Array:
@@ -174,7 +174,7 @@ def grouped_matmul(
 def _grouped_tangent(x_dot, w, group_sizes, *, out_dtype, backend):
     """``ragged_dot(x_dot, (e2m1 · scale)ᵀ) · tensor_scale[expert]``; transposed, row ``t``
     of expert ``e`` gets ``g[t] @ (e2m1 · scale)_e · tensor_scale_e``."""
-    wt = dense_codes(w, x_dot.dtype, backend)  # [E, N, K]
+    wt = _dense_codes(w, x_dot.dtype, backend)  # [E, N, K]
     return _dense_grouped(x_dot, wt, _expert_scales(w), group_sizes, out_dtype)
 
 
@@ -200,4 +200,4 @@ def _grouped(x, w, group_sizes, out_dtype, backend, config):
 
 
 # Differentiable in x; the weights and group sizes are constants.
-_differentiable = linear_in_activations(_grouped, _grouped_tangent, bias_like=False)
+_differentiable = _linear_in_activations(_grouped, _grouped_tangent, bias_like=False)

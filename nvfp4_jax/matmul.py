@@ -215,7 +215,7 @@ def _validate(x: Any, w: Any, bias: Any, out_dtype: Any, fn: str, axis: int):
     return x, n, k, bias, out_dtype
 
 
-def linear_in_activations(dispatch: Callable, tangent: Callable, bias_like: bool) -> Callable:
+def _linear_in_activations(dispatch: Callable, tangent: Callable, bias_like: bool) -> Callable:
     """``dispatch(x, w, c, out_dtype, backend, config)`` as a ``jax.custom_jvp`` function
     that is differentiable in ``x`` (and in ``c`` if ``bias_like``), the NVFP4 weight ``w``
     a constant (zero cotangent).
@@ -241,11 +241,11 @@ def linear_in_activations(dispatch: Callable, tangent: Callable, bias_like: bool
 def _tangent_2d(x_dot, w, bias_dot, *, out_dtype, backend):
     """``(x_dot @ (e2m1 · scale)ᵀ) · tensor_scale + bias_dot``; transposed, the input
     gradient ``g @ (e2m1 · scale) · tensor_scale`` (float32 accumulation, one rounding)."""
-    wt = dense_codes(w, x_dot.dtype, backend)  # [N, K]
+    wt = _dense_codes(w, x_dot.dtype, backend)  # [N, K]
     return _dense_product(x_dot, wt, w.tensor_scale, bias_dot, out_dtype)
 
 
-def dense_codes(w: NVFP4Array, dtype: Any, backend: str | None = None) -> jax.Array:
+def _dense_codes(w: NVFP4Array, dtype: Any, backend: str | None = None) -> jax.Array:
     """``e2m1 · block scale`` of ``w`` in storage layout (``[.., N, K]``) as ``dtype``,
     without the tensor scale: exact in bf16 and fp16 (at most 5 significant bits, magnitudes
     from 2^-10 to 2688)."""
@@ -290,7 +290,7 @@ def _dispatch_2d(x2d, w, bias, out_dtype, backend, config):
 
 
 # One 2-D product, differentiable in x2d and bias.
-_matmul_2d = linear_in_activations(_dispatch_2d, _tangent_2d, bias_like=True)
+_matmul_2d = _linear_in_activations(_dispatch_2d, _tangent_2d, bias_like=True)
 
 
 def matmul(

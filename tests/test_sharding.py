@@ -14,6 +14,7 @@ import textwrap
 
 import jax
 import jax.numpy as jnp
+import pytest
 from cross_lowering import H100
 from jax.sharding import AbstractMesh, AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -167,3 +168,21 @@ def test_column_parallel_pallas_cross_lowers_for_two_h100s(rng, monkeypatch):
         text = jax.jit(fn).trace(x, w_tp).lower(lowering_platforms=("cuda",)).as_text()
     calls = [ln for ln in text.splitlines() if "@mosaic_gpu" in ln]
     assert len(calls) == 1 and "tensor<2x256x32xui16>, tensor<16x256xui8>" in calls[0], calls
+
+
+def test_shard_specs_bad_input(rng):
+    mesh = AbstractMesh((4,), ("tp",), axis_types=(AxisType.Explicit,))
+    w = nv.quantize(jnp.asarray(rng.standard_normal((256, 128)), jnp.bfloat16), axis=0)
+    specs = nv.sharding.shard_specs(w, mesh, n="tp")
+    assert (specs.data, specs.scales, specs.tensor_scale) == (P("tp", None), P("tp", None), P())
+    with pytest.raises(TypeError, match="w must be an NVFP4Array, got ArrayImpl"):
+        nv.sharding.shard_specs(w.data, mesh, n="tp")
+    stacked = jax.vmap(lambda a: nv.quantize(a, axis=0))(jnp.ones((2, 32, 64)))
+    with pytest.raises(ValueError, match=r"2-D weight .* logical shape \(2, 32, 64\)"):
+        nv.sharding.shard_specs(stacked, mesh, n="tp")
+    with pytest.raises(ValueError, match=r"k='dp' names no axis of the mesh \(axes \('tp',\)\)"):
+        nv.sharding.shard_specs(w, mesh, k="dp")
+    with pytest.raises(
+        ValueError, match=r"K \(contraction dim\) = 256 must be a multiple of 128 x 4"
+    ):
+        nv.sharding.shard_specs(nv.prepare(w), mesh, k="tp")
