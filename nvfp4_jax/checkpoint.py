@@ -829,6 +829,107 @@ def fuse(
     )
 
 
+# Projection names of one expert, (gate, up, down), as stored by the common MoE families:
+# Qwen-MoE / DeepSeek / Llama-4 style, and Mixtral's w1 (gate), w3 (up), w2 (down).
+EXPERT_PROJECTIONS = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
+
+
+def stack_experts(
+    checkpoint: Any,
+    prefix: str,
+    *,
+    names: Sequence[str] | None = None,
+    fuse_mode: str = "rescale",
+    strict: bool = True,
+) -> tuple[NVFP4Array, NVFP4Array]:
+    """The experts of one MoE block as the stacked weights of :func:`nvfp4_jax.moe.moe`.
+
+    Checkpoints store each expert's projections as separate layers
+    ``{prefix}.{e}.{gate,up,down}`` (``[I, H]``, ``[I, H]``, ``[H, I]``, out x in), like vLLM
+    reads them before fusing ``w13``. Each expert's gate and up become one ``[2I, H]`` layer
+    (gate rows first, :func:`fuse`), and the experts are stacked with one tensor scale each.
+
+    Args:
+      checkpoint: a :class:`Checkpoint` or a lazy :class:`CheckpointReader` (reads only these
+        layers).
+      prefix: the experts' module path, e.g. ``"model.layers.3.mlp.experts"`` or Mixtral's
+        ``"model.layers.3.block_sparse_moe.experts"``; experts are numbered ``0 .. E-1``.
+      names: the ``(gate, up, down)`` projection names; default: whichever of
+        :data:`EXPERT_PROJECTIONS` the checkpoint uses under ``prefix``.
+      fuse_mode: how an expert's gate and up tensor scales become one (:func:`fuse`):
+        ``"rescale"`` (default; exact wherever the re-scaled block scale is representable, as
+        vLLM's ``reconcile_nvfp4_moe_w13_scales`` re-rounds) or ``"max"`` (vLLM's older
+        behaviour: the larger scale, block scales unchanged).
+      strict: with ``"rescale"``, raise where a block scale is not representable.
+
+    Returns:
+      ``(w13, w2)``: ``NVFP4Array`` of logical shapes ``[E, H, 2I]`` and ``[E, I, H]``, blocked
+      along their K (``H`` resp. ``I``; stored ``[E, 2I, H/2]`` and ``[E, H, I/2]``), tensor
+      scales ``[E]``; ready for ``nvfp4_jax.prepare`` and ``nvfp4_jax.moe.moe``.
+    """
+    if isinstance(checkpoint, Checkpoint):
+        layers = checkpoint.weights.keys()
+    elif isinstance(checkpoint, CheckpointReader):
+        layers = checkpoint.layers
+    else:
+        raise TypeError(
+            f"checkpoint must be a Checkpoint or CheckpointReader, got {type(checkpoint).__name__}"
+        )
+    head = prefix.rstrip(".") + "."
+    found: dict[int, set[str]] = {}
+    for layer in layers:
+        index, dot, proj = (
+            layer[len(head) :].partition(".") if layer.startswith(head) else ("", "", "")
+        )
+        if dot and index.isdigit() and "." not in proj:
+            found.setdefault(int(index), set()).add(proj)
+    if not found:
+        raise ValueError(f"no expert layers {head}<e>.<projection> in the checkpoint")
+    present = set().union(*found.values())
+    if names is None:
+        names = next((p for p in EXPERT_PROJECTIONS if set(p) <= present), None)
+        if names is None:
+            raise ValueError(
+                f"the experts under {head} have projections {sorted(present)}; none of the known"
+                f" (gate, up, down) sets {EXPERT_PROJECTIONS} -- pass names=(gate, up, down)"
+            )
+    if len(names) != 3:
+        raise ValueError(f"names must be (gate, up, down), got {names!r}")
+    count = max(found) + 1
+    missing = [f"{head}{e}.{p}" for e in range(count) for p in names if p not in found.get(e, ())]
+    if missing:
+        raise ValueError(
+            f"{len(missing)} expert layers missing for experts 0..{count - 1}: {missing[:4]}"
+        )
+    w13, w2 = [], []
+    for e in range(count):
+        gate, up, down = (checkpoint.weight(f"{head}{e}.{p}") for p in names)
+        w13.append(
+            fuse(
+                [gate, up],
+                mode=fuse_mode,
+                strict=strict,
+                names=[f"{head}{e}.{names[0]}", f"{head}{e}.{names[1]}"],
+            )
+        )
+        w2.append(down)
+    return _stack(w13, f"{head}*.{names[0]}+{names[1]}"), _stack(w2, f"{head}*.{names[2]}")
+
+
+def _stack(experts: list[NVFP4Array], what: str) -> NVFP4Array:
+    """``[N, K]`` expert weights -> one ``NVFP4Array`` of logical shape ``[E, K, N]``."""
+    shapes = {a.data.shape for a in experts}
+    if len(shapes) != 1:
+        raise ValueError(f"{what}: the experts' weights differ in shape: {sorted(shapes)}")
+    return NVFP4Array(
+        jnp.stack([a.data for a in experts]),
+        jnp.stack([a.scales for a in experts]),
+        jnp.stack([jnp.float32(a.tensor_scale) for a in experts]),
+        axis=-2,
+        dtype=experts[0].dtype,
+    )
+
+
 # ---------------------------------------------------------------------------------------
 # writing
 # ---------------------------------------------------------------------------------------

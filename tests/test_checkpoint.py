@@ -607,3 +607,82 @@ def test_save_weight_only_and_errors(tmp_path, rng):
         ckpt.save_checkpoint(tmp_path / "e", {"w": jnp.ones((4, 16))})
     with pytest.raises(ValueError, match="collides"):
         ckpt.save_checkpoint(tmp_path / "f", weights, dense={Q + ".weight": jnp.ones(3)})
+
+
+# -- MoE experts ----------------------------------------------------------------------------
+MOE = "model.layers.0.mlp.experts"
+
+
+def _expert_layers(rng, names, e=4, h=64, inter=32):
+    """Per-expert gate/up/down layers; expert 1's up has half of gate's tensor scale (an
+    exporter that does not share them), the others share it."""
+    layers = {"model.layers.0.self_attn.q_proj": nv.quantize(jnp.ones((16, 64)))}
+    for i in range(e):
+        gate = nv.quantize(jnp.asarray(rng.standard_normal((inter, h)), jnp.bfloat16))
+        scale = gate.tensor_scale * (0.5 if i == 1 else 1.0)
+        up = nv.quantize(
+            jnp.asarray(rng.standard_normal((inter, h)), jnp.bfloat16), tensor_scale=scale
+        )
+        down = nv.quantize(jnp.asarray(rng.standard_normal((h, inter)), jnp.bfloat16))
+        for proj, a in zip(names, (gate, up, down)):
+            layers[f"{MOE}.{i}.{proj}"] = a
+    return layers
+
+
+@pytest.mark.parametrize("names", ckpt.EXPERT_PROJECTIONS, ids=lambda p: p[0])
+@pytest.mark.parametrize("lazy", [False, True], ids=["loaded", "reader"])
+def test_stack_experts_feeds_moe(tmp_path, rng, names, lazy):
+    e, h, inter = 4, 64, 32
+    layers = _expert_layers(rng, names, e, h, inter)
+    ckpt.save_checkpoint(tmp_path, layers)
+    source = (
+        ckpt.CheckpointReader(tmp_path) if lazy else ckpt.load_checkpoint(tmp_path, progress=False)
+    )
+    w13, w2 = ckpt.stack_experts(source, MOE + ".")  # projection names detected
+    assert w13.shape == (e, h, 2 * inter) and w2.shape == (e, inter, h)
+    assert w13.tensor_scale.shape == w2.tensor_scale.shape == (e,)
+    deq = lambda a: np.asarray(nv.dequantize(a, jnp.float32))
+    w13d, w2d = deq(w13), deq(w2)
+    for i in range(e):
+        gate, up, down = (deq(layers[f"{MOE}.{i}.{p}"]) for p in names)
+        # exact: expert 1's up block scales are re-scaled by a power of two
+        np.testing.assert_array_equal(w13d[i], np.concatenate([gate, up]).T)
+        np.testing.assert_array_equal(w2d[i], down.T)
+    x = jnp.asarray(rng.standard_normal((7, h)), jnp.bfloat16)
+    logits = jnp.asarray(rng.standard_normal((7, e)), jnp.float32)
+    y = nv.moe.moe(x, logits, nv.prepare(w13), nv.prepare(w2), top_k=2)
+    ref = nv.moe.moe_reference(x, logits, w13, w2, top_k=2)
+    y64, r64 = (np.asarray(a.astype(jnp.float32), np.float64) for a in (y, ref))
+    assert np.linalg.norm(y64 - r64) / np.linalg.norm(r64) <= 1e-2
+
+
+def test_stack_experts_errors(tmp_path, rng, monkeypatch):
+    monkeypatch.setattr(ckpt, "_WARNED", set())
+    layers = _expert_layers(rng, ckpt.EXPERT_PROJECTIONS[0])
+    ck = ckpt.Checkpoint("modelopt", dict(layers), {}, {})
+    with pytest.raises(TypeError, match="checkpoint must be a Checkpoint or CheckpointReader"):
+        ckpt.stack_experts(layers, MOE)
+    with pytest.raises(ValueError, match=r"no expert layers model.layers.1.mlp.experts.<e>"):
+        ckpt.stack_experts(ck, "model.layers.1.mlp.experts")
+    with pytest.raises(ValueError, match=r"none of the known .* pass names=\(gate, up, down\)"):
+        renamed = {k.replace("gate_proj", "g"): v for k, v in layers.items()}
+        ckpt.stack_experts(ckpt.Checkpoint("modelopt", renamed, {}, {}), MOE)
+    del ck.weights[f"{MOE}.2.down_proj"]
+    with pytest.raises(ValueError, match=r"1 expert layers missing .*experts.2.down_proj"):
+        ckpt.stack_experts(ck, MOE)
+    ck.weights[f"{MOE}.2.down_proj"] = nv.quantize(jnp.ones((64, 48)))
+    with pytest.raises(ValueError, match=r"experts' weights differ in shape"):
+        ckpt.stack_experts(ck, MOE)
+    with pytest.raises(ValueError, match=r"names must be \(gate, up, down\)"):
+        ckpt.stack_experts(ck, MOE, names=("gate_proj", "up_proj"))
+    # gate/up scales whose ratio is not representable: strict rescale refuses, "max" keeps
+    ck.weights[f"{MOE}.2.down_proj"] = layers[f"{MOE}.2.down_proj"]
+    up = ck.weights[f"{MOE}.0.up_proj"]
+    ck.weights[f"{MOE}.0.up_proj"] = nv.NVFP4Array(
+        up.data, up.scales, up.tensor_scale * 0.3, axis=-1
+    )
+    with pytest.raises(ValueError, match="not representable at the shared tensor scale"):
+        ckpt.stack_experts(ck, MOE)
+    with pytest.warns(UserWarning, match="global scale for weight are different"):
+        w13, _ = ckpt.stack_experts(ck, MOE, fuse_mode="max")
+    assert w13.tensor_scale[0] == ck.weights[f"{MOE}.0.gate_proj"].tensor_scale
