@@ -3,7 +3,9 @@
 Tensor parallelism runs inside ``jax.shard_map``, each device multiplying by its local
 weight shard: :func:`shard_specs` gives the ``PartitionSpec`` of every leaf of a 2-D
 NVFP4 weight (prepared layout included) split along its output features (column parallel)
-or its contraction dim (row parallel), and :func:`shard_weight` places a weight that way.
+or its contraction dim (row parallel), and :func:`shard_weight` places a weight that way;
+:func:`interleave_gate_up` orders a MoE ``w13`` so that each device's slice holds matching
+gate and up rows.
 A shard of the prepared layout is the prepared layout of the shard, so a weight is prepared
 once, before it is split.
 
@@ -22,6 +24,7 @@ import math
 from typing import Any
 
 import jax
+import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from nvfp4_jax.array import NVFP4Array
@@ -35,7 +38,9 @@ def shard_specs(w: NVFP4Array, mesh: Any, *, n: Axes = None, k: Axes = None) -> 
 
     Args:
       w: a 2-D ``NVFP4Array`` quantized along K (logical ``[K, N]`` for ``matmul`` or
-        ``[N, K]`` for ``linear``; stored ``[N, K/2]``), prepared or not, scalar tensor scale.
+        ``[N, K]`` for ``linear``; stored ``[N, K/2]``) with a scalar tensor scale, or a stack
+        of expert weights (logical ``[E, K, N]``, stored ``[E, N, K/2]``, for ``moe`` and
+        ``grouped_matmul``; every expert is split alike), prepared or not.
       mesh: the ``jax.sharding.Mesh`` (or ``AbstractMesh``) whose axes are named.
       n: mesh axis name(s) splitting the output features N (column parallel: each device
         computes its ``N / size`` outputs). N must be a multiple of ``16 * size``.
@@ -46,17 +51,21 @@ def shard_specs(w: NVFP4Array, mesh: Any, *, n: Axes = None, k: Axes = None) -> 
     Returns:
       A pytree with ``w``'s structure whose leaves are ``PartitionSpec``: ``in_specs`` for
       ``w`` in ``jax.shard_map`` (storage ``data``/``scales`` ``P(n, k)``, tensor scale
-      ``P()``, prepared codes ``P(k, n, None)`` and scales ``P(k, n)``).
+      ``P()``, prepared codes ``P(k, n, None)`` and scales ``P(k, n)``; a leading ``None``
+      for the expert dim of a stack).
     """
     if not isinstance(w, NVFP4Array):
         raise TypeError(f"w must be an NVFP4Array, got {type(w).__name__}")
-    if w.data.ndim != 2 or w.axis not in (-1, -2) or jax.numpy.ndim(w.tensor_scale) != 0:
+    plain = w.data.ndim == 2 and w.axis in (-1, -2) and jax.numpy.ndim(w.tensor_scale) == 0
+    stacked = w.data.ndim == 3 and w.axis == -2
+    if not (plain or stacked):
         raise ValueError(
             "shard_specs: w must be a 2-D weight quantized along K with a scalar tensor "
-            f"scale, got logical shape {w.shape} blocked on axis {w.axis + w.ndim}"
+            "scale, or a stack of expert weights [E, K, N] quantized along K, got logical "
+            f"shape {w.shape} blocked on axis {w.axis + w.ndim}"
         )
     names = dict(zip(mesh.axis_names, mesh.axis_sizes))
-    rows, length = w.data.shape[0], 2 * w.data.shape[1]
+    rows, length = w.data.shape[-2], 2 * w.data.shape[-1]
     k_unit = BLOCK_SIZE if w.prepared is None else w.prepared.k_group
     for arg, axes, dim, unit, what in (
         ("n", n, rows, BLOCK_SIZE, "N (output features)"),
@@ -76,11 +85,64 @@ def shard_specs(w: NVFP4Array, mesh: Any, *, n: Axes = None, k: Axes = None) -> 
                 f"shard_specs: {what} = {dim} must be a multiple of {unit} x {size} (the "
                 f"size of mesh axes {axis_names}) for {arg}={axes!r}"
             )
-    P = PartitionSpec
-    leaves = [P(n, k), P(n, k), P()]
+    lead = (None,) * (w.data.ndim - 2)  # experts: every one split alike
+    P = lambda *dims: PartitionSpec(*lead, *dims)
+    leaves = [P(n, k), P(n, k), PartitionSpec()]
     if w.prepared is not None:
-        leaves += [P(k, n, None), P(k, n), P()]
+        leaves += [P(k, n, None), P(k, n), PartitionSpec()]
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(w), leaves)
+
+
+def interleave_gate_up(w13: NVFP4Array, parts: int) -> NVFP4Array:
+    """Reorder the output features of fused gate/up expert weights for ``parts``-way tensor
+    parallelism of ``moe``.
+
+    ``moe`` splits each expert's ``2I`` outputs into gate (first ``I``) and up (last ``I``).
+    Split contiguously over ``parts`` devices, device ``p`` must hold gate and up rows ``[p
+    I/parts, (p+1) I/parts)``, gate first: this puts them there, so that :func:`shard_specs`
+    with ``n=...`` gives every device a ``w13`` shard that ``moe`` reads as its own
+    ``[E, H, 2I/parts]`` gate/up weight (pair it with ``w2`` split along ``k``, and add the
+    devices' outputs with ``lax.psum``). Codes and scales are permuted, not changed; a
+    prepared layout is permuted alike.
+
+    Args:
+      w13: a stack of expert weights of logical shape ``[E, H, 2I]`` quantized along ``H``
+        (``checkpoint.stack_experts``), prepared or not.
+      parts: the number of devices the outputs will be split over; ``I`` must be a multiple
+        of ``8 * parts`` (16 outputs per device-local gate/up pair).
+    """
+    if not isinstance(w13, NVFP4Array):
+        raise TypeError(f"w13 must be an NVFP4Array, got {type(w13).__name__}")
+    if w13.data.ndim != 3 or w13.axis != -2:
+        raise ValueError(
+            "interleave_gate_up: w13 must be a stack of expert weights [E, H, 2I] quantized "
+            f"along H, got logical shape {w13.shape} blocked on axis {w13.axis + w13.ndim}"
+        )
+    if not isinstance(parts, int) or isinstance(parts, bool) or parts < 1:
+        raise ValueError(f"parts must be a positive int, got {parts!r}")
+    outputs = w13.data.shape[1]
+    if outputs % (16 * parts):
+        raise ValueError(
+            f"interleave_gate_up: 2I = {outputs} outputs must be a multiple of 16 x {parts} "
+            "(a gate and an up slice of a multiple of 8 rows per device)"
+        )
+    inter, chunk = outputs // 2, outputs // (2 * parts)
+    order = np.concatenate(
+        [
+            np.concatenate([np.arange(p * chunk, (p + 1) * chunk)] * 2)
+            + np.repeat([0, inter], chunk)
+            for p in range(parts)
+        ]
+    )
+    out = NVFP4Array(
+        w13.data[:, order], w13.scales[:, order], w13.tensor_scale, axis=-2, dtype=w13.dtype
+    )
+    if w13.prepared is not None:  # [E, K/kg, N, kg/4] codes, [E, K/16, N] scales
+        prepared = w13.prepared
+        out.prepared = prepared._replace(
+            data=prepared.data[:, :, order], scales=prepared.scales[:, :, order]
+        )
+    return out
 
 
 def shard_weight(w: NVFP4Array, mesh: Any, *, n: Axes = None, k: Axes = None) -> NVFP4Array:

@@ -14,6 +14,7 @@ import textwrap
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from cross_lowering import H100
 from jax.sharding import AbstractMesh, AxisType, NamedSharding
@@ -93,6 +94,25 @@ _SCRIPT = textwrap.dedent(
         y = np.asarray(y.astype(jnp.float32), np.float64)
         err = np.linalg.norm(y - ref64) / np.linalg.norm(ref64)
         assert err <= 1e-2, (name, err)
+    # MoE tensor parallelism: w13 split along its (interleaved) outputs, w2 along K.
+    from nvfp4_jax.sharding import interleave_gate_up
+    e, h, inter = 4, 256, 512
+    km = jax.random.split(keys[2], 4)
+    w13 = jax.vmap(lambda a: nv.quantize(a, axis=0))(
+        jax.random.normal(km[0], (e, h, 2 * inter), jnp.bfloat16))
+    w2 = jax.vmap(lambda a: nv.quantize(a, axis=0))(
+        jax.random.normal(km[1], (e, inter, h), jnp.bfloat16))
+    xm = jax.random.normal(km[2], (9, h), jnp.bfloat16)
+    logits = jax.random.normal(km[3], (9, e), jnp.float32)
+    w13p, w2p = nv.prepare(interleave_gate_up(w13, 4)), nv.prepare(w2)
+    s13, s2 = shard_specs(w13p, tp, n="tp"), shard_specs(w2p, tp, k="tp")
+    moe_tp = jax.jit(jax.shard_map(
+        lambda x, lg, a, b: jax.lax.psum(nv.moe.moe(x, lg, a, b, top_k=2, backend="xla"), "tp"),
+        mesh=tp, in_specs=(P(), P(), s13, s2), out_specs=P()))
+    y = moe_tp(xm, logits, shard_weight(w13p, tp, n="tp"), shard_weight(w2p, tp, k="tp"))
+    ref = nv.moe.moe_reference(xm, logits, w13, w2, top_k=2)
+    y64, r64 = (np.asarray(a.astype(jnp.float32), np.float64) for a in (y, ref))
+    assert np.linalg.norm(y64 - r64) / np.linalg.norm(r64) <= 1e-2
     try:
         shard_specs(w, tp, n="tp")
     except ValueError as e:
@@ -177,12 +197,42 @@ def test_shard_specs_bad_input(rng):
     assert (specs.data, specs.scales, specs.tensor_scale) == (P("tp", None), P("tp", None), P())
     with pytest.raises(TypeError, match="w must be an NVFP4Array, got ArrayImpl"):
         nv.sharding.shard_specs(w.data, mesh, n="tp")
-    stacked = jax.vmap(lambda a: nv.quantize(a, axis=0))(jnp.ones((2, 32, 64)))
+    stacked_nk = nv.quantize(jnp.ones((2, 32, 64)))  # blocked on the last logical axis
     with pytest.raises(ValueError, match=r"2-D weight .* logical shape \(2, 32, 64\)"):
-        nv.sharding.shard_specs(stacked, mesh, n="tp")
+        nv.sharding.shard_specs(stacked_nk, mesh, n="tp")
+    experts = jax.vmap(lambda a: nv.quantize(a, axis=0))(jnp.ones((2, 32, 64)))
+    assert nv.sharding.shard_specs(experts, mesh, n="tp").data == P(None, "tp", None)
     with pytest.raises(ValueError, match=r"k='dp' names no axis of the mesh \(axes \('tp',\)\)"):
         nv.sharding.shard_specs(w, mesh, k="dp")
     with pytest.raises(
         ValueError, match=r"K \(contraction dim\) = 256 must be a multiple of 128 x 4"
     ):
         nv.sharding.shard_specs(nv.prepare(w), mesh, k="tp")
+
+
+def test_interleave_gate_up_permutes_outputs(rng):
+    """Device p's contiguous slice of the interleaved outputs is [gate_p; up_p]; a prepared
+    layout is permuted like preparing the permuted weight."""
+    e, h, inter, parts = 2, 128, 64, 4
+    w13 = jax.vmap(lambda a: nv.quantize(a, axis=0))(
+        jnp.asarray(rng.standard_normal((e, h, 2 * inter)), jnp.bfloat16)
+    )
+    dense = np.asarray(nv.dequantize(w13, jnp.float32))  # [E, H, 2I]
+    got = np.asarray(nv.dequantize(nv.sharding.interleave_gate_up(w13, parts), jnp.float32))
+    chunk = inter // parts
+    for p in range(parts):
+        local = got[..., 2 * chunk * p : 2 * chunk * (p + 1)]
+        np.testing.assert_array_equal(local[..., :chunk], dense[..., p * chunk : (p + 1) * chunk])
+        np.testing.assert_array_equal(
+            local[..., chunk:], dense[..., inter + p * chunk : inter + (p + 1) * chunk]
+        )
+    moved = nv.sharding.interleave_gate_up(nv.prepare(w13), parts).prepared
+    want = nv.prepare(nv.sharding.interleave_gate_up(w13, parts)).prepared
+    for a, b in zip(moved, want):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ValueError, match=r"2I = 128 outputs must be a multiple of 16 x 16"):
+        nv.sharding.interleave_gate_up(w13, 16)
+    with pytest.raises(ValueError, match="stack of expert weights"):
+        nv.sharding.interleave_gate_up(nv.quantize(jnp.ones((32, 64)), axis=0), 2)
+    with pytest.raises(ValueError, match="parts must be a positive int"):
+        nv.sharding.interleave_gate_up(w13, 0)
