@@ -42,6 +42,7 @@ def route(router_logits: jax.Array, top_k: int, *, renormalize: bool = True):
 
 
 def _check_experts(x, w13, w2):
+    """Validates the operands; returns the number of experts in ``w13``/``w2``."""
     for name, w in (("w13", w13), ("w2", w2)):
         if not isinstance(w, NVFP4Array) or w.data.ndim != 3 or w.axis != -2:
             shape = w.shape if isinstance(w, NVFP4Array) else type(w).__name__
@@ -57,6 +58,17 @@ def _check_experts(x, w13, w2):
     return num_experts
 
 
+def _axis_size(name: str) -> int:
+    try:
+        return lax.axis_size(name)
+    except NameError:
+        raise ValueError(
+            f"moe: expert_axis={name!r} is not a mesh axis bound here; call moe inside "
+            "jax.shard_map over a mesh with that axis (its experts split with "
+            "nvfp4_jax.sharding.shard_specs(w, mesh, e=...))"
+        ) from None
+
+
 def moe(
     x: jax.Array,
     router_logits: jax.Array,
@@ -66,6 +78,7 @@ def moe(
     top_k: int,
     renormalize: bool = True,
     backend: str | None = None,
+    expert_axis: str | None = None,
 ) -> jax.Array:
     """One MoE block: ``sum_k weight_k · (silu(x W1_e) * (x W3_e)) W2_e`` per token.
 
@@ -76,29 +89,42 @@ def moe(
       w2: NVFP4 ``[E, I, H]``.
       top_k, renormalize: routing (see :func:`route`).
       backend: for both ``grouped_matmul`` calls.
+      expert_axis: expert parallelism inside ``jax.shard_map``: the mesh axis the experts are
+        split over. ``w13``/``w2`` then hold this device's ``E / size`` consecutive experts
+        (``sharding.shard_specs(w, mesh, e=expert_axis)``) and ``router_logits`` all ``E``;
+        every device routes all tokens, multiplies only those routed to its experts, and the
+        float32 sums are added over ``expert_axis`` (one ``psum``) before the rounding.
 
     Returns:
       ``[T, H]`` in ``x.dtype``. As in vLLM, both products are rounded to ``x.dtype``
       (float32 accumulation), ``silu(gate) * up`` and the weighted sum run in float32.
     """
     x = _checks.as_array(x, "x")
-    num_experts = _check_experts(x, w13, w2)
+    local = _check_experts(x, w13, w2)
+    parts = 1 if expert_axis is None else _axis_size(expert_axis)
     logits = _checks.as_array(router_logits, "router_logits")
-    if logits.shape != (x.shape[0], num_experts):
+    if logits.shape != (x.shape[0], local * parts):
+        where = "" if expert_axis is None else f" ({local} experts on each of {parts} devices)"
         raise ValueError(
-            f"router_logits must be [T, E] = [{x.shape[0]}, {num_experts}], got {logits.shape}"
+            f"router_logits must be [T, E] = [{x.shape[0]}, {local * parts}]{where}, got "
+            f"{logits.shape}"
         )
     weights, experts = route(logits, top_k, renormalize=renormalize)
     flat = experts.reshape(-1)
+    if expert_axis is not None:  # this device's experts; the other routes sort last, unused
+        flat = flat - lax.axis_index(expert_axis) * local
+        flat = jnp.where((flat >= 0) & (flat < local), flat, local)
     order = jnp.argsort(flat, stable=True)
     token = order // top_k
-    group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+    group_sizes = jnp.bincount(flat, length=local + 1)[:local].astype(jnp.int32)
     h = grouped_matmul(x[token], w13, group_sizes, backend=backend).astype(jnp.float32)
     inter = h.shape[1] // 2
     act = (jax.nn.silu(h[:, :inter]) * h[:, inter:]).astype(x.dtype)
     y = grouped_matmul(act, w2, group_sizes, backend=backend).astype(jnp.float32)
     y = y * weights.reshape(-1)[order][:, None]
     out = jnp.zeros((x.shape[0], y.shape[1]), jnp.float32).at[token].add(y)
+    if expert_axis is not None:
+        out = lax.psum(out, expert_axis)
     return out.astype(x.dtype)
 
 

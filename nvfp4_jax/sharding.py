@@ -33,7 +33,9 @@ from nvfp4_jax.formats import BLOCK_SIZE
 Axes = str | tuple[str, ...] | None
 
 
-def shard_specs(w: NVFP4Array, mesh: Any, *, n: Axes = None, k: Axes = None) -> NVFP4Array:
+def shard_specs(
+    w: NVFP4Array, mesh: Any, *, n: Axes = None, k: Axes = None, e: Axes = None
+) -> NVFP4Array:
     """``PartitionSpec`` of each leaf of ``w`` for a weight split over mesh axes.
 
     Args:
@@ -47,6 +49,8 @@ def shard_specs(w: NVFP4Array, mesh: Any, *, n: Axes = None, k: Axes = None) -> 
       k: mesh axis name(s) splitting the contraction dim K (row parallel: each device
         computes a partial product of its K slice of ``x``, summed with ``lax.psum``). K must
         be a multiple of ``16 * size``, or of ``k_group * size`` for a prepared weight.
+      e: mesh axis name(s) splitting the experts of a stack (expert parallelism: each device
+        holds ``E / size`` consecutive experts; ``moe(..., expert_axis=e)``).
 
     Returns:
       A pytree with ``w``'s structure whose leaves are ``PartitionSpec``: ``in_specs`` for
@@ -64,12 +68,16 @@ def shard_specs(w: NVFP4Array, mesh: Any, *, n: Axes = None, k: Axes = None) -> 
             "scale, or a stack of expert weights [E, K, N] quantized along K, got logical "
             f"shape {w.shape} blocked on axis {w.axis + w.ndim}"
         )
+    if e is not None and not stacked:
+        raise ValueError(f"shard_specs: e={e!r} splits experts, but w is a 2-D weight")
     names = dict(zip(mesh.axis_names, mesh.axis_sizes))
     rows, length = w.data.shape[-2], 2 * w.data.shape[-1]
+    experts = w.data.shape[0] if stacked else 1
     k_unit = BLOCK_SIZE if w.prepared is None else w.prepared.k_group
     for arg, axes, dim, unit, what in (
         ("n", n, rows, BLOCK_SIZE, "N (output features)"),
         ("k", k, length, k_unit, "K (contraction dim)"),
+        ("e", e, experts, 1, "E (experts)"),
     ):
         if axes is None:
             continue
@@ -85,11 +93,12 @@ def shard_specs(w: NVFP4Array, mesh: Any, *, n: Axes = None, k: Axes = None) -> 
                 f"shard_specs: {what} = {dim} must be a multiple of {unit} x {size} (the "
                 f"size of mesh axes {axis_names}) for {arg}={axes!r}"
             )
-    lead = (None,) * (w.data.ndim - 2)  # experts: every one split alike
+    lead = (e,) if stacked else ()  # the expert dim (every expert split alike along n, k)
     P = lambda *dims: PartitionSpec(*lead, *dims)
-    leaves = [P(n, k), P(n, k), PartitionSpec()]
-    if w.prepared is not None:
-        leaves += [P(k, n, None), P(k, n), PartitionSpec()]
+    per_expert_scale = stacked and jax.numpy.ndim(w.tensor_scale) == 1
+    leaves = [P(n, k), P(n, k), P() if per_expert_scale else PartitionSpec()]
+    if w.prepared is not None:  # a prepared stack has one tensor scale per expert
+        leaves += [P(k, n, None), P(k, n), P() if stacked else PartitionSpec()]
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(w), leaves)
 
 
@@ -145,9 +154,11 @@ def interleave_gate_up(w13: NVFP4Array, parts: int) -> NVFP4Array:
     return out
 
 
-def shard_weight(w: NVFP4Array, mesh: Any, *, n: Axes = None, k: Axes = None) -> NVFP4Array:
+def shard_weight(
+    w: NVFP4Array, mesh: Any, *, n: Axes = None, k: Axes = None, e: Axes = None
+) -> NVFP4Array:
     """``w`` placed on ``mesh`` as :func:`shard_specs` describes (``jax.device_put``)."""
-    specs = shard_specs(w, mesh, n=n, k=k)
+    specs = shard_specs(w, mesh, n=n, k=k, e=e)
     shardings = jax.tree_util.tree_map(
         lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda s: isinstance(s, PartitionSpec)
     )

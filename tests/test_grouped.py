@@ -291,6 +291,13 @@ def test_route_and_moe_errors(rng):
     w2 = _experts(rng, 2, 16, 32)  # I = 16 does not match 2I = 64
     with pytest.raises(ValueError, match="do not match"):
         nv.moe.moe(jnp.ones((2, 32), jnp.bfloat16), jnp.zeros((2, 2)), w13, w2, top_k=1)
+    w2 = _experts(rng, 2, 32, 32)
+    with pytest.raises(ValueError, match="expert_axis='ep' is not a mesh axis bound here"):
+        nv.moe.moe(
+            jnp.ones((2, 32), jnp.bfloat16), jnp.zeros((2, 2)), w13, w2, top_k=1, expert_axis="ep"
+        )
+    with pytest.raises(ValueError, match=r"router_logits must be \[T, E\] = \[2, 2\]"):
+        nv.moe.moe(jnp.ones((2, 32), jnp.bfloat16), jnp.zeros((2, 3)), w13, w2, top_k=1)
 
 
 _LOWER = {

@@ -113,6 +113,24 @@ _SCRIPT = textwrap.dedent(
     ref = nv.moe.moe_reference(xm, logits, w13, w2, top_k=2)
     y64, r64 = (np.asarray(a.astype(jnp.float32), np.float64) for a in (y, ref))
     assert np.linalg.norm(y64 - r64) / np.linalg.norm(r64) <= 1e-2
+    # MoE expert parallelism: 8 experts, 2 per device.
+    km = jax.random.split(keys[1], 4)
+    w13 = jax.vmap(lambda a: nv.quantize(a, axis=0))(
+        jax.random.normal(km[0], (8, 64, 64), jnp.bfloat16))
+    w2 = jax.vmap(lambda a: nv.quantize(a, axis=0))(
+        jax.random.normal(km[1], (8, 32, 64), jnp.bfloat16))
+    xm = jax.random.normal(km[2], (11, 64), jnp.bfloat16)
+    logits = jax.random.normal(km[3], (11, 8), jnp.float32)
+    w13p, w2p = nv.prepare(w13), nv.prepare(w2)
+    s13, s2 = shard_specs(w13p, tp, e="tp"), shard_specs(w2p, tp, e="tp")
+    assert s13.prepared.tensor_scale == P("tp") and s13.data == P("tp", None, None)
+    moe_ep = jax.jit(jax.shard_map(
+        lambda x, lg, a, b: nv.moe.moe(x, lg, a, b, top_k=3, backend="xla", expert_axis="tp"),
+        mesh=tp, in_specs=(P(), P(), s13, s2), out_specs=P()))
+    y = moe_ep(xm, logits, shard_weight(w13p, tp, e="tp"), shard_weight(w2p, tp, e="tp"))
+    ref = nv.moe.moe_reference(xm, logits, w13, w2, top_k=3)
+    y64, r64 = (np.asarray(a.astype(jnp.float32), np.float64) for a in (y, ref))
+    assert np.linalg.norm(y64 - r64) / np.linalg.norm(r64) <= 1e-2
     try:
         shard_specs(w, tp, n="tp")
     except ValueError as e:
@@ -202,6 +220,10 @@ def test_shard_specs_bad_input(rng):
         nv.sharding.shard_specs(stacked_nk, mesh, n="tp")
     experts = jax.vmap(lambda a: nv.quantize(a, axis=0))(jnp.ones((2, 32, 64)))
     assert nv.sharding.shard_specs(experts, mesh, n="tp").data == P(None, "tp", None)
+    with pytest.raises(ValueError, match=r"E \(experts\) = 2 must be a multiple of 1 x 4"):
+        nv.sharding.shard_specs(experts, mesh, e="tp")
+    with pytest.raises(ValueError, match="e='tp' splits experts, but w is a 2-D weight"):
+        nv.sharding.shard_specs(w, mesh, e="tp")
     with pytest.raises(ValueError, match=r"k='dp' names no axis of the mesh \(axes \('tp',\)\)"):
         nv.sharding.shard_specs(w, mesh, k="dp")
     with pytest.raises(
