@@ -1,13 +1,14 @@
-"""Sharding: tensor-parallel weight layouts, and what ``matmul`` does on sharded inputs.
+"""Sharding: weight layouts for tensor and expert parallelism, and what ``matmul`` does on
+sharded inputs.
 
-Tensor parallelism runs inside ``jax.shard_map``, each device multiplying by its local
-weight shard: :func:`shard_specs` gives the ``PartitionSpec`` of every leaf of a 2-D
-NVFP4 weight (prepared layout included) split along its output features (column parallel)
-or its contraction dim (row parallel), and :func:`shard_weight` places a weight that way;
+Tensor and expert parallelism run inside ``jax.shard_map``, each device multiplying by its
+local weight shard: :func:`shard_specs` gives the ``PartitionSpec`` of every leaf of an
+NVFP4 weight or expert stack (prepared layout included) split along its output features
+(column parallel), its contraction dim (row parallel) or its experts (``moe(...,
+expert_axis=...)``), and :func:`shard_weight` places a weight that way;
 :func:`interleave_gate_up` orders a MoE ``w13`` so that each device's slice holds matching
-gate and up rows.
-A shard of the prepared layout is the prepared layout of the shard, so a weight is prepared
-once, before it is split.
+gate and up rows. A shard of the prepared layout is the prepared layout of the shard, so a
+weight is prepared once, before it is split.
 
 Under an explicit mesh (``jax.make_mesh``'s default axis type) every array carries its
 sharding in its type. The Pallas kernels (and ``ragged_dot``) have no sharding rules, so
