@@ -14,6 +14,7 @@ from cross_lowering import cross_lower
 
 import nvfp4_jax as nv
 from nvfp4_jax import backends
+from nvfp4_jax.kernels import gemm
 
 
 def _weight(rng, k, n, dtype=jnp.bfloat16):
@@ -183,6 +184,18 @@ def test_closed_over_weight_and_prepared_cache(rng):
     f = jax.jit(lambda x: nv.matmul(x, w, backend="pallas"))
     _check(f(x), x, w)
     assert "prepared with compact scales, k-group 128" in repr(w)
+
+
+@pytest.mark.parametrize("backend", ["xla", "pallas"])
+def test_empty_rows(rng, backend):
+    """M = 0 (an empty batch): an empty result and an empty gradient, no kernel launch."""
+    w = nv.prepare(_weight(rng, 64, 40))
+    x = jnp.zeros((2, 0, 64), jnp.bfloat16)
+    y = jax.jit(lambda x: nv.matmul(x, w, backend=backend))(x)
+    assert y.shape == (2, 0, 40) and y.dtype == jnp.bfloat16
+    g = jax.grad(lambda x: nv.matmul(x, w, backend=backend).astype(jnp.float32).sum())(x)
+    assert g.shape == x.shape
+    assert gemm.default_config(0, 40, 64) == gemm.default_config(1, 40, 64)
 
 
 def test_bad_inputs(rng):

@@ -354,7 +354,7 @@ def default_config(
     if not split_k:
         return _fit_stages(cfg, m, dtype)
     k_steps = -(-k // cfg.tile_k)
-    ctas = -(-n // cfg.tile_n) * -(-m // cfg.tile_m)
+    ctas = -(-n // cfg.tile_n) * -(-max(m, 1) // cfg.tile_m)  # (M = 0 plans as M = 1)
     splits = _largest_divisor_at_most(k_steps, max(1, num_sms // ctas))
     if (
         stream_k
@@ -1270,6 +1270,8 @@ def nvfp4_matmul(
     if bias is not None and bias.shape != (n,):
         raise ValueError(f"bias must be [{n}], got {list(bias.shape)}")
     m = x2d.shape[0]
+    if m == 0:  # nothing to launch
+        return jnp.zeros((0, n), out_dtype)
     cfg = config or default_config(m, n, k, dtype=x2d.dtype, k_group=k_group)
     k_steps = _check_config(cfg, k, k_group, interpret)
     stream = stream_k_schedule(cfg, n, k)
