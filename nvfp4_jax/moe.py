@@ -9,11 +9,14 @@ projections fused: logical ``[E, H, 2I]``, stored ``[E, 2I, H/2]`` like vLLM's `
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
-from nvfp4_jax import _checks
+from nvfp4_jax import _checks, sharding
 from nvfp4_jax.array import NVFP4Array
 from nvfp4_jax.grouped import grouped_matmul
 
@@ -95,6 +98,9 @@ def moe(
         every device routes all tokens, multiplies only those routed to its experts, and the
         float32 sums are added over ``expert_axis`` (one ``psum``) before the rounding.
 
+    Tokens sharded along their rows over an explicit mesh run per device (``jax.shard_map``;
+    each token's routing and products are its own), the expert weights replicated.
+
     Returns:
       ``[T, H]`` in ``x.dtype``. As in vLLM, both products are rounded to ``x.dtype``
       (float32 accumulation), ``silu(gate) * up`` and the weighted sum run in float32.
@@ -109,6 +115,22 @@ def moe(
             f"router_logits must be [T, E] = [{x.shape[0]}, {local * parts}]{where}, got "
             f"{logits.shape}"
         )
+    sharded = sharding.row_parallel_mesh("moe", x, {"w13": w13, "w2": w2})
+    if sharded is not None:  # tokens are independent: each device runs its own rows
+        mesh, spec = sharded
+        logits = jax.sharding.reshard(logits, spec)
+        block = functools.partial(
+            _block, top_k=top_k, renormalize=renormalize, backend=backend, expert_axis=None
+        )
+        return jax.shard_map(block, mesh=mesh, in_specs=(spec, spec, P(), P()), out_specs=spec)(
+            x, logits, w13, w2
+        )
+    return _block(x, logits, w13, w2, top_k, renormalize, backend, expert_axis)
+
+
+def _block(x, logits, w13, w2, top_k, renormalize, backend, expert_axis):
+    """:func:`moe` on validated operands."""
+    local = w13.shape[0]
     weights, experts = route(logits, top_k, renormalize=renormalize)
     flat = experts.reshape(-1)
     if expert_axis is not None:  # this device's experts; the other routes sort last, unused

@@ -12,8 +12,8 @@ weight is prepared once, before it is split.
 
 Under an explicit mesh (``jax.make_mesh``'s default axis type) every array carries its
 sharding in its type. The Pallas kernels (and ``ragged_dot``) have no sharding rules, so
-``matmul``/``linear`` with activations sharded along their leading (row) dims run per device
-inside ``jax.shard_map`` on the local rows, the weight replicated
+``matmul``/``linear`` and ``moe`` with activations sharded along their leading (row) dims run
+per device inside ``jax.shard_map`` on the local rows, the weights replicated
 (:func:`row_parallel_mesh`). A weight or contraction dim sharded in its type raises, pointing
 to ``shard_map``. Arrays under an ``Auto`` mesh (or none) carry no sharding in their type and
 pass through untouched: XLA's partitioner handles them.

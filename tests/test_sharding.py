@@ -44,6 +44,19 @@ _SCRIPT = textwrap.dedent(
     loss = lambda x: nv.matmul(x, w, bias=bias).astype(jnp.float32).sum()
     grad_ref = jax.grad(loss)(x0)
     bits = lambda a: np.asarray(a.astype(jnp.float32))
+
+    def moe_case(key, e, h, inter, t):
+        k = jax.random.split(key, 4)
+        stack = lambda k, shape: jax.vmap(lambda a: nv.quantize(a, axis=0))(
+            jax.random.normal(k, shape, jnp.bfloat16))
+        return (stack(k[0], (e, h, 2 * inter)), stack(k[1], (e, inter, h)),
+                jax.random.normal(k[2], (t, h), jnp.bfloat16),
+                jax.random.normal(k[3], (t, e), jnp.float32))
+
+    def check_moe(y, x, logits, w13, w2, top_k):
+        ref = nv.moe.moe_reference(x, logits, w13, w2, top_k=top_k)
+        y64, r64 = (np.asarray(a.astype(jnp.float32), np.float64) for a in (y, ref))
+        assert np.linalg.norm(y64 - r64) / np.linalg.norm(r64) <= 1e-2
     for spec in (P("dp"), P("dp", "mp"), P(("dp", "mp"))):
         x = jax.device_put(x0, NamedSharding(mesh, spec))
         with jax.set_mesh(mesh):
@@ -56,12 +69,22 @@ _SCRIPT = textwrap.dedent(
         np.testing.assert_array_equal(bits(y), bits(ref))
         np.testing.assert_array_equal(bits(y_eager), bits(ref_nk))
         np.testing.assert_array_equal(bits(g), bits(grad_ref))
+    # moe: tokens sharded along rows (the logits resharded to match), experts replicated
+    w13d, w2d, xd, lg = moe_case(keys[0], 4, 64, 32, 8)
+    with jax.set_mesh(mesh):
+        y = jax.jit(lambda x, lg: nv.moe.moe(x, lg, w13d, w2d, top_k=2, backend="xla"))(
+            jax.device_put(xd, NamedSharding(mesh, P("dp"))), lg)
+    assert tuple(y.sharding.spec) == ("dp", None), y.sharding.spec
+    check_moe(y, xd, lg, w13d, w2d, 2)
     errors = {
         "x_k": lambda: nv.matmul(jax.device_put(x0, NamedSharding(mesh, P(None, None, "mp"))), w),
         "w": lambda: nv.linear(x0, nv.NVFP4Array(
             jax.device_put(w_nk.data, NamedSharding(mesh, P("mp"))), w_nk.scales,
             w_nk.tensor_scale)),
         "bias": lambda: nv.matmul(x0, w, bias=jax.device_put(bias, NamedSharding(mesh, P("mp")))),
+        "moe_w": lambda: nv.moe.moe(
+            jax.device_put(xd, NamedSharding(mesh, P("dp"))), lg,
+            jax.device_put(w13d, NamedSharding(mesh, P("mp"))), w2d, top_k=2),
         "grouped": lambda: nv.grouped_matmul(
             jax.device_put(x0[0], NamedSharding(mesh, P("dp"))),
             jax.vmap(lambda a: nv.quantize(a, axis=0))(jnp.ones((2, 256, 64))),
@@ -96,31 +119,16 @@ _SCRIPT = textwrap.dedent(
         assert err <= 1e-2, (name, err)
     # MoE tensor parallelism: w13 split along its (interleaved) outputs, w2 along K.
     from nvfp4_jax.sharding import interleave_gate_up
-    e, h, inter = 4, 256, 512
-    km = jax.random.split(keys[2], 4)
-    w13 = jax.vmap(lambda a: nv.quantize(a, axis=0))(
-        jax.random.normal(km[0], (e, h, 2 * inter), jnp.bfloat16))
-    w2 = jax.vmap(lambda a: nv.quantize(a, axis=0))(
-        jax.random.normal(km[1], (e, inter, h), jnp.bfloat16))
-    xm = jax.random.normal(km[2], (9, h), jnp.bfloat16)
-    logits = jax.random.normal(km[3], (9, e), jnp.float32)
+    w13, w2, xm, logits = moe_case(keys[2], 4, 256, 512, 9)
     w13p, w2p = nv.prepare(interleave_gate_up(w13, 4)), nv.prepare(w2)
     s13, s2 = shard_specs(w13p, tp, n="tp"), shard_specs(w2p, tp, k="tp")
     moe_tp = jax.jit(jax.shard_map(
         lambda x, lg, a, b: jax.lax.psum(nv.moe.moe(x, lg, a, b, top_k=2, backend="xla"), "tp"),
         mesh=tp, in_specs=(P(), P(), s13, s2), out_specs=P()))
     y = moe_tp(xm, logits, shard_weight(w13p, tp, n="tp"), shard_weight(w2p, tp, k="tp"))
-    ref = nv.moe.moe_reference(xm, logits, w13, w2, top_k=2)
-    y64, r64 = (np.asarray(a.astype(jnp.float32), np.float64) for a in (y, ref))
-    assert np.linalg.norm(y64 - r64) / np.linalg.norm(r64) <= 1e-2
+    check_moe(y, xm, logits, w13, w2, 2)
     # MoE expert parallelism: 8 experts, 2 per device.
-    km = jax.random.split(keys[1], 4)
-    w13 = jax.vmap(lambda a: nv.quantize(a, axis=0))(
-        jax.random.normal(km[0], (8, 64, 64), jnp.bfloat16))
-    w2 = jax.vmap(lambda a: nv.quantize(a, axis=0))(
-        jax.random.normal(km[1], (8, 32, 64), jnp.bfloat16))
-    xm = jax.random.normal(km[2], (11, 64), jnp.bfloat16)
-    logits = jax.random.normal(km[3], (11, 8), jnp.float32)
+    w13, w2, xm, logits = moe_case(keys[1], 8, 64, 32, 11)
     w13p, w2p = nv.prepare(w13), nv.prepare(w2)
     s13, s2 = shard_specs(w13p, tp, e="tp"), shard_specs(w2p, tp, e="tp")
     assert s13.prepared.tensor_scale == P("tp") and s13.data == P("tp", None, None)
@@ -128,9 +136,7 @@ _SCRIPT = textwrap.dedent(
         lambda x, lg, a, b: nv.moe.moe(x, lg, a, b, top_k=3, backend="xla", expert_axis="tp"),
         mesh=tp, in_specs=(P(), P(), s13, s2), out_specs=P()))
     y = moe_ep(xm, logits, shard_weight(w13p, tp, e="tp"), shard_weight(w2p, tp, e="tp"))
-    ref = nv.moe.moe_reference(xm, logits, w13, w2, top_k=3)
-    y64, r64 = (np.asarray(a.astype(jnp.float32), np.float64) for a in (y, ref))
-    assert np.linalg.norm(y64 - r64) / np.linalg.norm(r64) <= 1e-2
+    check_moe(y, xm, logits, w13, w2, 3)
     try:
         shard_specs(w, tp, n="tp")
     except ValueError as e:
@@ -165,6 +171,7 @@ def test_data_parallel_rows_on_an_explicit_mesh(rng):
     assert "w is sharded (P('mp', None)" in lines["w"] and "jax.shard_map" in lines["w"]
     assert "bias is sharded" in lines["bias"]
     assert "grouped_matmul: x is sharded" in lines["grouped"]
+    assert "moe: w13 is sharded" in lines["moe_w"]
     assert "N (output features) = 200 must be a multiple of 16 x 4" in lines["specs"]
     assert run.stdout.strip().endswith("OK")
 
