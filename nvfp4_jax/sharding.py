@@ -56,8 +56,8 @@ def shard_specs(
     Returns:
       A pytree with ``w``'s structure whose leaves are ``PartitionSpec``: ``in_specs`` for
       ``w`` in ``jax.shard_map`` (storage ``data``/``scales`` ``P(n, k)``, tensor scale
-      ``P()``, prepared codes ``P(k, n, None)`` and scales ``P(k, n)``; a leading ``None``
-      for the expert dim of a stack).
+      ``P()``, prepared codes ``P(k, n, None)`` and scales ``P(k, n)``; for a stack, a
+      leading ``e`` on each, the tensor scales ``P(e)`` where there is one per expert).
     """
     if not isinstance(w, NVFP4Array):
         raise TypeError(f"w must be an NVFP4Array, got {type(w).__name__}")
