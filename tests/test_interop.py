@@ -366,14 +366,17 @@ def test_forward_errors():
 
 def _grad_reference(layers, x, g):
     """float64 input gradient of ``g · (layers[-1] ∘ gelu ∘ ... ∘ layers[0])(x)`` with the
-    layers' dequantized weights."""
+    layers' dequantized weights (plain ``nn.Linear`` layers: their own weights)."""
     xd = x.detach().double().requires_grad_()
     h = xd
     for i, layer in enumerate(layers):
         if i:
             h = F.gelu(h)
         sd = layer.state_dict()
-        w = _torch_dequantize(sd["weight"], sd["weight_scale"], sd["weight_scale_2"])
+        if "weight_scale" in sd:
+            w = _torch_dequantize(sd["weight"], sd["weight_scale"], sd["weight_scale_2"])
+        else:  # a layer quantize_model_ left unquantized (e.g. K not a multiple of 16)
+            w = sd["weight"].cpu().double()
         h = F.linear(h, w, None if layer.bias is None else layer.bias.detach().cpu().double())
     (h * g.double()).sum().backward()
     return xd.grad
@@ -777,6 +780,8 @@ def test_gpu_backward_input_gradient(rows):
     through JAX, on torch's current stream."""
     model = nn.Sequential(_layer(1024, 520, seed=5), nn.GELU(), _layer(520, 256, seed=6)).cuda()
     interop.quantize_model_(model)
+    # K = 520 is no multiple of 16: the second layer stays a bf16 nn.Linear
+    assert isinstance(model[0], interop.NVFP4Linear) and type(model[2]) is nn.Linear
     x = torch.randn(rows, 1024, dtype=torch.bfloat16, device="cuda", requires_grad=True)
     g = torch.randn(rows, 256, dtype=torch.bfloat16, device="cuda")
     model(x).backward(g)
