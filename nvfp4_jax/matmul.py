@@ -143,7 +143,8 @@ def prepare(w: NVFP4Array, dtype: Any = None, *, k_group: int | None = None) -> 
 
     The layout (documented in ``kernels.gemm.prepare_weight``) interleaves the codes of
     ``k_group``-wide K groups (None: 128, or 64 where K is not a multiple of 32; 64 or 256
-    by choice) into uint16 lanes and transposes the block scales to ``[K/16, N]``, N and K
+    by choice) into uint16 lanes and stores each K group's block scales feature by feature
+    (``[K/k_group, N/16, k_group]``: one vector load per row in the kernel), N and K
     zero-padded. It is built once here and travels with the array through ``jit``/``vmap``,
     so ``matmul``/``linear``/``grouped_matmul`` never rebuild it. ``w`` is a 2-D weight
     quantized along K (either logical orientation) with a scalar tensor scale, or a stack
@@ -155,7 +156,7 @@ def prepare(w: NVFP4Array, dtype: Any = None, *, k_group: int | None = None) -> 
     and took 0.5-12% less time than widened scales at decode sizes (M <= 16) on an H100,
     0-4% more at M = 256-1024 (benchmarks/results/scales-2026-11-23.md). bf16 or fp16:
     scales pre-widened to that dtype (two bytes each); activations of the other dtype still
-    work (the kernel converts, exactly).
+    work (converted exactly for them per call, an XLA op over the scales).
     """
     if not isinstance(w, NVFP4Array):
         raise TypeError(f"w must be an NVFP4Array, got {type(w).__name__}")

@@ -30,6 +30,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from nvfp4_jax.array import NVFP4Array
 from nvfp4_jax.formats import BLOCK_SIZE
+from nvfp4_jax.kernels import gemm
 
 Axes = str | tuple[str, ...] | None
 
@@ -56,7 +57,7 @@ def shard_specs(
     Returns:
       A pytree with ``w``'s structure whose leaves are ``PartitionSpec``: ``in_specs`` for
       ``w`` in ``jax.shard_map`` (storage ``data``/``scales`` ``P(n, k)``, tensor scale
-      ``P()``, prepared codes ``P(k, n, None)`` and scales ``P(k, n)``; for a stack, a
+      ``P()``, prepared codes and scales ``P(k, n, None)``; for a stack, a
       leading ``e`` on each, the tensor scales ``P(e)`` where there is one per expert).
     """
     if not isinstance(w, NVFP4Array):
@@ -99,7 +100,7 @@ def shard_specs(
     per_expert_scale = stacked and jax.numpy.ndim(w.tensor_scale) == 1
     leaves = [P(n, k), P(n, k), P() if per_expert_scale else PartitionSpec()]
     if w.prepared is not None:  # a prepared stack has one tensor scale per expert
-        leaves += [P(k, n, None), P(k, n), P() if stacked else PartitionSpec()]
+        leaves += [P(k, n, None), P(k, n, None), P() if stacked else PartitionSpec()]
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(w), leaves)
 
 
@@ -147,10 +148,11 @@ def interleave_gate_up(w13: NVFP4Array, parts: int) -> NVFP4Array:
     out = NVFP4Array(
         w13.data[:, order], w13.scales[:, order], w13.tensor_scale, axis=-2, dtype=w13.dtype
     )
-    if w13.prepared is not None:  # [E, K/kg, N, kg/4] codes, [E, K/16, N] scales
+    if w13.prepared is not None:  # [E, K/kg, N, kg/4] codes, [E, K/kg, N/16, kg] scales
         prepared = w13.prepared
+        rows = gemm.scale_rows(prepared.scales)[:, :, order]  # [E, K/kg, N, kg/16]
         out.prepared = prepared._replace(
-            data=prepared.data[:, :, order], scales=prepared.scales[:, :, order]
+            data=prepared.data[:, :, order], scales=gemm.scales_from_rows(rows)
         )
     return out
 

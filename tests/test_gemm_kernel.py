@@ -126,7 +126,7 @@ def test_prepared_layout_bits(k_group):
     k_pad, n_pad, lanes = -(-k // k_group) * k_group, 48, k_group // 4
     assert prep.data.shape == (k_pad // k_group, n_pad, lanes)
     assert prep.data.dtype == jnp.uint16
-    assert prep.scales.shape == (k_pad // 16, n_pad)
+    assert prep.scales.shape == (k_pad // k_group, n_pad // 16, k_group)
     codes = np.zeros((n_pad, k_pad), np.uint16)
     codes[:n, :k] = np.stack([data & 0xF, data >> 4], -1).reshape(n, k)
     packed = np.asarray(prep.data)
@@ -146,7 +146,14 @@ def test_prepared_layout_bits(k_group):
     s = np.zeros((n_pad, k_pad // 16), np.float32)
     s[:n, : k // 16] = scales.astype(np.float32)
     got = np.asarray(prep.scales.astype(jnp.float32)) * 2.0 ** -gemm.scale_exponent(jnp.bfloat16)
-    np.testing.assert_array_equal(got, s.T)
+    blocks = k_group // 16
+    for g, nn, j in [(0, 0, 0), (0, 17, blocks - 1), (k_pad // k_group - 1, n - 1, 1), (1, 9, 2)]:
+        # scales[g, p, r * kg/16 + j] is block j of k-group g of feature 16 p + r
+        assert got[g, nn // 16, (nn % 16) * blocks + j] == s[nn, g * blocks + j]
+    rows = np.asarray(gemm.scale_rows(prep.scales).astype(jnp.float32))
+    rows = rows * 2.0 ** -gemm.scale_exponent(jnp.bfloat16)
+    np.testing.assert_array_equal(rows, s.reshape(n_pad, -1, blocks).transpose(1, 0, 2))
+    np.testing.assert_array_equal(gemm.scales_from_rows(gemm.scale_rows(prep.scales)), prep.scales)
 
 
 def test_compact_scales_every_e4m3_value():
@@ -210,9 +217,10 @@ def test_prepared_widened_scales(dtype):
     data, scales, ts = _random_weight(32, 64, seed=4)
     prep = gemm.prepare_weight(jnp.asarray(data), jnp.asarray(scales), ts, dtype=dtype)
     assert prep.scales.dtype == dtype
-    got = np.asarray(prep.scales.astype(jnp.float32)) * 2.0 ** -gemm.scale_exponent(dtype)
-    np.testing.assert_array_equal(got[:4], scales.astype(np.float32).T)
-    np.testing.assert_array_equal(got[4:], 0)  # K padded to the 128-wide k-group
+    rows = gemm.scale_rows(prep.scales)  # [K_pad/128, N_pad, 8]
+    got = np.asarray(rows.astype(jnp.float32)) * 2.0 ** -gemm.scale_exponent(dtype)
+    np.testing.assert_array_equal(got[0, :, :4], scales.astype(np.float32))
+    np.testing.assert_array_equal(got[0, :, 4:], 0)  # K padded to the 128-wide k-group
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])

@@ -43,7 +43,11 @@ _SCRIPT = textwrap.dedent(
     ref_nk = nv.linear(x0, w_nk, backend="xla")
     loss = lambda x: nv.matmul(x, w, bias=bias).astype(jnp.float32).sum()
     grad_ref = jax.grad(loss)(x0)
-    bits = lambda a: np.asarray(a.astype(jnp.float32))
+    f32 = lambda a: np.asarray(a.astype(jnp.float32))
+
+    def same(a, b):  # up to one bf16 rounding: XLA:CPU may sum a shard's rows in another order
+        a, b = f32(a), f32(b)
+        np.testing.assert_allclose(a, b, rtol=2**-7, atol=1e-5 * float(np.abs(b).max()))
 
     def moe_case(key, e, h, inter, t):
         k = jax.random.split(key, 4)
@@ -66,9 +70,9 @@ _SCRIPT = textwrap.dedent(
         want = tuple(spec) + (None,) * (3 - len(spec))
         assert tuple(y.sharding.spec) == want, (y.sharding.spec, want)
         assert tuple(g.sharding.spec) == want, (g.sharding.spec, want)
-        np.testing.assert_array_equal(bits(y), bits(ref))
-        np.testing.assert_array_equal(bits(y_eager), bits(ref_nk))
-        np.testing.assert_array_equal(bits(g), bits(grad_ref))
+        same(y, ref)
+        same(y_eager, ref_nk)
+        same(g, grad_ref)
     # moe: tokens sharded along rows (the logits resharded to match), experts replicated
     w13d, w2d, xd, lg = moe_case(keys[0], 4, 64, 32, 8)
     with jax.set_mesh(mesh):
@@ -155,8 +159,8 @@ _SCRIPT = textwrap.dedent(
 
 
 def test_data_parallel_rows_on_an_explicit_mesh(rng):
-    """Rows sharded over one or two mesh axes: the same bits as unsharded, output and gradient
-    sharded like x; clear errors for what is not data parallelism."""
+    """Rows sharded over one or two mesh axes: the unsharded values (up to one bf16 rounding),
+    output and gradient sharded like x; clear errors for what is not data parallelism."""
     seed = int(rng.integers(2**31))
     run = subprocess.run(
         [sys.executable, "-c", _SCRIPT, str(seed)],
@@ -212,7 +216,7 @@ def test_column_parallel_pallas_cross_lowers_for_two_h100s(rng, monkeypatch):
         )
         text = jax.jit(fn).trace(x, w_tp).lower(lowering_platforms=("cuda",)).as_text()
     calls = [ln for ln in text.splitlines() if "@mosaic_gpu" in ln]
-    assert len(calls) == 1 and "tensor<2x256x32xui16>, tensor<16x256xui8>" in calls[0], calls
+    assert len(calls) == 1 and "tensor<2x256x32xui16>, tensor<2x16x128xui8>" in calls[0], calls
 
 
 def test_shard_specs_bad_input(rng):

@@ -24,7 +24,8 @@ one memory warpgroup streams packed codes, block scales and x tiles through a
 ``stages``-deep TMA pipeline (``plgpu.emit_pipeline_warp_specialized``); each
 of 1-3 compute warpgroups owns 64 or 128 output features, decodes a k-group's
 four quarters (codes -> bf16/f16 bit patterns with integer ops, times the
-broadcast per-16 scales, widened from compact bytes with a shift and an add),
+per-16 scales, widened from compact bytes with a shift and an add; the fast decode
+loads each row's scales of a k-group with one vector load),
 issues four ``[rows, k_group/4] x [k_group/4, tile_m]`` wgmmas against column slices of ``x_smem.T`` and waits for them before decoding the
 next k-group, or (``overlap_decode``, the default with register operands)
 decodes k-group g + 1 while the wgmmas of k-group g run and waits once per step.
@@ -429,8 +430,10 @@ class PreparedWeight(NamedTuple):
 
     Attributes:
       data: uint16 ``[(E,) K_pad / k_group, N_pad, k_group / 4]``.
-      scales: ``[(E,) K_pad / 16, N_pad]``, uint8 (compact, :func:`compact_scales`) or
-        bf16/f16 (pre-widened and pre-multiplied by ``2**scale_exponent(dtype)``).
+      scales: ``[(E,) K_pad / k_group, N_pad / 16, k_group]``, uint8 (compact,
+        :func:`compact_scales`) or bf16/f16 (pre-widened and pre-multiplied by
+        ``2**scale_exponent(dtype)``); :func:`scale_rows` views it as ``[(E,) K_pad /
+        k_group, N_pad, k_group / 16]``.
       tensor_scale: float32 ``[1]`` multiplier (``[E]`` for a stack).
     """
 
@@ -503,12 +506,16 @@ def prepare_weight(
         k-group of all features is contiguous (K-tile-major), so a TMA box
         ``(tile_k/k_group, tile_n, k_group/4)`` reads ``tile_k / k_group``
         contiguous runs of ``tile_n * k_group / 2`` bytes.
-      * ``scales[b, n]``: the scale of block ``b`` (``k in [16 b, 16 b + 16)``)
-        of feature ``n``, i.e. the canonical scales transposed ("group-major"),
-        so that one pipeline step reads a ``(tile_k/16, tile_n)`` box whose rows
-        are per-feature vectors. ``dtype(s * 2**scale_exponent(dtype))``, or (``dtype``
-        None) the uint8 bytes of :func:`compact_scales`, whose blocks with a zero, NaN
-        or negative scale have their codes zeroed or negated.
+      * ``scales[g, p, r * k_group/16 + j]`` (``[K_pad/k_group, N_pad/16, k_group]``): the scale
+        of block ``j`` (``k in [g * k_group + 16 j, ... + 16)``) of feature ``n = 16 p +
+        r``. Per k-group the features' block scales are stored row by row (``kg/16``
+        consecutive scales per feature, :func:`scale_rows` is that view), in bands of 16
+        features, so a pipeline step reads a ``(tile_k/k_group, tile_n/16, k_group)`` TMA
+        box and each thread of the fast decode fetches all scales of one of its rows in
+        a k-group with one vector load (the wgmma fragment's rows are 8 apart).
+        ``dtype(s * 2**scale_exponent(dtype))``, or (``dtype`` None) the uint8 bytes of
+        :func:`compact_scales`, whose blocks with a zero, NaN or negative scale have
+        their codes zeroed or negated.
       * ``tensor_scale``: float32 ``[1]``, applied in the fp32 epilogue.
 
       ``K_pad = round_up(K, k_group)``, ``N_pad = round_up(N, 16)``; padding
@@ -561,9 +568,25 @@ def prepare_weight(
     )
     packed = packed.transpose(1, 0, 2)  # [K_pad / k_group, N_pad, lanes]
 
-    s = jnp.pad(s, ((0, n_pad - n), (0, (k_pad - k) // _BLOCK))).T
+    s = jnp.pad(s, ((0, n_pad - n), (0, (k_pad - k) // _BLOCK)))
+    s = scales_from_rows(s.reshape(n_pad, k_pad // k_group, k_group // _BLOCK).transpose(1, 0, 2))
     ts = jnp.asarray(tensor_scale, jnp.float32).reshape(1)
     return PreparedWeight(packed, s, ts)
+
+
+def scale_rows(scales: jax.Array) -> jax.Array:
+    """Prepared ``scales [..., K_pad/kg, N_pad/16, kg]`` as ``[..., K_pad/kg, N_pad,
+    kg/16]``: per k-group, one row of the k-group's block scales per feature (a view of the
+    same memory order)."""
+    *lead, groups, bands, width = scales.shape
+    return scales.reshape(*lead, groups, bands * _BLOCK, width // _BLOCK)
+
+
+def scales_from_rows(rows: jax.Array) -> jax.Array:
+    """Inverse of :func:`scale_rows`: ``[..., K_pad/kg, N_pad, kg/16]`` (N_pad a multiple
+    of 16) -> ``[..., K_pad/kg, N_pad/16, kg]``."""
+    *lead, groups, n_pad, blocks = rows.shape
+    return rows.reshape(*lead, groups, n_pad // _BLOCK, _BLOCK * blocks)
 
 
 def compact_scales(data: jax.Array, scales: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -675,35 +698,105 @@ def _fast_decode_plan(dtype) -> tuple[tuple[tuple[int, int], ...], ...]:
     return tuple(plan)
 
 
-def _decode_quarters_fast(lanes: jax.Array, dtype) -> tuple[jax.Array, ...]:
-    """GPU-only decode of all four quarters of prepared uint16 ``lanes [R, C]``.
+def _compact_widen_terms(dtype) -> tuple[int, int]:
+    """``(shift, add)`` of the fast decode's compact-scale widening on a register holding a
+    scale byte in each 16-bit half: ``(r << shift) + add`` is the bf16x2 (f16x2) pair of
+    the scale times ``2**scale_exponent(dtype)`` (see :func:`_widen_compact`), NaN marker
+    included (it lands on the all-ones exponent: +inf)."""
+    info = jnp.finfo(dtype)
+    bias = 1 - info.minexp
+    base = bias - _COMPACT_BIAS + scale_exponent(dtype)
+    assert base + (_COMPACT_INF >> 3) == 2 * bias + 1, dtype
+    return info.nmant - 3, (base << info.nmant) * 0x10001
 
-    Works on whole 32-bit registers (two uint16 lanes, eight codes) with the shifts
-    and masks of :func:`_fast_decode_plan`, under 1.5 integer ops per bf16 weight.
-    Each code is placed as ``sign << 15 | em << s`` (``s`` = mantissa bits - 1), which
-    is the E2M1 value times ``2^(1 - exponent_bias)``: codes 2..7 become normal
-    numbers and code 1 (0.5) the subnormal ``2^-exponent_bias``. The caller
-    multiplies by block scales pre-multiplied by ``2^scale_exponent``, so
-    that the products are the exact normal numbers ``v * s * 2^-7`` (the GPU's
-    bf16/f16 multiply keeps subnormal inputs); the epilogue multiplies by 2^7.
-    Not interpretable (uses ``plgpu.inline_mgpu``).
+
+def _decode_scaled_fast(lanes: jax.Array, bands, dtype) -> tuple[jax.Array, ...]:
+    """GPU-only decode and scaling of one k-group of a compute warpgroup.
+
+    ``lanes``: prepared uint16 ``[R, kg/4]`` (WGMMA layout, R = 64 or 128 rows);
+    ``bands``: the SMEM ref of the same rows' block scales in the prepared layout,
+    ``[R/16, kg]`` (row ``r``'s ``kg/16`` scales at ``[r // 16, (r % 16) * kg/16 :]``),
+    compact uint8 or widened ``dtype``. Returns the four quarters, ``dtype [R, kg/4]``
+    (WGMMA layout), each weight times its block scale times ``2**scale_exponent(dtype)``.
+
+    Codes: whole 32-bit registers (two uint16 lanes, eight codes) with the shifts and
+    masks of :func:`_fast_decode_plan`, under 1.5 integer ops per bf16 weight. Each code
+    is placed as ``sign << 15 | em << s`` (``s`` = mantissa bits - 1), the E2M1 value times
+    ``2^(1 - exponent_bias)``: codes 2..7 become normal numbers and code 1 (0.5) the
+    subnormal ``2^-exponent_bias``; times the scale pre-multiplied by
+    ``2^scale_exponent`` the products are the exact normal numbers ``v * s * 2^-7`` (the
+    GPU's bf16/f16 multiply keeps subnormal inputs); the epilogue multiplies by 2^7.
+
+    Scales: a thread of the WGMMA layout holds rows ``64 a + 16 warp + 8 h + lane / 4``
+    (a < R/64, h < 2); it fetches the ``kg/16`` scales of each such row with one vector
+    load (4-32 bytes) and makes each scale a splat pair with one ``prmt`` (plus, compact,
+    a shift and an add), which one bf16x2/f16x2 multiply applies to two weights. The
+    register of columns ``8 b .. 8 b + 7`` of quarter ``q`` belongs to scale block ``q *
+    kg/64 + b / 2``. Not interpretable (uses ``plgpu.inline_mgpu``).
     """
     # Imported lazily: only the GPU lowering needs the MLIR bindings.
     from jax._src.lib.mlir import ir
-    from jax._src.lib.mlir.dialects import arith
+    from jax._src.lib.mlir.dialects import arith, llvm
     from jax.experimental.mosaic.gpu import fragmented_array as fa
     from jax.experimental.mosaic.gpu import utils as mgpu_utils
 
+    rows, lanes_per_quarter = lanes.shape
+    k_group = lanes_per_quarter * _CODES_PER_LANE
+    blocks = k_group // _BLOCK  # scales per row and k-group
+    compact = bands.dtype == jnp.uint8
+    if not compact and bands.dtype != dtype:
+        raise ValueError(f"widened scales must be {dtype}, got {bands.dtype}")
+    row_words = blocks * bands.dtype.itemsize // 4  # 32-bit words of one row's scales
     plan = _fast_decode_plan(dtype)
     layout = plgpu.Layout.WGMMA
     ret = plgpu.ShapeDtypeStruct(lanes.shape, dtype, layout)
 
-    @plgpu.inline_mgpu(arg_types=(layout,), return_type=(ret,) * _CODES_PER_LANE)
-    def decode(_, w):
+    @plgpu.inline_mgpu(arg_types=(layout, plgpu.RefType()), return_type=(ret,) * _CODES_PER_LANE)
+    def decode(_, w, s_ref):
         i32 = ir.IntegerType.get_signless(32)
+        i64 = ir.IntegerType.get_signless(64)
         const = lambda v: arith.constant(
             i32, ir.IntegerAttr.get(i32, v - (1 << 32) if v >= 1 << 31 else v)
         )
+        # registers [R/64, kg/32, 1, 1, 2, 1, 1, 1, 1]: (a, b, ..., h, ...), two columns each
+        if w.registers.shape != (rows // 64, lanes_per_quarter // 8, 1, 1, 2, 1, 1, 1, 1):
+            raise NotImplementedError(f"unexpected WGMMA registers {w.registers.shape}")
+        pair_ty = ir.VectorType.get((2,), mgpu_utils.dtype_to_ir_type(dtype))
+
+        # One row's scales: `row_words` words, loaded in chunks of at most 16 bytes.
+        chunk = min(row_words, 4)
+        chunk_ty = ir.VectorType.get((chunk,), i32)
+        base_ptr = mgpu_utils.memref_ptr(s_ref)
+        tid = mgpu_utils.thread_idx()
+        warp_row = arith.shli(arith.andi(arith.shrui(tid, const(5)), const(3)), const(4))
+        lane_row = arith.andi(arith.shrui(tid, const(2)), const(7))
+        thread_row = arith.addi(warp_row, lane_row)  # 16 warp + lane / 4
+        zero = const(0)
+        if compact:
+            shift, add = _compact_widen_terms(dtype)
+        splats = {}  # (a, h) -> [scale pair of block j]
+        for a in range(rows // 64):
+            for h in range(2):
+                row = arith.addi(thread_row, const(64 * a + 8 * h))
+                words = []
+                for c in range(row_words // chunk):
+                    idx = arith.addi(arith.muli(row, const(row_words // chunk)), const(c))
+                    ptr = mgpu_utils.getelementptr(base_ptr, [arith.extui(i64, idx)], chunk_ty)
+                    vec = llvm.load(chunk_ty, ptr)
+                    words += [
+                        llvm.extractelement(vec, arith.constant(i32, e)) for e in range(chunk)
+                    ]
+                pairs = []
+                for j in range(blocks):
+                    if compact:  # byte j % 4 of word j // 4 into both halves, widened
+                        sel = (j % 4) | 4 << 4 | (j % 4) << 8 | 4 << 12
+                        x = mgpu_utils.prmt(words[j // 4], zero, const(sel))
+                        x = arith.addi(arith.shli(x, const(shift)), const(add))
+                    else:  # half j % 2 of word j // 2 into both halves
+                        sel = 0x1010 if j % 2 == 0 else 0x3232
+                        x = mgpu_utils.prmt(words[j // 2], zero, const(sel))
+                    pairs.append(mgpu_utils.bitcast(x, pair_ty))
+                splats[a, h] = pairs
 
         def term(x, amount, mask):
             if amount > 0:
@@ -714,18 +807,17 @@ def _decode_quarters_fast(lanes: jax.Array, dtype) -> tuple[jax.Array, ...]:
 
         outs = [np.empty_like(w.registers) for _ in range(_CODES_PER_LANE)]
         for idx, reg in np.ndenumerate(w.registers):
-            out_ty = ir.VectorType.get(
-                ir.VectorType(reg.type).shape, mgpu_utils.dtype_to_ir_type(dtype)
-            )
+            a, b, h = idx[0], idx[1], idx[4]
             r = mgpu_utils.bitcast(reg, i32)
             for q, terms in enumerate(plan):
-                bits = functools.reduce(arith.ori, [term(r, a, mask) for a, mask in terms])
-                outs[q][idx] = mgpu_utils.bitcast(bits, out_ty)
+                bits = functools.reduce(arith.ori, [term(r, amt, mask) for amt, mask in terms])
+                scale = splats[a, h][q * (blocks // _CODES_PER_LANE) + b // 2]
+                outs[q][idx] = arith.mulf(mgpu_utils.bitcast(bits, pair_ty), scale)
         return tuple(
             fa.FragmentedArray(_registers=o, _layout=w.layout, _is_signed=None) for o in outs
         )
 
-    return decode(lanes)
+    return decode(lanes, bands)
 
 
 def _swizzle_transforms(minor_elems: int, dtype) -> tuple:
@@ -774,8 +866,8 @@ def _gemm_kernel(
     features and, per k-group of a step, decodes its four quarters into
     registers, issues four ``[rows, 16] x [16, tile_m]`` wgmmas and waits.
 
-    GMEM refs: data uint16 [(E,) K_pad/kg, N_pad, kg/4]; scales [(E,) K_pad/16,
-    N_pad]; x [M, K]; ts f32 [1] or [E]; bias [N_pad] or None; tile_expert
+    GMEM refs: data uint16 [(E,) K_pad/kg, N_pad, kg/4]; scales [(E,) K_pad/kg,
+    N_pad/16, kg]; x [M, K]; ts f32 [1] or [E]; bias [N_pad] or None; tile_expert
     int32 [m_tiles] or None; out [M, N_out]
     (``fused_epilogue``), f32 partial sums [split_k, M, N_out], or (stream-K) f32
     partial sums [ctas * max_tiles, M, tile_n] in the slots of :class:`StreamK`.
@@ -809,16 +901,19 @@ def _gemm_kernel(
         tile_of = lambda j: lax.div(u0 + j, stream.tile_steps)
 
     data_block = (groups_per_step, cfg.tile_n, lanes)
-    scales_block = (cfg.tile_k // _BLOCK, cfg.tile_n)
+    if fast:  # the prepared layout: [K_pad/kg, N_pad/16, kg]
+        scales_block = (groups_per_step, cfg.tile_n // _BLOCK, k_group)
+    else:  # block-major [K_pad/16, N_pad] (see block_major_scales)
+        scales_block = (cfg.tile_k // _BLOCK, cfg.tile_n)
     if tile_expert_gmem is None:
         expert = None
         data_index = lambda k: (step_of(k), tile_of(k), 0)
-        scales_index = lambda k: (step_of(k), tile_of(k))
+        scales_index = data_index if fast else lambda k: (step_of(k), tile_of(k))
     else:  # a squeezed leading expert dimension
         expert = tile_expert_gmem[m_idx]
         data_block, scales_block = (None, *data_block), (None, *scales_block)
         data_index = lambda k: (expert, step_of(k), n_idx, 0)
-        scales_index = lambda k: (expert, step_of(k), n_idx)
+        scales_index = data_index if fast else lambda k: (expert, step_of(k), n_idx)
     data_spec = plgpu.BlockSpec(
         data_block, data_index, transforms=_swizzle_transforms(lanes, jnp.uint16)
     )
@@ -830,7 +925,8 @@ def _gemm_kernel(
     )
 
     def block_scale(s_smem, block):
-        """Scales of one scale block as a dtype [rows, 16] WGMMA-layout tile."""
+        """Portable decode: the scales of one scale block of the step (block-major SMEM
+        tile) as a dtype [rows, 16] WGMMA-layout tile."""
         s = plgpu.load(s_smem.at[block, row_slice], layout=plgpu.Layout.WGMMA.reduce(1))
         if s.dtype == jnp.uint8:
             s = _widen_compact(s, dtype, scale_exp)
@@ -843,12 +939,12 @@ def _gemm_kernel(
     def decode_group(w_smem, s_smem, g):
         """Dequantized k-group ``g`` of this step: 4 x dtype [rows, lanes] (WGMMA)."""
         w = w_smem[g, row_slice, :]
-        if fast:
-            quarters = _decode_quarters_fast(w, dtype)
-        else:
-            quarters = [_decode_quarter(w, q, dtype) for q in range(_CODES_PER_LANE)]
+        if fast:  # this warpgroup's rows of the k-group's scales: [rows/16, kg]
+            bands = s_smem.at[g, pl.ds(wg * (rows // _BLOCK), rows // _BLOCK)]
+            return _decode_scaled_fast(w, bands, dtype)
         out = []
-        for q, a in enumerate(quarters):
+        for q in range(_CODES_PER_LANE):
+            a = _decode_quarter(w, q, dtype)
             first = (g * _CODES_PER_LANE + q) * blocks_per_quarter
             parts = [
                 a[:, b * _BLOCK : (b + 1) * _BLOCK] * block_scale(s_smem, first + b)
@@ -1110,6 +1206,29 @@ def _check_config(cfg: GemmConfig, k: int, k_group: int, interpret) -> int:
     return total_k_steps // cfg.split_k
 
 
+def block_major_scales(scales: jax.Array) -> jax.Array:
+    """Prepared ``scales [..., K_pad/kg, N_pad/16, kg]`` -> ``[..., K_pad/16, N_pad]``: the
+    scale of block ``b`` of feature ``n`` at ``[b, n]``, the layout the portable decode
+    reads (a small XLA transpose: 1/16 of the weight's elements)."""
+    rows = scale_rows(scales)  # [..., K_pad/kg, N_pad, kg/16]
+    *lead, groups, n_pad, blocks = rows.shape
+    return jnp.swapaxes(rows, -1, -2).reshape(*lead, groups * blocks, n_pad)
+
+
+def kernel_scales(scales: jax.Array, dtype, cfg: GemmConfig) -> jax.Array:
+    """The block scales as the kernel of ``cfg`` reads them for ``dtype`` activations: the
+    prepared layout for the fast decode (widened scales of the other float dtype
+    re-widened for this one, exactly), block-major for the portable decode."""
+    if not cfg.use_fast_decode:
+        return block_major_scales(scales)
+    if scales.dtype not in (jnp.uint8, jnp.dtype(dtype)):
+        s = scales.astype(jnp.float32) * np.float32(
+            2.0 ** (scale_exponent(dtype) - scale_exponent(scales.dtype))
+        )
+        return s.astype(dtype)
+    return scales
+
+
 def _launch(
     x2d,
     data,
@@ -1284,7 +1403,7 @@ def nvfp4_matmul(
     out = _launch(
         x2d,
         prepared.data,
-        prepared.scales,
+        kernel_scales(prepared.scales, x2d.dtype, cfg),
         prepared.tensor_scale,
         bias,
         None,
@@ -1464,7 +1583,7 @@ def nvfp4_grouped_matmul(
     out = _launch(
         x_tiles,
         prepared.data,
-        prepared.scales,
+        kernel_scales(prepared.scales, x2d.dtype, cfg),
         prepared.tensor_scale,
         None,
         tile_expert,
