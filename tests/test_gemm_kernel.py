@@ -154,6 +154,14 @@ def test_prepared_layout_bits(k_group):
     rows = rows * 2.0 ** -gemm.scale_exponent(jnp.bfloat16)
     np.testing.assert_array_equal(rows, s.reshape(n_pad, -1, blocks).transpose(1, 0, 2))
     np.testing.assert_array_equal(gemm.scales_from_rows(gemm.scale_rows(prep.scales)), prep.scales)
+    np.testing.assert_array_equal(
+        gemm.block_major_scales(prep.scales).astype(jnp.float32),
+        rows.transpose(0, 2, 1).reshape(-1, n_pad) * 2.0 ** gemm.scale_exponent(jnp.bfloat16),
+    )
+    with pytest.raises(ValueError, match=r"prepared \[\.\.\., K_pad/kg, N_pad/16, kg\]"):
+        gemm.scale_rows(prep.scales[..., :5])
+    with pytest.raises(ValueError, match="N_pad a multiple of 16"):
+        gemm.scales_from_rows(gemm.scale_rows(prep.scales)[:, :40])
 
 
 def test_compact_scales_every_e4m3_value():

@@ -578,6 +578,10 @@ def scale_rows(scales: jax.Array) -> jax.Array:
     """Prepared ``scales [..., K_pad/kg, N_pad/16, kg]`` as ``[..., K_pad/kg, N_pad,
     kg/16]``: per k-group, one row of the k-group's block scales per feature (a view of the
     same memory order)."""
+    if scales.ndim < 3 or scales.shape[-1] % _BLOCK:
+        raise ValueError(
+            f"scales must be prepared [..., K_pad/kg, N_pad/16, kg], got {list(scales.shape)}"
+        )
     *lead, groups, bands, width = scales.shape
     return scales.reshape(*lead, groups, bands * _BLOCK, width // _BLOCK)
 
@@ -585,6 +589,11 @@ def scale_rows(scales: jax.Array) -> jax.Array:
 def scales_from_rows(rows: jax.Array) -> jax.Array:
     """Inverse of :func:`scale_rows`: ``[..., K_pad/kg, N_pad, kg/16]`` (N_pad a multiple
     of 16) -> ``[..., K_pad/kg, N_pad/16, kg]``."""
+    if rows.ndim < 3 or rows.shape[-2] % _BLOCK:
+        raise ValueError(
+            f"rows must be [..., K_pad/kg, N_pad, kg/16] with N_pad a multiple of 16, got"
+            f" {list(rows.shape)}"
+        )
     *lead, groups, n_pad, blocks = rows.shape
     return rows.reshape(*lead, groups, n_pad // _BLOCK, _BLOCK * blocks)
 
