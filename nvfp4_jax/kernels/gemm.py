@@ -632,6 +632,16 @@ def compact_scales(data: jax.Array, scales: jax.Array) -> tuple[jax.Array, jax.A
     return data, compact
 
 
+def _compact_widening(dtype, exp: int) -> tuple[int, int, bool]:
+    """``(shift, add, nan_is_inf)`` of widening compact scale bytes to ``dtype`` scales
+    times ``2**exp``: ``(byte << shift) + add`` is the bit pattern; ``nan_is_inf``: the NaN
+    marker (E = 18) lands on the all-ones exponent field, +inf, without a select."""
+    info = jnp.finfo(dtype)
+    bias = 1 - info.minexp
+    base = bias - _COMPACT_BIAS + exp
+    return info.nmant - 3, base << info.nmant, base + (_COMPACT_INF >> 3) == 2 * bias + 1
+
+
 def _widen_compact(b: jax.Array, dtype, exp: int) -> jax.Array:
     """Compact scale bytes ``b`` -> ``dtype`` scales times ``2**exp`` (exact).
 
@@ -640,12 +650,10 @@ def _widen_compact(b: jax.Array, dtype, exp: int) -> jax.Array:
     ``exp`` the NaN marker (E = 18) lands on the all-ones exponent field, +inf; other
     exponents need a select for it.
     """
-    info = jnp.finfo(dtype)
-    bias = 1 - info.minexp
-    base = bias - _COMPACT_BIAS + exp
+    shift, add, nan_is_inf = _compact_widening(dtype, exp)
     b16 = b.astype(jnp.uint16)
-    bits = (b16 << np.uint16(info.nmant - 3)) + np.uint16(base << info.nmant)
-    if base + (_COMPACT_INF >> 3) != 2 * bias + 1:
+    bits = (b16 << np.uint16(shift)) + np.uint16(add)
+    if not nan_is_inf:
         inf_bits = np.uint16(np.array(np.inf, dtype).view(np.uint16))
         bits = jnp.where(b16 == np.uint16(_COMPACT_INF), inf_bits, bits)
     return lax.bitcast_convert_type(bits, dtype)
@@ -705,18 +713,6 @@ def _fast_decode_plan(dtype) -> tuple[tuple[tuple[int, int], ...], ...]:
             by_shift[dst - src] = by_shift.get(dst - src, 0) | 1 << dst
         plan.append(tuple((amount, mask * 0x10001) for amount, mask in sorted(by_shift.items())))
     return tuple(plan)
-
-
-def _compact_widen_terms(dtype) -> tuple[int, int]:
-    """``(shift, add)`` of the fast decode's compact-scale widening on a register holding a
-    scale byte in each 16-bit half: ``(r << shift) + add`` is the bf16x2 (f16x2) pair of
-    the scale times ``2**scale_exponent(dtype)`` (see :func:`_widen_compact`), NaN marker
-    included (it lands on the all-ones exponent: +inf)."""
-    info = jnp.finfo(dtype)
-    bias = 1 - info.minexp
-    base = bias - _COMPACT_BIAS + scale_exponent(dtype)
-    assert base + (_COMPACT_INF >> 3) == 2 * bias + 1, dtype
-    return info.nmant - 3, (base << info.nmant) * 0x10001
 
 
 def _decode_scaled_fast(lanes: jax.Array, bands, dtype) -> tuple[jax.Array, ...]:
@@ -781,8 +777,10 @@ def _decode_scaled_fast(lanes: jax.Array, bands, dtype) -> tuple[jax.Array, ...]
         lane_row = arith.andi(arith.shrui(tid, const(2)), const(7))
         thread_row = arith.addi(warp_row, lane_row)  # 16 warp + lane / 4
         zero = const(0)
-        if compact:
-            shift, add = _compact_widen_terms(dtype)
+        if compact:  # on both 16-bit halves of a register at once
+            shift, add, nan_is_inf = _compact_widening(dtype, scale_exponent(dtype))
+            assert nan_is_inf, dtype
+            add *= 0x10001
         splats = {}  # (a, h) -> [scale pair of block j]
         for a in range(rows // 64):
             for h in range(2):
@@ -891,9 +889,6 @@ def _gemm_kernel(
     groups_per_step = cfg.tile_k // k_group
     blocks_per_quarter = lanes // _BLOCK
     fast = cfg.use_fast_decode
-    # Widened scales are stored times 2^stored_exp; the decode needs them times 2^exp.
-    stored_exp = scale_exponent(scales_gmem.dtype)
-    scale_exp = scale_exponent(dtype) if fast else 0
 
     n_idx = lax.axis_index("n")
     m_idx = lax.axis_index("m")
@@ -938,9 +933,9 @@ def _gemm_kernel(
         tile) as a dtype [rows, 16] WGMMA-layout tile."""
         s = plgpu.load(s_smem.at[block, row_slice], layout=plgpu.Layout.WGMMA.reduce(1))
         if s.dtype == jnp.uint8:
-            s = _widen_compact(s, dtype, scale_exp)
-        elif s.dtype != dtype or stored_exp != scale_exp:  # widened otherwise; exact
-            s = s.astype(jnp.float32) * np.float32(2.0 ** (scale_exp - stored_exp))
+            s = _widen_compact(s, dtype, 0)
+        else:  # widened scales are stored times 2^scale_exponent: undone exactly
+            s = s.astype(jnp.float32) * np.float32(2.0 ** -scale_exponent(s.dtype))
             s = s.astype(dtype)
         s = lax.broadcast_in_dim(s, (rows, _BLOCK), (0,))
         return plgpu.layout_cast(s, plgpu.Layout.WGMMA)
