@@ -116,7 +116,8 @@ def load_minilm():
     model = SentenceTransformer(str(path), device="cpu")
     config = json.loads((path / "config.json").read_text())
     with safe_open(str(path / "model.safetensors"), framework="numpy") as f:
-        weights = {k: f.get_tensor(k) for k in f.keys() if k != "embeddings.position_ids"}
+        names = f.keys()  # safe_open is not iterable
+        weights = {k: f.get_tensor(k) for k in names if k != "embeddings.position_ids"}
     return model, config, weights, path / "model.safetensors"
 
 

@@ -630,16 +630,14 @@ def _disable_fused_paths(model: nn.Module, report: QuantizeReport) -> None:
     """torch's fused TransformerEncoder(Layer) inference paths read ``linear1.weight`` /
     ``linear2.weight`` directly (and feed nested tensors): route them through ``forward``."""
     for name, m in model.named_modules():
-        if isinstance(m, nn.TransformerEncoderLayer) and (
+        quantized_ffn = isinstance(m, nn.TransformerEncoderLayer) and (
             isinstance(m.linear1, NVFP4Linear) or isinstance(m.linear2, NVFP4Linear)
-        ):
-            if m.activation_relu_or_gelu:
-                m.activation_relu_or_gelu = (
-                    0  # only selects the fused kernel; forward uses .activation
-                )
-                report.notes.append(
-                    f"{name or 'model'}: fused TransformerEncoderLayer fast path disabled"
-                )
+        )
+        if quantized_ffn and m.activation_relu_or_gelu:
+            m.activation_relu_or_gelu = 0  # only selects the fused kernel; forward uses .activation
+            report.notes.append(
+                f"{name or 'model'}: fused TransformerEncoderLayer fast path disabled"
+            )
         if (
             isinstance(m, nn.TransformerEncoder)
             and getattr(m, "use_nested_tensor", False)

@@ -303,6 +303,7 @@ def _random_packed(shape, rng, nan_scales=True):
 
 DEQ_SHAPES = [  # (packed shape, batched tensor scale)
     ((5, 24), False),
+    ((37, 152), False),  # 19 blocks: the half-block path's last tile shifted back
     ((130, 40), False),
     ((256, 64), False),
     ((3, 40, 32), True),
@@ -310,7 +311,7 @@ DEQ_SHAPES = [  # (packed shape, batched tensor scale)
 ]
 
 
-def _dequantize_vs_oracle(shape, batched, dtype, swizzled, rng, *, interpret):
+def _dequantize_vs_oracle(shape, batched, dtype, swizzled, rng, *, interpret, config=None):
     """Random packed codes, scales (plain or swizzled) and tensor scale(s) -> (kernel
     output, oracle output)."""
     packed, sb = _random_packed(shape, rng)
@@ -324,6 +325,7 @@ def _dequantize_vs_oracle(shape, batched, dtype, swizzled, rng, *, interpret):
         out_dtype=dtype,
         swizzled=swizzled,
         interpret=interpret,
+        config=config,
     )
     return out, oracle_dequantize(packed, sb, ts, dtype)
 
@@ -334,6 +336,17 @@ def _dequantize_vs_oracle(shape, batched, dtype, swizzled, rng, *, interpret):
 def test_dequantize_interpret(shape, batched, dtype, swizzled, rng):
     out, expect = _dequantize_vs_oracle(shape, batched, dtype, swizzled, rng, interpret=True)
     assert out.dtype == dtype
+    assert_bits_equal(out, expect, "dequantized values")
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("tile", [(1, 1), (2, 3), (3, 2)], ids=str)
+def test_dequantize_tiles_interpret(tile, dtype, rng):
+    """Other sub-tiles per CTA than the default, on ragged rows and blocks (the half-block
+    path for bf16, whole blocks for fp32)."""
+    out, expect = _dequantize_vs_oracle(
+        (70, 200), False, dtype, False, rng, interpret=True, config=kq.TileConfig(*tile)
+    )
     assert_bits_equal(out, expect, "dequantized values")
 
 
@@ -354,6 +367,10 @@ def test_kernels_have_no_races(rng):
     out = kd.dequantize(q, s, np.float32(1), out_dtype=jnp.bfloat16, swizzled=True, interpret=RACES)
     assert not races_found(), "dequantize"
     assert_bits_equal(out, oracle_quant_dequant(x, GS, np.float32(1)), "round trip")
+    plain = oracle_quantize(x, GS)[1].view(ml_dtypes.float8_e4m3fn)
+    out = kd.dequantize(q, jnp.asarray(plain), np.float32(1), interpret=RACES)  # half blocks
+    assert not races_found(), "dequantize (half blocks per thread)"
+    assert_bits_equal(out, oracle_quant_dequant(x, GS, np.float32(1)), "round trip, plain")
 
 
 def test_dequantize_roundtrip_interpret(rng):

@@ -11,17 +11,28 @@
 Layouts (free XLA views, see ``quantize.py`` for the tiling scheme shared by all kernels):
 the packed bytes of one 16-element scale block are one ``[8]`` row of
 ``uint8 [B, R, KB, 8]``; a bf16/fp16 output block is a row of ``uint32 [B, R, KB, 8]``
-(word ``i`` = elements ``2i`` and ``2i+1`` = the two nibbles of packed byte ``i``). For an
-fp32 output the packed block is read as two little-endian words ``uint32 [B, R, KB, 2]``
-and expanded to ``float32 [B, R, KB, 2, 8]``. Each thread owns whole blocks; loads and
-stores go directly between GMEM and registers; edge tiles are shifted back in bounds.
-Swizzled scales are read directly when ``R % 128 == 0`` and ``K % 64 == 0``; otherwise
-XLA unswizzles them first (one extra pass over the scales).
+(word ``i`` = elements ``2i`` and ``2i+1`` = the two nibbles of packed byte ``i``).
 
-Measured on an H100 (8192 x 8192, copy ceiling 2.89 TB/s r+w): dequantize to bf16/fp16
-62.7 us (94.9% of the ceiling; XLA's reference 240 us), swizzled scales 96.0%; to fp32
-203 us (52%: the PTX is tight, one 8-byte load and four 16-byte stores per block, cause
-not found without hardware counters); pack_codes / unpack_codes 93%.
+* bf16/fp16 output with row-major scales (``K >= 64``): each thread owns a *half* block, its
+  4 code bytes (``uint8 [B, R, KB, 2, 4]``) and 4 output words (16 bytes), the two halves of
+  a block on neighbouring lanes (both load the block's scale). A warp's 16-byte stores then
+  cover whole 32-byte sectors: with a whole block per thread each sector took two partial
+  writes (two 16-byte stores) and the L2, not DRAM, was the bottleneck on an H200.
+  Sub-tile 16 rows x 4 blocks, :data:`HALF_BLOCK_CONFIG` sub-tiles per CTA.
+* Otherwise each thread owns whole blocks (sub-tile 32 rows x 4 blocks, or 128 x 1). For an
+  fp32 output the packed block is read as two little-endian words ``uint32 [B, R, KB, 2]``
+  and expanded to ``float32 [B, R, KB, 2, 8]``.
+
+Loads and stores go directly between GMEM and registers; edge tiles are shifted back in
+bounds. Swizzled scales are read directly when ``R % 128 == 0`` and ``K % 64 == 0`` (whole
+blocks per thread); otherwise XLA unswizzles them first (one extra pass over the scales).
+
+Measured on an H200 (copy ceiling 4.3 TB/s r+w, ``benchmarks/results/sweep_dequantize-
+2026-12-02.md``): to bf16, 28672 x 8192 in 159 us (88% of the ceiling; whole blocks per
+thread: 182 us, 77%), 14336 x 4096 42.2 us (83%), 4096 x 4096 13.6 us (74%). On an H100
+(8192 x 8192, copy ceiling 2.89 TB/s, whole blocks per thread): to bf16/fp16 62.7 us (94.9%;
+XLA's reference 240 us), swizzled scales 96.0%; to fp32 203 us (52%: the PTX is tight, one
+8-byte load and four 16-byte stores per block, cause not found); pack_codes / unpack_codes 93%.
 """
 
 from __future__ import annotations
@@ -54,9 +65,12 @@ from nvfp4_jax.kernels.quantize import (
     swizzle_supported,
     swizzled_ref_at,
     swizzled_view_shape,
+    tiled_layout,
 )
 
-#: One sub-tile per CTA measured fastest for dequantize on an H100 (see the module notes).
+#: Tiles measured fastest (see the module notes): four half-block sub-tiles along K per CTA
+#: (bf16/fp16 output, row-major scales); one block sub-tile per CTA otherwise.
+HALF_BLOCK_CONFIG = TileConfig(1, 4)
 DEQUANT_CONFIG = TileConfig(1, 1)
 
 _OUT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
@@ -80,6 +94,13 @@ def _value(code, bscale):
     return lax.bitcast_convert_type(e2m1_decode_bits(code), jnp.float32) * bscale
 
 
+def _half_block_layout(shape, reduce_axes=()):
+    """``[16, 4, 2, 4]`` (rows, blocks, halves, words): each thread owns one half-block (8
+    codes -> 4 words = 16 bytes), the two halves of a block on neighbouring lanes, so one
+    16-byte store per thread writes whole 32-byte sectors across a warp."""
+    return tiled_layout(shape, (4, 4, 2, 4), (-8,), (-4, -3, -2), reduce_axes)
+
+
 @functools.partial(jax.jit, static_argnames=("out_dtype", "swizzled", "interpret", "config"))
 def _dequantize_impl(packed, scales, ts, *, out_dtype, swizzled, interpret, config):
     *lead, half_k = packed.shape
@@ -90,8 +111,13 @@ def _dequantize_impl(packed, scales, ts, *, out_dtype, swizzled, interpret, conf
     if swizzled and not direct_swizzle:
         scales = layouts.unswizzle(scales, rows, kb)
     is_f32 = out_dtype == jnp.float32
+    half = not is_f32 and not direct_swizzle and kb >= 4
+    if config is None:
+        config = HALF_BLOCK_CONFIG if half else DEQUANT_CONFIG
 
-    if is_f32:
+    if half:
+        data = packed.reshape(batch, rows, kb, 2, 4)
+    elif is_f32:
         data = lax.bitcast_convert_type(packed.reshape(batch, rows, kb, 2, 4), jnp.uint32)
     else:
         data = packed.reshape(batch, rows, kb, 8)
@@ -100,9 +126,14 @@ def _dequantize_impl(packed, scales, ts, *, out_dtype, swizzled, interpret, conf
         (data,), prows = _pad_rows([data], rows, kb)
     else:
         (data, scales), prows = _pad_rows([data, scales.reshape(batch, rows, kb)], rows, kb)
-    plan = make_plan(batch, prows, kb, config)
+    plan = make_plan(batch, prows, kb, config, subtile=(16, 4) if half else None)
     rs, cs = plan.rs, plan.cs
-    if is_f32:
+    if half:
+        out_type = jax.ShapeDtypeStruct((batch, prows, kb, 2, 4), jnp.uint32)
+        out_shape = (rs, cs, 2, 4)
+        data_layout = _half_block_layout(out_shape)
+        scale_layout = _half_block_layout(out_shape, (2, 3))
+    elif is_f32:
         out_type = jax.ShapeDtypeStruct((batch, prows, kb, 2, 8), jnp.float32)
         out_shape = (rs, cs, 2, 8)
         data_layout = block_layout(out_shape, (3,))
@@ -112,7 +143,7 @@ def _dequantize_impl(packed, scales, ts, *, out_dtype, swizzled, interpret, conf
         out_shape = (rs, cs, 8)
         data_layout = block_layout(out_shape)
         scale_layout = block_layout(out_shape, (2,))
-    out_layout = block_layout(out_shape)
+    out_layout = _half_block_layout(out_shape) if half else block_layout(out_shape)
     bcast = lambda v: plgpu.layout_cast(lax.broadcast_in_dim(v, out_shape, (0, 1)), out_layout)
 
     def body(data_ref, scale_ref, ts_ref, out_ref):
@@ -158,7 +189,7 @@ def dequantize(
     out_dtype: Any = jnp.bfloat16,
     swizzled: bool = False,
     interpret: Any = False,
-    config: TileConfig = DEQUANT_CONFIG,
+    config: TileConfig | None = None,
 ) -> jax.Array:
     """``e2m1 * (float32(scale) * tensor_scale)`` as ``out_dtype``, shape ``[..., R, K]``.
 
@@ -170,6 +201,8 @@ def dequantize(
       tensor_scale: float32 multiplier, a scalar or one per leading batch entry.
       out_dtype: bfloat16, float16 or float32.
       interpret: run in the Mosaic GPU interpreter (True or a ``plgpu.InterpretGPUParams``).
+      config: sub-tiles per CTA; None: :data:`HALF_BLOCK_CONFIG` where threads own half
+        blocks (bf16/fp16 output, row-major scales, K >= 64), else :data:`DEQUANT_CONFIG`.
     """
     packed = jnp.asarray(packed)
     out_dtype = jnp.dtype(out_dtype)

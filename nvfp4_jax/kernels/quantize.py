@@ -101,6 +101,25 @@ def interpret_params(interpret: Any):
     return interpret
 
 
+def tiled_layout(shape, tile, warp_dims, lane_dims, reduce_axes: tuple[int, ...] = ()):
+    """A ``plgpu.Layout.TILED`` register layout: ``shape`` tiled by ``tile``, the tiled dims
+    ``warp_dims`` / ``lane_dims`` spread over warps / lanes, the last dim vectorised per
+    thread. ``reduce_axes``: the layout of the array reduced over those axes (reduced lane
+    dims become replicated lanes)."""
+    lay = mgpu_fa.TiledLayout(
+        mgpu_fa.Tiling((tuple(shape), tuple(tile))),
+        warp_dims=warp_dims,
+        lane_dims=lane_dims,
+        vector_dim=-1,
+        _check_canonical=False,
+    ).canonicalize()
+    if reduce_axes:
+        lay = lay.reduce(reduce_axes)
+    return plgpu.Layout.TILED(
+        lay.tiling, warp_dims=lay.warp_dims, lane_dims=lay.lane_dims, vector_dim=lay.vector_dim
+    )
+
+
 def block_layout(shape: tuple[int, ...], reduce_axes: tuple[int, ...] = ()):
     """Register layout for ``[rs, cs, *tail]`` arrays in which each of the 128 threads owns
     one ``(row, block)`` pair and its whole ``tail`` (the last tail axis vectorised).
@@ -111,18 +130,7 @@ def block_layout(shape: tuple[int, ...], reduce_axes: tuple[int, ...] = ()):
     rs, cs, *tail = shape
     n = len(shape)
     lanes = (-n, -(n - 1)) if cs > 1 else (-n,)
-    lay = mgpu_fa.TiledLayout(
-        mgpu_fa.Tiling((tuple(shape), (rs // 4, cs, *tail))),
-        warp_dims=(-2 * n,),
-        lane_dims=lanes,
-        vector_dim=-1,
-        _check_canonical=False,
-    ).canonicalize()
-    if reduce_axes:
-        lay = lay.reduce(reduce_axes)
-    return plgpu.Layout.TILED(
-        lay.tiling, warp_dims=lay.warp_dims, lane_dims=lay.lane_dims, vector_dim=lay.vector_dim
-    )
+    return tiled_layout(shape, (rs // 4, cs, *tail), (-2 * n,), lanes, reduce_axes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,9 +178,12 @@ def subtile_shape(kb: int) -> tuple[int, int]:
     return (32, 4) if kb >= 4 else (128, 1)
 
 
-def make_plan(batch: int, rows: int, kb: int, config: TileConfig) -> TilePlan:
-    """Assumes ``rows >= rs`` (callers pad smaller arrays)."""
-    rs, cs = subtile_shape(kb)
+def make_plan(
+    batch: int, rows: int, kb: int, config: TileConfig, subtile: tuple[int, int] | None = None
+) -> TilePlan:
+    """Assumes ``rows >= rs`` (callers pad smaller arrays). ``subtile``: (rows, blocks) of a
+    sub-tile, default :func:`subtile_shape`."""
+    rs, cs = subtile or subtile_shape(kb)
     assert rows >= rs and kb >= cs, (rows, kb)
     tr = rs * max(1, min(config.row_subtiles, rows // rs))
     tc = cs * max(1, min(config.col_subtiles, kb // cs))
