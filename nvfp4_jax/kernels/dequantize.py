@@ -128,11 +128,12 @@ def _dequantize_impl(packed, scales, ts, *, out_dtype, swizzled, interpret, conf
         (data, scales), prows = _pad_rows([data, scales.reshape(batch, rows, kb)], rows, kb)
     plan = make_plan(batch, prows, kb, config, subtile=(16, 4) if half else None)
     rs, cs = plan.rs, plan.cs
+    layout = _half_block_layout if half else block_layout
     if half:
         out_type = jax.ShapeDtypeStruct((batch, prows, kb, 2, 4), jnp.uint32)
         out_shape = (rs, cs, 2, 4)
-        data_layout = _half_block_layout(out_shape)
-        scale_layout = _half_block_layout(out_shape, (2, 3))
+        data_layout = layout(out_shape)
+        scale_layout = layout(out_shape, (2, 3))
     elif is_f32:
         out_type = jax.ShapeDtypeStruct((batch, prows, kb, 2, 8), jnp.float32)
         out_shape = (rs, cs, 2, 8)
@@ -143,7 +144,7 @@ def _dequantize_impl(packed, scales, ts, *, out_dtype, swizzled, interpret, conf
         out_shape = (rs, cs, 8)
         data_layout = block_layout(out_shape)
         scale_layout = block_layout(out_shape, (2,))
-    out_layout = _half_block_layout(out_shape) if half else block_layout(out_shape)
+    out_layout = layout(out_shape)
     bcast = lambda v: plgpu.layout_cast(lax.broadcast_in_dim(v, out_shape, (0, 1)), out_layout)
 
     def body(data_ref, scale_ref, ts_ref, out_ref):
