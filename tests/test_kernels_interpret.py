@@ -432,6 +432,10 @@ def test_rejects_bad_input():
         kq.quantize(jnp.zeros((4, 32), jnp.bfloat16), jnp.ones((3,)))
     with pytest.raises(ValueError):
         kd.dequantize(jnp.zeros((4, 16), jnp.uint8), jnp.zeros((4, 3), jnp.float8_e4m3fn), 1.0)
+    with pytest.raises(TypeError, match="config must be a TileConfig"):
+        kd.dequantize(
+            jnp.zeros((4, 16), jnp.uint8), jnp.zeros((4, 2), jnp.float8_e4m3fn), 1.0, config=(1, 4)
+        )
 
 
 # -- cross-lowering for sm_90 (CPU) --------------------------------------------------------

@@ -205,6 +205,8 @@ def dequantize(
       config: sub-tiles per CTA; None: :data:`HALF_BLOCK_CONFIG` where threads own half
         blocks (bf16/fp16 output, row-major scales, K >= 64), else :data:`DEQUANT_CONFIG`.
     """
+    if config is not None and not isinstance(config, TileConfig):
+        raise TypeError(f"config must be a TileConfig or None, got {config!r}")
     packed = jnp.asarray(packed)
     out_dtype = jnp.dtype(out_dtype)
     if out_dtype not in _OUT_DTYPES:
