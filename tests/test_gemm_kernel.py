@@ -586,6 +586,19 @@ def test_default_config_buckets():
     assert gemm.smem_bytes(long_k, 128) <= gemm._SMEM_BYTES
     assert gemm._out_chunk(long_k, 128) == 64 and gemm._out_chunk(long_k, 104) == 64
     assert gemm._out_chunk(gemm.default_config(1024, 4096, 4096, num_sms=132), 128) == 128
+    # Prefill beyond a wave: the token tile of 128..176 with the least waves * tile_m
+    for m, n, tile_m in (
+        (1024, 14336, 152),  # 392 tiles, 3 waves (128 tokens: 448 tiles, 4 waves)
+        (1536, 14336, 176),
+        (1024, 28672, 128),  # 896 tiles, 6.8 waves: 128 fills them
+        (768, 14336, 128),
+        (4096, 4096, 128),
+        (100, 28672, 128),  # one token tile
+    ):
+        cfg = gemm.default_config(m, n, 4096, num_sms=132, tuned=False)
+        assert (cfg.tile_n, cfg.tile_m) == (256, tile_m), (m, n)
+        assert gemm.smem_bytes(cfg, tile_m) <= gemm._SMEM_BYTES
+    assert [gemm.prefill_token_tile(1024, 14336, sms) for sms in (132, 114)] == [152, 128]
     # split_k=False (the grouped kernel sizes its own split): the tiles without either rule
     for m, n, k, tile_n in ((256, 4096, 4096, 256), (1, 28672, 8192, 256), (1, 4096, 4096, 128)):
         cfg = gemm.default_config(m, n, k, num_sms=132, tuned=False, split_k=False)
@@ -757,6 +770,13 @@ _LOWER_CASES = {
         False,
     ),
     "odd_shapes": (70, 200, 48, G(tile_m=72, tile_k=64), True),
+    "prefill_token_tile_176": (
+        1000,
+        4096,
+        4096,
+        G(tile_n=256, tile_m=176, tile_k=128, stages=2),
+        True,
+    ),
     "decode_overlap": (16, 4096, 4096, G(tile_n=256, tile_m=16, overlap_decode=True), False),
     "splitk_m1_bias": (1, 4096, 4096, G(tile_m=8, tile_k=128, split_k=4), True),
     "splitk_odd": (3, 200, 1024, G(tile_n=256, tile_m=8, tile_k=128, split_k=8), True),
@@ -910,6 +930,8 @@ def test_gpu_warpgroup_past_the_last_feature(n):
         G(tile_n=256, tile_m=16, tile_k=256, overlap_decode=True),
         G(tile_n=256, tile_m=128, tile_k=128, stages=3, overlap_decode=True),
         G(tile_n=128, tile_m=16, stages=2, a_operand="smem"),
+        G(tile_n=256, tile_m=152, tile_k=128, stages=2),  # 4 token tiles, the last 56 rows
+        G(tile_n=256, tile_m=176, tile_k=128, stages=2),
     ],
     ids=str,
 )

@@ -71,8 +71,8 @@ keeping a step's wgmmas in flight across pipeline steps (at most 3% faster, up t
 60% slower, and wrong with 128-token tiles).
 
 Public entry points: :class:`GemmConfig`, :func:`default_config`,
-:func:`single_kernel_config`, :func:`default_grouped_config`, :class:`StreamK`,
-:func:`prepare_weight`, :func:`nvfp4_matmul`,
+:func:`single_kernel_config`, :func:`prefill_token_tile`, :func:`default_grouped_config`,
+:class:`StreamK`, :func:`prepare_weight`, :func:`nvfp4_matmul`,
 :func:`nvfp4_grouped_matmul` and :func:`reference`.
 """
 
@@ -327,8 +327,9 @@ def default_config(
     that follow from them (the grouped kernel, which sizes its own split).
 
     Prefill is bound by the tensor cores and by the decode ALU work, which is amortized
-    over 128-token tiles and 128-row warpgroups (256 x 128 tiles), with split-K where the
-    tiles do not fill the SMs, unless its f32 partial sums would outweigh the weight
+    over 128-token tiles and 128-row warpgroups (256 x 128 tiles; beyond a wave, the token
+    tile of :func:`prefill_token_tile`), with split-K where the tiles do not fill the SMs,
+    unless its f32 partial sums would outweigh the weight
     (N = K = 4096, M = 256: 4 splits write 2x the weight's bytes): then 128 x 128 tiles
     and half the splits (measured 1.17x against 0.95x of bf16 there). Stages are the
     most that fit in SMEM (at most 4). Measured on H100 (jax 0.11.2) with
@@ -349,7 +350,7 @@ def default_config(
         else:  # 64-row warpgroups, split-K to fill the SMs
             cfg = GemmConfig(tile_n=128, tile_m=tile_m, tile_k=max(128, k_group))
     else:
-        cfg = GemmConfig(tile_n=256, tile_m=128, tile_k=k_group)
+        cfg = GemmConfig(tile_n=256, tile_m=prefill_token_tile(m, n, num_sms), tile_k=k_group)
     if _round_up(n, _WGMMA_ROWS) < cfg.tile_n:  # no warpgroup without output features
         cfg = dataclasses.replace(cfg, tile_n=_round_up(n, _WGMMA_ROWS))
     if not split_k:
@@ -370,6 +371,32 @@ def default_config(
         cfg = dataclasses.replace(cfg, tile_n=128)
         splits = _largest_divisor_at_most(k_steps, max(1, num_sms // (2 * ctas)))
     return _fit_stages(dataclasses.replace(cfg, split_k=splits), m, dtype)
+
+
+# Token tiles prefill_token_tile chooses from: 128 (whose SMEM holds 3 pipeline stages of
+# 256-feature tiles) to 176 (the largest measured to fit 2 stages and its output tile).
+_PREFILL_TOKEN_TILES = tuple(range(128, 177, 8))
+
+
+def prefill_token_tile(m: int, n: int, num_sms: int) -> int:
+    """Token tile of a prefill launch (M > 64) with 256-feature tiles: the one of 128, 136,
+    ..., 176 with the least ``waves * tile_m`` (the smallest on ties), ``waves`` being the
+    ``ceil(tiles / num_sms)`` rounds of whole tiles.
+
+    Every tile of a wave takes about the same time, proportional to its tokens (at 128-176
+    tokens the decode hides under the wgmmas: 0.36-0.38 us per token and wave at 14336x4096
+    on the H200), so a last wave that is only partly full costs a whole one. E.g. 14336x4096
+    at M = 1024: 448 tiles of 128 tokens run in 4 waves of 132 (3.39 full), 392 of 152 in 3:
+    173 against 194 us; M = 1536: 176 tokens, 255 against 291 us
+    (benchmarks/results/prefill_token_tile-2026-12-02.md). Where 128 fills its waves, it stays.
+    """
+    n_tiles = -(-n // 256)
+
+    def cost(tile_m: int) -> tuple[int, int]:
+        waves = -(-(n_tiles * -(-max(m, 1) // tile_m)) // num_sms)
+        return waves * tile_m, tile_m
+
+    return min(_PREFILL_TOKEN_TILES, key=cost)
 
 
 def single_kernel_config(
