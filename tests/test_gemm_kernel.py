@@ -357,6 +357,21 @@ def test_interpret_multi_warpgroup_tiles():
         assert _rel_err(y, ref) <= _tolerance(jnp.bfloat16), cfg
 
 
+def test_interpret_prefill_token_tiles():
+    """Token tiles that prefill_token_tile picks beyond a wave of 128-token tiles (64..176),
+    over a token count that leaves the last tile partly empty."""
+    m, n, k = 250, 256, 256
+    data, scales, ts = _random_weight(n, k, seed=23)
+    x = _random_x(m, k, jnp.bfloat16, seed=24)
+    prep = gemm.prepare_weight(jnp.asarray(data), jnp.asarray(scales), ts)
+    ref = _reference64(x, data, scales, ts)
+    for tile_m in (112, 152):
+        cfg = G(tile_n=256, tile_m=tile_m, tile_k=128, stages=2, a_operand="smem")
+        y = gemm.nvfp4_matmul(x, prep, n=n, k=k, config=cfg, interpret=True)
+        assert y.shape == (m, n) and np.isfinite(np.asarray(y, np.float32)).all(), tile_m
+        assert _rel_err(y, ref) <= _tolerance(jnp.bfloat16), tile_m
+
+
 @pytest.mark.parametrize(
     "m,n,k,ctas,dtype,max_tiles",
     [
@@ -586,13 +601,19 @@ def test_default_config_buckets():
     assert gemm.smem_bytes(long_k, 128) <= gemm._SMEM_BYTES
     assert gemm._out_chunk(long_k, 128) == 64 and gemm._out_chunk(long_k, 104) == 64
     assert gemm._out_chunk(gemm.default_config(1024, 4096, 4096, num_sms=132), 128) == 128
-    # Prefill beyond a wave: the token tile of 128..176 with the least waves * tile_m
+    # Prefill beyond a wave: the token tile with the least waves * (tile_m + 64) where that
+    # is predicted at least 8% faster than 128
     for m, n, tile_m in (
         (1024, 14336, 152),  # 392 tiles, 3 waves (128 tokens: 448 tiles, 4 waves)
         (1536, 14336, 176),
-        (1024, 28672, 128),  # 896 tiles, 6.8 waves: 128 fills them
-        (768, 14336, 128),
+        (384, 14336, 96),
+        (768, 14336, 112),
+        (640, 14336, 160),
+        (768, 28672, 112),
+        (1024, 28672, 128),  # 152 tokens: 6 waves instead of 7, predicted only 4% faster
+        (512, 14336, 128),
         (4096, 4096, 128),
+        (256, 14336, 128),  # one wave
         (100, 28672, 128),  # one token tile
     ):
         cfg = gemm.default_config(m, n, 4096, num_sms=132, tuned=False)
@@ -770,6 +791,13 @@ _LOWER_CASES = {
         False,
     ),
     "odd_shapes": (70, 200, 48, G(tile_m=72, tile_k=64), True),
+    "prefill_token_tile_112": (
+        768,
+        14336,
+        4096,
+        G(tile_n=256, tile_m=112, tile_k=128, stages=3),
+        True,
+    ),
     "prefill_token_tile_176": (
         1000,
         4096,
@@ -932,6 +960,8 @@ def test_gpu_warpgroup_past_the_last_feature(n):
         G(tile_n=128, tile_m=16, stages=2, a_operand="smem"),
         G(tile_n=256, tile_m=152, tile_k=128, stages=2),  # 4 token tiles, the last 56 rows
         G(tile_n=256, tile_m=176, tile_k=128, stages=2),
+        G(tile_n=256, tile_m=96, tile_k=128, stages=4),  # 6 token tiles, the last 32 rows
+        G(tile_n=256, tile_m=112, tile_k=128, stages=3),
     ],
     ids=str,
 )

@@ -373,30 +373,43 @@ def default_config(
     return _fit_stages(dataclasses.replace(cfg, split_k=splits), m, dtype)
 
 
-# Token tiles prefill_token_tile chooses from: 128 (whose SMEM holds 3 pipeline stages of
-# 256-feature tiles) to 176 (the largest measured to fit 2 stages and its output tile).
-_PREFILL_TOKEN_TILES = tuple(range(128, 177, 8))
+# Token tiles prefill_token_tile chooses from: 64 to 176 (the largest measured to fit 2
+# pipeline stages and its output tile next to 256-feature tiles).
+_PREFILL_TOKEN_TILES = tuple(range(64, 177, 8))
+# Fixed cost of a 256-feature tile in tokens (decode, pipeline fill, epilogue): a tile of T
+# tokens takes (T + 64) * 0.26 us per 4096 of K on the H200 (fit over T = 64..176).
+_TILE_COST_TOKENS = 64
+# The least predicted gain for leaving 128-token tiles (the model's error: up to 6%).
+_TOKEN_TILE_MIN_GAIN = 0.08
 
 
 def prefill_token_tile(m: int, n: int, num_sms: int) -> int:
-    """Token tile of a prefill launch (M > 64) with 256-feature tiles: the one of 128, 136,
-    ..., 176 with the least ``waves * tile_m`` (the smallest on ties), ``waves`` being the
-    ``ceil(tiles / num_sms)`` rounds of whole tiles.
+    """Token tile of a prefill launch (M > 64) with 256-feature tiles.
 
-    Every tile of a wave takes about the same time, proportional to its tokens (at 128-176
-    tokens the decode hides under the wgmmas: 0.36-0.38 us per token and wave at 14336x4096
-    on the H200), so a last wave that is only partly full costs a whole one. E.g. 14336x4096
-    at M = 1024: 448 tiles of 128 tokens run in 4 waves of 132 (3.39 full), 392 of 152 in 3:
-    173 against 194 us; M = 1536: 176 tokens, 255 against 291 us
-    (benchmarks/results/prefill_token_tile-2026-12-02.md). Where 128 fills its waves, it stays.
+    128 where its ``n_tiles * ceil(m / 128)`` tiles fit one wave of ``num_sms`` (split-K
+    fills the SMs then). Beyond a wave, every tile of a wave takes about the same time,
+    ``T + 64`` token-equivalents for ``T`` tokens (0.26 us per token-equivalent per 4096 of
+    K at 14336x4096 on the H200, fit over T = 64..176), and a last wave that is only partly
+    full costs a whole one, so a launch costs ``ceil(tiles / num_sms) * (T + 64)``. The T of
+    64, 72, ..., 176 with the least cost (the smallest on ties) replaces 128 where it is
+    predicted at least 8% faster (the model erred by up to 6% on the measured shapes).
+
+    E.g. 14336x4096 at M = 1024: 448 tiles of 128 tokens run in 4 waves (3.39 full), 392
+    of 152 in 3: 173 against 194 us; M = 384: 96 tokens, 82 against 99 us; M = 768: 112
+    tokens, 137 against 146 us; 28672x8192 at M = 768: 112 tokens, 526 against 558 us
+    (benchmarks/results/prefill_token_tile-2026-12-02.md).
     """
     n_tiles = -(-n // 256)
+    m = max(m, 1)
 
-    def cost(tile_m: int) -> tuple[int, int]:
-        waves = -(-(n_tiles * -(-max(m, 1) // tile_m)) // num_sms)
-        return waves * tile_m, tile_m
+    def cost(tile_m: int) -> int:
+        waves = -(-(n_tiles * -(-m // tile_m)) // num_sms)
+        return waves * (tile_m + _TILE_COST_TOKENS)
 
-    return min(_PREFILL_TOKEN_TILES, key=cost)
+    if n_tiles * -(-m // 128) <= num_sms:
+        return 128
+    best = min(_PREFILL_TOKEN_TILES, key=lambda t: (cost(t), t))
+    return best if cost(best) <= (1 - _TOKEN_TILE_MIN_GAIN) * cost(128) else 128
 
 
 def single_kernel_config(
