@@ -620,6 +620,9 @@ def test_default_config_buckets():
         assert (cfg.tile_n, cfg.tile_m) == (256, tile_m), (m, n)
         assert gemm.smem_bytes(cfg, tile_m) <= gemm._SMEM_BYTES
     assert [gemm.prefill_token_tile(1024, 14336, sms) for sms in (132, 114)] == [152, 128]
+    for bad in ((-1, 256, 132, "m"), (8, 0, 132, "n"), (8, 256, 0, "num_sms"), (8.0, 256, 1, "m")):
+        with pytest.raises(ValueError, match=f"{bad[3]} must be an int"):
+            gemm.prefill_token_tile(*bad[:3])
     # split_k=False (the grouped kernel sizes its own split): the tiles without either rule
     for m, n, k, tile_n in ((256, 4096, 4096, 256), (1, 28672, 8192, 256), (1, 4096, 4096, 128)):
         cfg = gemm.default_config(m, n, k, num_sms=132, tuned=False, split_k=False)

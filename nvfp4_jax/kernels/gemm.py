@@ -399,6 +399,9 @@ def prefill_token_tile(m: int, n: int, num_sms: int) -> int:
     tokens, 137 against 146 us; 28672x8192 at M = 768: 112 tokens, 526 against 558 us
     (benchmarks/results/prefill_token_tile-2026-12-02.md).
     """
+    for name, value, least in (("m", m, 0), ("n", n, 1), ("num_sms", num_sms, 1)):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < least:
+            raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
     n_tiles = -(-n // 256)
     m = max(m, 1)
 
