@@ -357,6 +357,25 @@ def test_interpret_multi_warpgroup_tiles():
         assert _rel_err(y, ref) <= _tolerance(jnp.bfloat16), cfg
 
 
+def test_interpret_warpgroups_split_k():
+    """wg_split='k': two compute warpgroups share 64 or 128 features and split each step's
+    k-groups; with XLA split-K, bias, a ragged N and M, more steps than stages. (Three
+    warpgroups: cross-lowered and on the GPU; the interpreter stalled with them here.)"""
+    m, n, k = 19, 200, 1536
+    data, scales, ts = _random_weight(n, k, seed=25)
+    x = _random_x(m, k, jnp.bfloat16, seed=26)
+    bias = jnp.asarray(np.random.default_rng((_SALT, 27)).standard_normal(n).astype(np.float32))
+    prep = gemm.prepare_weight(jnp.asarray(data), jnp.asarray(scales), ts)
+    assert prep.k_group == 128
+    ref = _reference64(x, data, scales, ts, bias)
+    for cfg in (
+        G(tile_n=64, tile_m=24, tile_k=256, stages=2, wg_split="k", a_operand="smem"),
+        G(tile_n=128, tile_m=8, tile_k=256, stages=2, split_k=2, wg_split="k", a_operand="smem"),
+    ):
+        out = gemm.nvfp4_matmul(x, prep, n=n, k=k, bias=bias, config=cfg, interpret=True)
+        assert _rel_err(out, ref) <= _tolerance(jnp.bfloat16), cfg
+
+
 def test_interpret_prefill_token_tiles():
     """Token tiles that prefill_token_tile picks beyond a wave of 128-token tiles (64..176),
     over a token count that leaves the last tile partly empty."""
@@ -484,8 +503,10 @@ def test_race_detector_sees_a_race():
         ),
         # stream-K: 3 CTAs over 2 tiles x 4 steps; the second run crosses into tile 1
         G(tile_n=128, tile_m=8, tile_k=128, stages=2, stream_k=3, a_operand="smem"),
+        # two warpgroups over the same rows: the SMEM hand-over of a partial sum
+        G(tile_n=64, tile_m=8, tile_k=256, stages=2, wg_split="k", a_operand="smem"),
     ],
-    ids=["two_wgs_stages2", "split_k2", "stream_k3"],
+    ids=["two_wgs_stages2", "split_k2", "stream_k3", "wg_split_k"],
 )
 def test_interpreter_finds_no_races(cfg):
     m, n, k = 20, 136, 512
@@ -516,6 +537,14 @@ def test_config_validation():
         G(a_operand="tmem")
     with pytest.raises(ValueError, match="overlap_decode needs a_operand='registers'"):
         G(a_operand="smem", overlap_decode=True)
+    with pytest.raises(ValueError, match="wg_split must be"):
+        G(wg_split="cols")
+    with pytest.raises(ValueError, match="wg_split='k' needs tile_n 64 or 128"):
+        G(tile_n=256, wg_split="k")
+    with pytest.raises(ValueError, match="no stream-K"):
+        G(tile_n=64, wg_split="k", stream_k=8)
+    assert G(tile_n=64, wg_split="k").wg_rows == 64
+    assert G(tile_n=128, wg_split="k").num_compute_wgs == 2
 
 
 def test_wrapper_validation():
@@ -826,6 +855,35 @@ _LOWER_CASES = {
         G(tile_n=256, tile_m=64, tile_k=64, stream_k=132, stages=4),
         True,
     ),
+    "wg_split_k_cluster_m1_bias": (
+        1,
+        4096,
+        4096,
+        G(tile_n=64, tile_m=8, tile_k=256, split_k=2, split_k_reduce="cluster", wg_split="k"),
+        True,
+    ),
+    "wg_split_k_m64": (
+        64,
+        4096,
+        4096,
+        G(
+            tile_n=128,
+            tile_m=64,
+            tile_k=256,
+            stages=2,
+            split_k=2,
+            split_k_reduce="cluster",
+            wg_split="k",
+        ),
+        False,
+    ),
+    "wg_split_k3_bias": (
+        16,
+        4096,
+        14336,
+        G(tile_n=64, compute_wgs=3, tile_m=16, tile_k=384, split_k=2, wg_split="k"),
+        True,
+    ),
     "cluster_m16": (
         16,
         4096,
@@ -1007,6 +1065,42 @@ def test_gpu_configs(cfg):
         (3, 1000, 1040, G(tile_n=128, tile_m=8, tile_k=64, stream_k=3)),  # up to 4 tiles a run
         # f32 partials of 128-token tiles stored in 64-token chunks (the last one 40 tokens)
         (232, 4096, 14336, G(tile_n=256, tile_m=128, tile_k=128, stages=3, split_k=4)),
+        # warpgroups splitting each step's k-groups, alone and under cluster/XLA split-K
+        (
+            1,
+            4096,
+            4096,
+            G(tile_n=64, tile_m=8, tile_k=256, split_k=2, split_k_reduce="cluster", wg_split="k"),
+        ),
+        (
+            16,
+            4096,
+            4096,
+            G(tile_n=64, tile_m=16, tile_k=256, split_k=2, split_k_reduce="cluster", wg_split="k"),
+        ),
+        (
+            3,
+            200,
+            1024,
+            G(tile_n=64, tile_m=8, tile_k=256, split_k=4, split_k_reduce="cluster", wg_split="k"),
+        ),
+        (17, 1000, 2048, G(tile_n=128, tile_m=24, tile_k=256, split_k=2, wg_split="k")),
+        (
+            64,
+            4096,
+            14336,
+            G(
+                tile_n=64,
+                compute_wgs=3,
+                tile_m=64,
+                tile_k=384,
+                stages=2,
+                split_k=2,
+                split_k_reduce="cluster",
+                wg_split="k",
+            ),
+        ),
+        (130, 320, 4096, G(tile_n=128, tile_m=64, tile_k=256, stages=3, wg_split="k")),
     ],
     ids=lambda v: (
         str(v)
@@ -1014,6 +1108,7 @@ def test_gpu_configs(cfg):
         else f"n{v.tile_n}m{v.tile_m}k{v.tile_k}sk{v.split_k}"
         + ("c" if v.cluster_reduce else "")
         + (f"st{v.stream_k}" if v.stream_k else "")
+        + (f"wk{v.num_compute_wgs}" if v.wg_split == "k" else "")
     ),
 )
 def test_gpu_split_k(m, n, k, cfg):
