@@ -32,8 +32,8 @@ def sweep(m: int, n: int, k: int, k_group: int | None = None):
     """The default config, then a grid around it (for ``--configs``). Decode (M <= 64):
     128/256-feature tiles, tile_k one or two k-groups, 4 or 8 pipeline stages (fewer where SMEM is
     short), and the two largest split-K values that keep the grid within one wave, with
-    XLA and (split-K 2 to 4; 8-CTA clusters measured slower) cluster reduction,
-    64-feature tiles of two warpgroups splitting K (``wg_split="k"``), and stream-K over all SMs. Prefill:
+    XLA and (split-K 2 to 4; 8-CTA clusters measured slower) cluster reduction, and
+    stream-K over all SMs. Prefill:
     tile shapes, tile_k, stages, with and without ``overlap_decode``, and the dequantize
     route. ``k_group``: the prepared weight's (None: the default for ``k``)."""
     k_group = k_group or gemm.default_k_group(k)
@@ -55,8 +55,6 @@ def sweep(m: int, n: int, k: int, k_group: int | None = None):
                 for reduce in ("xla", "cluster") if 2 <= split_k <= 4 else ("xla",):
                     cfg = dataclasses.replace(cfg, split_k_reduce=reduce)
                     yield gemm._fit_stages(cfg, m, jnp.bfloat16)
-            if tile_n == 128:  # 64-feature tiles, two warpgroups splitting each step's K
-                yield from _wg_split_k_configs(base, m, n, k, 2 * tile_k, stages, num_sms)
             if num_sms <= tiles * steps:  # stream-K over all SMs (a unit per CTA)
                 cfg = dataclasses.replace(
                     base,
@@ -77,29 +75,6 @@ def sweep(m: int, n: int, k: int, k_group: int | None = None):
             yield dataclasses.replace(base, **dict(zip(keys, values)))
         if plan != DEQUANTIZE:
             yield DEQUANTIZE
-
-
-def _wg_split_k_configs(base, m: int, n: int, k: int, tile_k: int, stages: int, num_sms: int):
-    """``wg_split="k"`` decode configs: 64-feature tiles whose two warpgroups take alternate
-    k-groups of a ``tile_k``-deep step, with the two largest split-K values that keep one
-    wave, reduced in a cluster (2 to 4) or by XLA."""
-    tiles = -(-n // 64) * -(-m // base.tile_m)
-    steps = -(-k // tile_k)
-    splits = [s for s in range(1, 9) if steps % s == 0 and tiles * s <= num_sms] or [1]
-    for split_k in splits[-2:]:
-        for reduce in ("xla", "cluster") if 2 <= split_k <= 4 else ("xla",):
-            cfg = dataclasses.replace(
-                base,
-                tile_n=64,
-                compute_wgs=2,
-                wg_split="k",
-                tile_k=tile_k,
-                stages=stages,
-                split_k=split_k,
-                split_k_reduce=reduce,
-                stream_k=0,
-            )
-            yield gemm._fit_stages(cfg, m, jnp.bfloat16)
 
 
 def fastest(configs, x, copies, iterations: int, verbose: bool = True):

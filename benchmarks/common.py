@@ -93,7 +93,6 @@ def config_label(cfg) -> str:
         f"n{cfg.tile_n} m{cfg.tile_m} k{cfg.tile_k} s{cfg.stages} sk{cfg.split_k}"
         + (" cluster" if cfg.cluster_reduce else "")
         + (f" stream{cfg.stream_k}" if cfg.stream_k else "")
-        + (f" wgk{cfg.num_compute_wgs}" if cfg.wg_split == "k" else "")
         + ("" if cfg.use_overlap_decode else " serial")
     )
 

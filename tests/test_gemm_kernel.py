@@ -357,25 +357,6 @@ def test_interpret_multi_warpgroup_tiles():
         assert _rel_err(y, ref) <= _tolerance(jnp.bfloat16), cfg
 
 
-def test_interpret_warpgroups_split_k():
-    """wg_split='k': two compute warpgroups share 64 or 128 features and split each step's
-    k-groups; with XLA split-K, bias, a ragged N and M, more steps than stages. (Three
-    warpgroups: cross-lowered and on the GPU; the interpreter stalled with them here.)"""
-    m, n, k = 19, 200, 1536
-    data, scales, ts = _random_weight(n, k, seed=25)
-    x = _random_x(m, k, jnp.bfloat16, seed=26)
-    bias = jnp.asarray(np.random.default_rng((_SALT, 27)).standard_normal(n).astype(np.float32))
-    prep = gemm.prepare_weight(jnp.asarray(data), jnp.asarray(scales), ts)
-    assert prep.k_group == 128
-    ref = _reference64(x, data, scales, ts, bias)
-    for cfg in (
-        G(tile_n=64, tile_m=24, tile_k=256, stages=2, wg_split="k", a_operand="smem"),
-        G(tile_n=128, tile_m=8, tile_k=256, stages=2, split_k=2, wg_split="k", a_operand="smem"),
-    ):
-        out = gemm.nvfp4_matmul(x, prep, n=n, k=k, bias=bias, config=cfg, interpret=True)
-        assert _rel_err(out, ref) <= _tolerance(jnp.bfloat16), cfg
-
-
 def test_interpret_prefill_token_tiles():
     """Token tiles that prefill_token_tile picks beyond a wave of 128-token tiles (64..176),
     over a token count that leaves the last tile partly empty."""
@@ -503,10 +484,8 @@ def test_race_detector_sees_a_race():
         ),
         # stream-K: 3 CTAs over 2 tiles x 4 steps; the second run crosses into tile 1
         G(tile_n=128, tile_m=8, tile_k=128, stages=2, stream_k=3, a_operand="smem"),
-        # two warpgroups over the same rows: the SMEM hand-over of a partial sum
-        G(tile_n=64, tile_m=8, tile_k=256, stages=2, wg_split="k", a_operand="smem"),
     ],
-    ids=["two_wgs_stages2", "split_k2", "stream_k3", "wg_split_k"],
+    ids=["two_wgs_stages2", "split_k2", "stream_k3"],
 )
 def test_interpreter_finds_no_races(cfg):
     m, n, k = 20, 136, 512
@@ -537,14 +516,6 @@ def test_config_validation():
         G(a_operand="tmem")
     with pytest.raises(ValueError, match="overlap_decode needs a_operand='registers'"):
         G(a_operand="smem", overlap_decode=True)
-    with pytest.raises(ValueError, match="wg_split must be"):
-        G(wg_split="cols")
-    with pytest.raises(ValueError, match="wg_split='k' needs tile_n 64 or 128"):
-        G(tile_n=256, wg_split="k")
-    with pytest.raises(ValueError, match="no stream-K"):
-        G(tile_n=64, wg_split="k", stream_k=8)
-    assert G(tile_n=64, wg_split="k").wg_rows == 64
-    assert G(tile_n=128, wg_split="k").num_compute_wgs == 2
 
 
 def test_wrapper_validation():
@@ -763,6 +734,42 @@ def test_sass_mix_finds_the_wgmma_loop():
     assert [op for _, op, _ in loop] == ["LOP3", "HGMMA", "BRA"]
 
 
+def test_trace_phases_from_a_trace_file(tmp_path):
+    """benchmarks/trace_matmul.py recovers phase times from a Mosaic GPU trace file, whose
+    timestamps are a warpgroup's global-timer start (ns) plus SM cycles since its first
+    event, both over 1000."""
+    import json
+
+    from benchmarks import trace_matmul
+
+    def ev(name, ph, ts, tid):
+        return {"name": name, "ph": ph, "ts": ts, "pid": 1, "tid": tid}
+
+    events = [ev("setup", "B", 100.0, 1), ev("setup", "E", 100.02, 1)]  # the TMA warpgroup
+    events += [ev("setup", "B", 100.5, 2), ev("setup", "E", 100.52, 2)]
+    events += [ev("step", ph, t, 2) for ph, t in zip("BEBE", (102.5, 103.5, 104.5, 105.5))]
+    events += [ev("epilogue", "B", 106.5, 2), ev("epilogue", "E", 108.5, 2)]
+    path = tmp_path / "1-trace.json"
+    path.write_text(json.dumps({"displayTimeUnit": "ns", "traceEvents": events}))
+    got = trace_matmul.phases(str(path), clock_ghz=2.0)  # 1000 cycles: 0.5 us
+    want = {
+        "CTA start": [0.0, 0.5],
+        "first step begins": [1.5],
+        "step": [0.5, 0.5],
+        "wait between steps": [0.5],
+        "last step end to epilogue": [0.5],
+        "epilogue": [1.0],
+        "compute warpgroup ends": [4.5],
+    }
+    assert {k: pytest.approx(v) for k, v in want.items()} == dict(got)
+    assert trace_matmul.parse_overrides("tile_n=128,split_k_reduce=cluster") == {
+        "tile_n": 128,
+        "split_k_reduce": "cluster",
+    }
+    with pytest.raises(ValueError, match="unknown GemmConfig field 'tile_x'"):
+        trace_matmul.parse_overrides("tile_x=1")
+
+
 def test_tune_script_rewrites_only_the_table(tmp_path):
     from benchmarks import tune_matmul
 
@@ -853,35 +860,6 @@ _LOWER_CASES = {
         4096,
         14336,
         G(tile_n=256, tile_m=64, tile_k=64, stream_k=132, stages=4),
-        True,
-    ),
-    "wg_split_k_cluster_m1_bias": (
-        1,
-        4096,
-        4096,
-        G(tile_n=64, tile_m=8, tile_k=256, split_k=2, split_k_reduce="cluster", wg_split="k"),
-        True,
-    ),
-    "wg_split_k_m64": (
-        64,
-        4096,
-        4096,
-        G(
-            tile_n=128,
-            tile_m=64,
-            tile_k=256,
-            stages=2,
-            split_k=2,
-            split_k_reduce="cluster",
-            wg_split="k",
-        ),
-        False,
-    ),
-    "wg_split_k3_bias": (
-        16,
-        4096,
-        14336,
-        G(tile_n=64, compute_wgs=3, tile_m=16, tile_k=384, split_k=2, wg_split="k"),
         True,
     ),
     "cluster_m16": (
@@ -1000,6 +978,27 @@ def test_gpu_registers_odd_shapes(m, n, k):
 
 
 @gpu
+def test_gpu_trace_matmul(tmp_path):
+    """A profiled launch writes a trace with every warpgroup's setup and every compute
+    warpgroup's steps and epilogue, in order."""
+    import nvfp4_jax as nv
+    from benchmarks import trace_matmul
+
+    m, n, k = 3, 512, 1024
+    w = nv.prepare(nv.quantize(jax.random.normal(jax.random.key(_SALT % 2**31), (k, n)), axis=0))
+    x = _random_x(m, k, jnp.bfloat16, seed=7)
+    cfg = G(tile_n=128, tile_m=8, tile_k=128, split_k=2)
+    path = trace_matmul.traced_call(x, w, cfg, str(tmp_path), events=64)
+    got = trace_matmul.phases(path, clock_ghz=1.98)
+    ctas, steps = (n // 128) * 2, k // 128 // 2
+    assert len(got["CTA start"]) == 3 * ctas  # two compute warpgroups and the TMA one
+    assert len(got["step"]) == 2 * ctas * steps and len(got["epilogue"]) == 2 * ctas
+    assert min(got["step"]) > 0 and min(got["wait between steps"]) >= 0
+    assert max(got["CTA start"]) < min(got["first step begins"])
+    assert max(got["first step begins"]) < max(got["compute warpgroup ends"])
+
+
+@gpu
 @pytest.mark.parametrize("n", [64, 320])
 def test_gpu_warpgroup_past_the_last_feature(n):
     """The last tile's second warpgroup holds no output feature (fused epilogue)."""
@@ -1065,42 +1064,6 @@ def test_gpu_configs(cfg):
         (3, 1000, 1040, G(tile_n=128, tile_m=8, tile_k=64, stream_k=3)),  # up to 4 tiles a run
         # f32 partials of 128-token tiles stored in 64-token chunks (the last one 40 tokens)
         (232, 4096, 14336, G(tile_n=256, tile_m=128, tile_k=128, stages=3, split_k=4)),
-        # warpgroups splitting each step's k-groups, alone and under cluster/XLA split-K
-        (
-            1,
-            4096,
-            4096,
-            G(tile_n=64, tile_m=8, tile_k=256, split_k=2, split_k_reduce="cluster", wg_split="k"),
-        ),
-        (
-            16,
-            4096,
-            4096,
-            G(tile_n=64, tile_m=16, tile_k=256, split_k=2, split_k_reduce="cluster", wg_split="k"),
-        ),
-        (
-            3,
-            200,
-            1024,
-            G(tile_n=64, tile_m=8, tile_k=256, split_k=4, split_k_reduce="cluster", wg_split="k"),
-        ),
-        (17, 1000, 2048, G(tile_n=128, tile_m=24, tile_k=256, split_k=2, wg_split="k")),
-        (
-            64,
-            4096,
-            14336,
-            G(
-                tile_n=64,
-                compute_wgs=3,
-                tile_m=64,
-                tile_k=384,
-                stages=2,
-                split_k=2,
-                split_k_reduce="cluster",
-                wg_split="k",
-            ),
-        ),
-        (130, 320, 4096, G(tile_n=128, tile_m=64, tile_k=256, stages=3, wg_split="k")),
     ],
     ids=lambda v: (
         str(v)
@@ -1108,7 +1071,6 @@ def test_gpu_configs(cfg):
         else f"n{v.tile_n}m{v.tile_m}k{v.tile_k}sk{v.split_k}"
         + ("c" if v.cluster_reduce else "")
         + (f"st{v.stream_k}" if v.stream_k else "")
-        + (f"wk{v.num_compute_wgs}" if v.wg_split == "k" else "")
     ),
 )
 def test_gpu_split_k(m, n, k, cfg):

@@ -124,7 +124,6 @@ _COMPACT_INF = 18 << 3
 
 AOperand = Literal["registers", "smem"]
 SplitKReduce = Literal["xla", "cluster"]
-WgSplit = Literal["rows", "k"]
 # Largest portable thread-block cluster (CTAs), the bound on cluster split-K.
 _MAX_CLUSTER = 8
 
@@ -161,17 +160,7 @@ class GemmConfig:
         portable select-based jnp decode. None: fast for "registers", portable
         for "smem".
       compute_wgs: compute warpgroups per CTA (1 to 3; one more warpgroup issues
-        the TMA copies). None: ``tile_n // 64`` for ``tile_n <= 192``, else 2
-        (``wg_split="k"``: 2).
-      wg_split: how the compute warpgroups share a tile. "rows": each owns
-        ``tile_n / compute_wgs`` output features. "k": each covers all ``tile_n``
-        (64 or 128) features and takes every ``compute_wgs``-th k-group of a step
-        (``tile_k`` a multiple of ``compute_wgs * k_group``); the first adds the
-        others' partial sums through SMEM before the epilogue. That halves the
-        features per CTA at the same work per step, so a small N fills the SMs
-        with fewer CTAs per tile: e.g. 4096 features as 64 tiles of 64 in
-        clusters of 2 (``split_k=2, split_k_reduce="cluster"``), one kernel
-        where rows would need 4 splits and an XLA reduction. Not with stream-K.
+        the TMA copies). None: ``tile_n // 64`` for ``tile_n <= 192``, else 2.
       overlap_decode: issue the wgmmas of every k-group of a step back to back and
         wait once per step, so a warpgroup decodes k-group ``g + 1`` while the
         tensor cores run k-group ``g`` (ptxas keeps the register operands live
@@ -199,7 +188,6 @@ class GemmConfig:
     compute_wgs: int | None = None
     overlap_decode: bool | None = None
     stream_k: int = 0
-    wg_split: WgSplit = "rows"
 
     def __post_init__(self):
         if self.tile_n % _WGMMA_ROWS or not 64 <= self.tile_n <= 256:  # TMA box <= 256
@@ -233,17 +221,7 @@ class GemmConfig:
                 "overlap_decode needs a_operand='registers' (the SMEM operand buffer is"
                 " rewritten by the next k-group)"
             )
-        if self.wg_split not in ("rows", "k"):
-            raise ValueError(f"wg_split must be 'rows' or 'k', got {self.wg_split!r}")
         wgs = self.num_compute_wgs
-        if self.wg_split == "k":
-            if self.tile_n not in (64, 128) or not 1 <= wgs <= 3 or self.stream_k:
-                raise ValueError(
-                    "wg_split='k' needs tile_n 64 or 128, 1..3 compute warpgroups and no"
-                    f" stream-K, got tile_n={self.tile_n}, compute_wgs={self.compute_wgs},"
-                    f" stream_k={self.stream_k}"
-                )
-            return
         # Four compute warpgroups hung on an H100 (observed). Likely cause: the
         # warp-specialized pipeline asks setmaxnreg for (512 - 40) / 4 registers
         # per compute thread, more than a 640-thread launch holds.
@@ -274,19 +252,11 @@ class GemmConfig:
     def num_compute_wgs(self) -> int:
         if self.compute_wgs is not None:
             return self.compute_wgs
-        if self.wg_split == "k":
-            return 2
         return self.tile_n // _WGMMA_ROWS if self.tile_n <= 192 else 2
 
     @property
     def wg_rows(self) -> int:
-        """Output features of one compute warpgroup."""
-        return self.tile_n if self.wg_split == "k" else self.tile_n // self.num_compute_wgs
-
-    @property
-    def red_wgs(self) -> int:
-        """Warpgroups per CTA that take part in a cluster split-K reduction."""
-        return 1 if self.wg_split == "k" else self.num_compute_wgs
+        return self.tile_n // self.num_compute_wgs
 
 
 def _round_up(x: int, m: int) -> int:
@@ -460,13 +430,7 @@ def single_kernel_config(
         return _fit_stages(dataclasses.replace(cfg, stream_k=0), m, dtype)
     if cfg.split_k == 1 or cfg.cluster_reduce:
         return cfg
-    if (
-        cfg.tile_n == 128
-        and cfg.wg_split == "rows"
-        and m <= 16
-        and n is not None
-        and _round_up(n, _WGMMA_ROWS) >= 256
-    ):
+    if cfg.tile_n == 128 and m <= 16 and n is not None and _round_up(n, _WGMMA_ROWS) >= 256:
         cfg = dataclasses.replace(cfg, tile_n=256, compute_wgs=None, split_k=2 * cfg.split_k)
     k_steps = -(-k // cfg.tile_k)
     for split_k in range(min(cfg.split_k, 4), 1, -1):
@@ -488,7 +452,6 @@ def tuned_config(entry: gemm_tuned.Tuned) -> GemmConfig:
         split_k=entry.split_k,
         split_k_reduce=entry.split_k_reduce,
         stream_k=entry.stream_k,
-        wg_split=entry.wg_split,
     )
 
 
@@ -931,9 +894,7 @@ def _gemm_kernel(
     bias_smem,
     bias_barrier,
     red_smem,
-    red_barrier,
-    wg_red_smem,
-    wg_red_barrier,  # scratch
+    red_barrier,  # scratch
     *,
     cfg: GemmConfig,
     tile_m: int,
@@ -963,13 +924,8 @@ def _gemm_kernel(
 
     Cluster split-K (``red_smem`` given): split ``s > 0`` sends its f32 ``[rows,
     tile_m]`` accumulator into slot ``s - 1`` of split 0's ``red_smem [split_k - 1,
-    cfg.red_wgs, rows, tile_m]``; split 0 waits on ``red_barrier`` (one per
-    warpgroup), adds the slots in order and runs the fused epilogue.
-
-    ``wg_split="k"``: compute warpgroup ``w > 0`` stores its accumulator into
-    ``wg_red_smem [wgs - 1, rows, tile_m]`` slot ``w - 1`` and arrives on
-    ``wg_red_barrier``; warpgroup 0 adds the slots in order and alone goes on to the
-    split-K reduction or the store.
+    wgs, rows, tile_m]``; split 0 waits on ``red_barrier`` (one per warpgroup), adds
+    the slots in order and runs the fused epilogue.
     """
     num_wgs, rows = cfg.num_compute_wgs, cfg.wg_rows
     lanes = k_group // _CODES_PER_LANE  # columns of one quarter
@@ -982,9 +938,7 @@ def _gemm_kernel(
         m_idx = lax.axis_index("m")
         s_idx = lax.axis_index("s")
         wg = lax.axis_index("wg")
-    split_rows = cfg.wg_split == "rows"
-    row0 = wg * rows if split_rows else 0  # this warpgroup's first feature in the tile
-    row_slice = pl.ds(row0, rows)
+    row_slice = pl.ds(wg * rows, rows)
     if stream is None:
         k0 = s_idx * k_steps  # first pipeline step of this split
         step_of = lambda j: k0 + j
@@ -1034,7 +988,7 @@ def _gemm_kernel(
         """Dequantized k-group ``g`` of this step: 4 x dtype [rows, lanes] (WGMMA)."""
         w = w_smem[g, row_slice, :]
         if fast:  # this warpgroup's rows of the k-group's scales: [rows/16, kg]
-            bands = s_smem.at[g, pl.ds(row0 // _BLOCK, rows // _BLOCK)]
+            bands = s_smem.at[g, pl.ds(wg * (rows // _BLOCK), rows // _BLOCK)]
             return _decode_scaled_fast(w, bands, dtype)
         out = []
         for q in range(_CODES_PER_LANE):
@@ -1055,57 +1009,31 @@ def _gemm_kernel(
             # (not awaited: the pipeline goes on; the next store waits for it)
             pl.when(enters)(lambda: store(acc_ref[...], slot=slot, wait=False))
 
-        def groups(gs):
+        for g in range(groups_per_step):
             # The whole k-group is decoded before its wgmmas are issued. Without
             # overlap_decode they are awaited before the next k-group is decoded;
             # with it, ptxas keeps the register operands of in-flight wgmmas live
             # until the step's single wait. Keeping them in flight across steps
             # instead gave wrong results (prefill-2026-11-23.md). The other compute
             # warpgroups keep the tensor cores busy meanwhile.
-            for g in gs:
-                for q, a in enumerate(decode_group(w_smem, s_smem, g)):
-                    quarter = g * _CODES_PER_LANE + q
-                    x_t = x_smem.at[:, pl.ds(quarter * lanes, lanes)].T
-                    if cfg.a_operand == "smem":
-                        a_ref = a_smem.at[wg, q]
-                        a_ref[...] = a
-                        plgpu.commit_smem()
-                        plgpu.wgmma(acc_ref, a_ref, x_t)
-                    else:
-                        plgpu.wgmma(acc_ref, a, x_t)
-                if not cfg.use_overlap_decode:
-                    plgpu.wgmma_wait(0)
-            if cfg.use_overlap_decode:
+            for q, a in enumerate(decode_group(w_smem, s_smem, g)):
+                quarter = g * _CODES_PER_LANE + q
+                x_t = x_smem.at[:, pl.ds(quarter * lanes, lanes)].T
+                if cfg.a_operand == "smem":
+                    a_ref = a_smem.at[wg, q]
+                    a_ref[...] = a
+                    plgpu.commit_smem()
+                    plgpu.wgmma(acc_ref, a_ref, x_t)
+                else:
+                    plgpu.wgmma(acc_ref, a, x_t)
+            if not cfg.use_overlap_decode:
                 plgpu.wgmma_wait(0)
-
-        if split_rows:
-            groups(range(groups_per_step))
-        else:  # warpgroup w takes k-groups w, w + wgs, ... (static slices of x_smem)
-            for w in range(num_wgs):
-                pl.when(wg == w)(functools.partial(groups, range(w, groups_per_step, num_wgs)))
+        if cfg.use_overlap_decode:
+            plgpu.wgmma_wait(0)
         return acc_ref
 
     @jax.named_scope("epilogue")
     def epilogue(acc):
-        if not split_rows and num_wgs > 1:  # the other warpgroups' partial sums go to the first one
-            pl.when(wg > 0)(lambda: _send_to_first_wg(acc))
-            pl.when(wg == 0)(lambda: _reduce_tile(_add_wg_partials(acc), 0))
-        else:
-            _reduce_tile(acc, wg)
-
-    def _send_to_first_wg(acc):
-        wg_red_smem[wg - 1] = acc
-        plgpu.barrier_arrive(wg_red_barrier)  # (a release: the stores above are visible)
-
-    def _add_wg_partials(acc):
-        plgpu.barrier_wait(wg_red_barrier)
-        for j in range(num_wgs - 1):
-            acc = acc + wg_red_smem[j]
-        return acc
-
-    def _reduce_tile(acc, red_wg):
-        """Stores the tile's sum over the K range of this CTA: itself, or (split-K in a
-        cluster) its sum with the other splits'; ``red_wg``: this warpgroup's slot."""
         if stream is not None:  # the running sum over all tiles of the run
             store(acc, slot=stream.max_tiles * n_idx + tile_of(u1 - u0 - 1) - tile_of(0))
             return
@@ -1116,26 +1044,22 @@ def _gemm_kernel(
         @pl.when(s_idx > 0)
         def _send():
             plgpu.async_store_smem(
-                acc,
-                red_smem.at[s_idx - 1, red_wg],
-                red_barrier.at[red_wg],
-                cluster_idx=0,
-                cluster_dim="s",
+                acc, red_smem.at[s_idx - 1, wg], red_barrier.at[wg], cluster_idx=0, cluster_dim="s"
             )
 
         @pl.when(s_idx == 0)
         def _reduce():
-            plgpu.barrier_wait(red_barrier.at[red_wg])
+            plgpu.barrier_wait(red_barrier.at[wg])
             total = acc
             for j in range(cfg.split_k - 1):
-                total = total + red_smem[j, red_wg]
+                total = total + red_smem[j, wg]
             store(total)
 
     def store(acc, slot=None, wait=True):
         """acc: f32 [rows, tile_m] (WGMMA layout) -> transposed TMA store (stream-K:
         into partial-sum slot ``slot``); with ``wait``, the copy's SMEM reads are awaited
         (its GMEM writes are complete when the kernel ends, as in CUTLASS's epilogues)."""
-        n0 = n_idx * cfg.tile_n + row0
+        n0 = n_idx * cfg.tile_n + wg * rows
         if fast:
             acc = acc * np.float32(2.0**_FAST_SHIFT)
         if fused_epilogue:
@@ -1147,7 +1071,7 @@ def _gemm_kernel(
                 acc = acc + plgpu.layout_cast(bias, plgpu.Layout.WGMMA)
             dst = out_gmem.at[pl.ds(m_idx * tile_m, tile_m), pl.ds(n0, rows)]
         elif stream is not None:
-            dst = out_gmem.at[slot, pl.ds(m_idx * tile_m, tile_m), pl.ds(row0, rows)]
+            dst = out_gmem.at[slot, pl.ds(m_idx * tile_m, tile_m), pl.ds(wg * rows, rows)]
         else:
             dst = out_gmem.at[s_idx, pl.ds(m_idx * tile_m, tile_m), pl.ds(n0, rows)]
         o_ref = o_smem.at[wg]
@@ -1169,7 +1093,7 @@ def _gemm_kernel(
     def compute_context(eval_pipeline):
         if fused_epilogue and bias_gmem is not None:  # overlaps with the main loop
             plgpu.copy_gmem_to_smem(
-                bias_gmem.at[pl.ds(n_idx * cfg.tile_n + row0, rows)],
+                bias_gmem.at[pl.ds(n_idx * cfg.tile_n + wg * rows, rows)],
                 bias_smem.at[wg],
                 bias_barrier.at[wg],
             )
@@ -1209,9 +1133,8 @@ def smem_bytes(cfg: GemmConfig, tile_m: int, dtype=jnp.bfloat16, scale_itemsize:
     out = cfg.tile_n * _out_chunk(cfg, tile_m) * (4 if _stores_partials(cfg) else 2)
     # the SMEM operand holds one k-group (at most tile_k columns)
     a = cfg.tile_n * cfg.tile_k * itemsize if cfg.a_operand == "smem" else 0
-    red = (cfg.split_k - 1) * cfg.red_wgs * cfg.wg_rows * tile_m * 4 if cfg.cluster_reduce else 0
-    wg_red = (cfg.num_compute_wgs - 1) * cfg.wg_rows * tile_m * 4 if cfg.wg_split == "k" else 0
-    return cfg.stages * stage + out + a + red + wg_red + cfg.tile_n * 4 + 1024
+    red = (cfg.split_k - 1) * cfg.tile_n * tile_m * 4 if cfg.cluster_reduce else 0
+    return cfg.stages * stage + out + a + red + cfg.tile_n * 4 + 1024
 
 
 def _out_chunk(cfg: GemmConfig, tile_m: int) -> int:
@@ -1318,11 +1241,6 @@ def _check_config(cfg: GemmConfig, k: int, k_group: int, interpret) -> int:
     """Validates ``cfg`` against the weight; returns the K steps of one split."""
     if cfg.tile_k % k_group:
         raise ValueError(f"tile_k={cfg.tile_k} must be a multiple of k_group={k_group}")
-    if cfg.wg_split == "k" and cfg.tile_k % (cfg.num_compute_wgs * k_group):
-        raise ValueError(
-            f"wg_split='k' needs tile_k={cfg.tile_k} to be a multiple of compute warpgroups"
-            f" x k_group = {cfg.num_compute_wgs} x {k_group}"
-        )
     if interpret and (cfg.a_operand != "smem" or cfg.use_fast_decode):
         raise NotImplementedError(
             "the Mosaic GPU interpreter runs neither register-operand wgmma nor"
@@ -1422,14 +1340,15 @@ def _launch(
         if bias.shape[0] != n_out:
             bias = jnp.pad(bias, (0, n_out - bias.shape[0]))
         scratch += [plgpu.SMEM((num_wgs, rows), bias.dtype), plgpu.Barrier(num_barriers=num_wgs)]
-    f32_tiles = lambda *lead: plgpu.SMEM(
-        (*lead, rows, tile_m), jnp.float32, transforms=_swizzle_transforms(tile_m, jnp.float32)
-    )
     if cfg.cluster_reduce:
         scratch += [
-            f32_tiles(cfg.split_k - 1, cfg.red_wgs),
+            plgpu.SMEM(
+                (cfg.split_k - 1, num_wgs, rows, tile_m),
+                jnp.float32,
+                transforms=_swizzle_transforms(tile_m, jnp.float32),
+            ),
             # One arrival per sending warpgroup (warpgroup lowering semantics).
-            plgpu.Barrier(num_arrivals=cfg.split_k - 1, num_barriers=cfg.red_wgs),
+            plgpu.Barrier(num_arrivals=cfg.split_k - 1, num_barriers=num_wgs),
         ]
         grid = {
             "grid": (n_tiles, m_tiles),
@@ -1440,9 +1359,6 @@ def _launch(
     else:
         ctas = n_tiles if stream is None else stream.ctas
         grid = {"grid": (ctas, m_tiles, cfg.split_k), "grid_names": ("n", "m", "s")}
-    wg_red = cfg.wg_split == "k" and num_wgs > 1
-    if wg_red:
-        scratch += [f32_tiles(num_wgs - 1), plgpu.Barrier(num_arrivals=num_wgs - 1)]
     grouped = tile_expert is not None
 
     def kernel_body(*refs):
@@ -1452,8 +1368,7 @@ def _launch(
         out, o_smem, *refs = refs
         a_smem = refs.pop(0) if cfg.a_operand == "smem" else None
         bias_smem, bias_barrier = (refs.pop(0), refs.pop(0)) if has_bias else (None, None)
-        red_smem, red_barrier = (refs.pop(0), refs.pop(0)) if cfg.cluster_reduce else (None, None)
-        wg_red_smem, wg_red_barrier = refs if wg_red else (None, None)
+        red_smem, red_barrier = refs if refs else (None, None)
         _gemm_kernel(
             data,
             scales,
@@ -1468,8 +1383,6 @@ def _launch(
             bias_barrier,
             red_smem,
             red_barrier,
-            wg_red_smem,
-            wg_red_barrier,
             cfg=cfg,
             tile_m=tile_m,
             k_group=k_group,
