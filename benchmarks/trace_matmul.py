@@ -11,8 +11,8 @@ this prints, over the CTAs of the grid (min / median / max, microseconds from th
 CTA's start): when CTAs start, when their first step begins (the first TMA loads have
 landed), the time per step and between steps (waiting for data), the epilogue, and when
 the last warpgroup ends; next to it the CUPTI time of the same call without profiling.
-Clock cycles are converted at the SM clock ``--clock-ghz`` (default: nvidia-smi's current
-SM clock under load is not known in advance, so the H100/H200 boost clock, 1.98 GHz).
+Clock cycles are converted at the SM clock ``--clock-ghz`` (default 1.98 GHz, the H100/H200
+boost clock; the clock under load is not known in advance).
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from unittest import mock
 
 import jax
 import jax.numpy as jnp
-from jax.experimental.pallas import mosaic_gpu as plgpu
 
 import nvfp4_jax as nv
 from benchmarks import common
@@ -40,7 +39,7 @@ from nvfp4_jax.matmul import pallas_plan
 
 def parse_overrides(text: str) -> dict:
     """``"tile_n=128,split_k_reduce=cluster"`` -> GemmConfig field overrides."""
-    fields = {f.name: f.type for f in dataclasses.fields(gemm.GemmConfig)}
+    fields = {f.name for f in dataclasses.fields(gemm.GemmConfig)}
     out = {}
     for item in filter(None, text.split(",")):
         key, _, value = item.partition("=")
@@ -54,8 +53,8 @@ def parse_overrides(text: str) -> dict:
 
 def traced_call(x, w, cfg, out_dir: str, events: int) -> str:
     """Runs ``nv.matmul`` once with the kernel profiled; returns the trace file's path."""
-    params = plgpu.CompilerParams(
-        lowering_semantics=plgpu.LoweringSemantics.Warpgroup,
+    params = dataclasses.replace(
+        gemm.compiler_params(),
         profile_space=events,
         profile_dir=out_dir,
         profile_bounds_check=True,
