@@ -113,8 +113,10 @@ def test_w4a16_is_nvfp4_linear(rng):
     x = jnp.asarray(rng.standard_normal((2, 5, 128)), jnp.bfloat16)
     layer = NVFP4Linear(w, b)
     np.testing.assert_array_equal(np.asarray(layer(x)), np.asarray(nv.linear(x, w, b)))
+    # Under jit against jitted nv.linear: XLA:CPU may order the f32 sums of one fused program
+    # differently from the op-by-op one (one bf16 ulp in 1 of 960 outputs was seen).
     jitted = jax.jit(lambda layer, x: layer(x))(layer, x)
-    np.testing.assert_array_equal(np.asarray(jitted), np.asarray(nv.linear(x, w, b)))
+    np.testing.assert_array_equal(np.asarray(jitted), np.asarray(jax.jit(nv.linear)(x, w, b)))
 
 
 # -- W4A4 emulation vs vLLM ------------------------------------------------------------------
