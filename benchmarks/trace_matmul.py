@@ -7,8 +7,8 @@ The kernel is compiled with Mosaic GPU's profiler (``CompilerParams(profile_spac
 every warpgroup of every CTA records the SM clock at the begin and end of the kernel's
 named scopes (``setup`` at the CTA's start, ``step`` per pipeline step of a compute
 warpgroup, ``epilogue``), and the CTA's start on the global timer. From one call's trace
-this prints, over the CTAs of the grid (min / median / max, microseconds from the first
-CTA's start): when CTAs start, when their first step begins (the first TMA loads have
+this prints, over the warpgroups of the grid (min / median / max, microseconds from the
+first CTA's start): when CTAs start, when their first step begins (the first TMA loads have
 landed), the time per step and between steps (waiting for data), the epilogue, and when
 the last warpgroup ends; next to it the CUPTI time of the same call without profiling.
 Clock cycles are converted at the SM clock ``--clock-ghz`` (default 1.98 GHz, the H100/H200
@@ -29,7 +29,6 @@ from collections import defaultdict
 from unittest import mock
 
 import jax
-import jax.numpy as jnp
 
 import nvfp4_jax as nv
 from benchmarks import common
@@ -112,16 +111,13 @@ def main() -> None:
     p.add_argument("--clock-ghz", type=float, default=1.98)
     p.add_argument("--out", default=None, help="where trace files go (default: a temp dir)")
     args = p.parse_args()
-    n, k = (int(v) for v in args.nk.split("x"))
+    _, n, k, x, copies = next(common.matmul_problems([args.nk], [args.m]))
     cfg = pallas_plan(args.m, n, k)
     if not isinstance(cfg, gemm.GemmConfig):
         raise SystemExit(
             f"M={args.m} takes the dequantize route; pass --config to trace the kernel"
         )
     cfg = dataclasses.replace(cfg, **parse_overrides(args.config))
-    w = jax.random.normal(jax.random.key(n + k), (k, n), jnp.bfloat16)
-    x = jax.random.normal(jax.random.key(args.m), (args.m, k), jnp.bfloat16)
-    _, copies, _ = common.prepared_copies(w)
     us = common.time_per_call(
         lambda x, w: nv.matmul(x, w, backend="pallas", config=cfg), [(x, c) for c in copies]
     )
