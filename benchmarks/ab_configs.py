@@ -1,0 +1,110 @@
+"""A/B of ``GemmConfig`` field changes against the default plan, per shape, in one run.
+
+Run on the GPU:
+    PYTHONPATH=. python benchmarks/ab_configs.py --m 64 1024 --nk 14336x4096 \
+        --variant pingpong=issue --variant pingpong=done [--iterations 20]
+
+For every (M, N, K): bf16 ``x @ w.T``, the default fused config (``pallas_plan``, or
+``default_config`` where the plan is the dequantize route) and the default with each
+``--variant``'s fields replaced (``field=value,field=value``; ints, ``None``, ``True`` /
+``False`` and strings are parsed). CUPTI kernel times, medians, weights rotated past 2x the
+L2. Prints one table: time and ratio vs bf16 per variant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+import nvfp4_jax as nv
+from benchmarks import common
+from nvfp4_jax.kernels import gemm
+from nvfp4_jax.matmul import pallas_plan
+
+
+def parse_value(text: str):
+    """``"128"`` -> 128, ``"None"`` -> None, ``"True"`` -> True, anything else as is."""
+    named = {"None": None, "True": True, "False": False}
+    if text in named:
+        return named[text]
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
+def parse_variant(text: str) -> dict:
+    """``"pingpong=done,stages=3"`` -> ``{"pingpong": "done", "stages": 3}``."""
+    fields = {f.name for f in dataclasses.fields(gemm.GemmConfig)}
+    out = {}
+    for item in text.split(","):
+        name, _, value = item.partition("=")
+        if name not in fields or not _:
+            raise SystemExit(f"--variant {text!r}: {name!r} is not a GemmConfig field=value")
+        out[name] = parse_value(value)
+    return out
+
+
+def base_config(m: int, n: int, k: int) -> gemm.GemmConfig:
+    """The fused config the library runs at this shape (its tiling where it takes the
+    dequantize route)."""
+    plan = pallas_plan(m, n, k)
+    return plan if isinstance(plan, gemm.GemmConfig) else gemm.default_config(m, n, k)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--m", type=int, nargs="+", required=True)
+    p.add_argument("--nk", nargs="+", required=True)
+    p.add_argument("--variant", action="append", default=[], type=parse_variant)
+    p.add_argument("--iterations", type=int, default=20)
+    args = p.parse_args()
+    headers = ["M", "N", "K", "bf16", "default", "vs bf16"]
+    for v in args.variant:
+        label = ",".join(f"{key}={val}" for key, val in v.items())
+        headers += [label, "vs bf16", "vs default"]
+    headers.append("default config")
+    rows = []
+    for m, n, k, x, copies in common.matmul_problems(args.nk, args.m):
+        w_bf16 = [
+            jax.random.normal(jax.random.key(i), (n, k), jnp.bfloat16)
+            for i in range(common.copies_for(n * k * 2))
+        ]
+        t_bf16 = common.time_per_call(lambda x, w: x @ w.T, [(x, w) for w in w_bf16], args.iterations)
+        del w_bf16
+        base = base_config(m, n, k)
+        row = [m, n, k, t_bf16]
+        t_base = None
+        for fields in [{}] + args.variant:
+            cfg = dataclasses.replace(base, **fields)
+            try:
+                t = common.time_per_call(
+                    lambda x, w, cfg=cfg: nv.matmul(x, w, backend="pallas", config=cfg),
+                    [(x, w) for w in copies],
+                    args.iterations,
+                )
+            except Exception as e:  # noqa: BLE001 - report and go on
+                print(f"  {cfg}: {str(e).splitlines()[0][:200]}", flush=True)
+                t = float("nan")
+            row += [t, f"{t_bf16 / t:.2f}x"]
+            if t_base is None:
+                t_base = t
+            else:
+                row.append(f"{t_base / t:.3f}x")
+        row.append(common.config_label(base))
+        rows.append(row)
+        print(row, flush=True)
+    common.report(
+        "ab_configs",
+        "nvfp4_jax.matmul: default config vs variants (us, CUPTI median)",
+        headers,
+        rows,
+        notes=[f"variants: {', '.join(headers[6::3])}"],
+    )
+
+
+if __name__ == "__main__":
+    main()
