@@ -2,7 +2,7 @@
 
 Run on the GPU:
     PYTHONPATH=. python benchmarks/ab_configs.py --m 64 1024 --nk 14336x4096 \
-        --variant pingpong=issue --variant pingpong=done [--iterations 20]
+        --variant overlap_decode=False --variant tile_n=192,compute_wgs=3 [--iterations 20]
 
 For every (M, N, K): bf16 ``x @ w.T``, the default fused config (``pallas_plan``, or
 ``default_config`` where the plan is the dequantize route) and the default with each
@@ -37,7 +37,7 @@ def parse_value(text: str):
 
 
 def parse_variant(text: str) -> dict:
-    """``"pingpong=done,stages=3"`` -> ``{"pingpong": "done", "stages": 3}``."""
+    """``"split_k_reduce=cluster,stages=3"`` -> ``{"split_k_reduce": "cluster", "stages": 3}``."""
     fields = {f.name for f in dataclasses.fields(gemm.GemmConfig)}
     out = {}
     for item in text.split(","):
@@ -73,7 +73,9 @@ def main() -> None:
             jax.random.normal(jax.random.key(i), (n, k), jnp.bfloat16)
             for i in range(common.copies_for(n * k * 2))
         ]
-        t_bf16 = common.time_per_call(lambda x, w: x @ w.T, [(x, w) for w in w_bf16], args.iterations)
+        t_bf16 = common.time_per_call(
+            lambda x, w: x @ w.T, [(x, w) for w in w_bf16], args.iterations
+        )
         del w_bf16
         base = base_config(m, n, k)
         row = [m, n, k, t_bf16]

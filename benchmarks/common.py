@@ -94,7 +94,6 @@ def config_label(cfg) -> str:
         + (" cluster" if cfg.cluster_reduce else "")
         + (f" stream{cfg.stream_k}" if cfg.stream_k else "")
         + ("" if cfg.use_overlap_decode else " serial")
-        + (f" pingpong-{cfg.pingpong}" if cfg.uses_pingpong else "")
     )
 
 

@@ -352,9 +352,6 @@ def test_interpret_multi_warpgroup_tiles():
     for cfg in (
         G(tile_n=192, compute_wgs=3, tile_m=24, tile_k=128, stages=2, split_k=2, a_operand="smem"),
         G(tile_n=256, compute_wgs=2, tile_m=24, tile_k=128, stages=3, a_operand="smem"),
-        # the warpgroups take turns per k-group / per step (two k-groups per step)
-        G(tile_n=256, tile_m=24, tile_k=128, stages=2, a_operand="smem", pingpong="issue"),
-        G(tile_n=256, tile_m=24, tile_k=256, stages=2, a_operand="smem", pingpong="done"),
     ):
         y = gemm.nvfp4_matmul(x, prep, n=n, k=k, config=cfg, interpret=True)
         assert _rel_err(y, ref) <= _tolerance(jnp.bfloat16), cfg
@@ -487,11 +484,8 @@ def test_race_detector_sees_a_race():
         ),
         # stream-K: 3 CTAs over 2 tiles x 4 steps; the second run crosses into tile 1
         G(tile_n=128, tile_m=8, tile_k=128, stages=2, stream_k=3, a_operand="smem"),
-        # warpgroups taking turns at the tensor cores (a cross-warpgroup barrier per step)
-        G(tile_n=128, tile_m=16, tile_k=128, stages=2, a_operand="smem", pingpong="done"),
-        G(tile_n=128, tile_m=8, tile_k=128, stages=2, stream_k=3, a_operand="smem", pingpong="issue"),
     ],
-    ids=["two_wgs_stages2", "split_k2", "stream_k3", "pingpong_done", "pingpong_issue_stream_k"],
+    ids=["two_wgs_stages2", "split_k2", "stream_k3"],
 )
 def test_interpreter_finds_no_races(cfg):
     m, n, k = 20, 136, 512
@@ -522,10 +516,6 @@ def test_config_validation():
         G(a_operand="tmem")
     with pytest.raises(ValueError, match="overlap_decode needs a_operand='registers'"):
         G(a_operand="smem", overlap_decode=True)
-    with pytest.raises(ValueError, match="pingpong must be 'off', 'issue' or 'done'"):
-        G(pingpong="on")
-    assert not G(tile_n=64, pingpong="done").uses_pingpong  # one compute warpgroup
-
 
 
 def test_wrapper_validation():
@@ -744,6 +734,24 @@ def test_sass_mix_finds_the_wgmma_loop():
     assert [op for _, op, _ in loop] == ["LOP3", "HGMMA", "BRA"]
 
 
+def test_ab_configs_parses_variants():
+    """benchmarks/ab_configs.py turns ``field=value,...`` into GemmConfig replacements and
+    rejects names that are not GemmConfig fields."""
+    from benchmarks import ab_configs
+
+    fields = ab_configs.parse_variant("tile_n=192,compute_wgs=3,overlap_decode=False")
+    assert fields == {"tile_n": 192, "compute_wgs": 3, "overlap_decode": False}
+    assert ab_configs.parse_variant("split_k_reduce=cluster,fast_decode=None") == {
+        "split_k_reduce": "cluster",
+        "fast_decode": None,
+    }
+    assert dataclasses.replace(G(), **fields).num_compute_wgs == 3
+    for bad in ("tile_x=3", "stages"):
+        with pytest.raises(SystemExit, match="not a GemmConfig field=value"):
+            ab_configs.parse_variant(bad)
+    assert ab_configs.base_config(4096, 4096, 4096) == gemm.default_config(4096, 4096, 4096)
+
+
 def test_trace_phases_from_a_trace_file(tmp_path):
     """benchmarks/trace_matmul.py recovers phase times from a Mosaic GPU trace file, whose
     timestamps are a warpgroup's global-timer start (ns) plus SM cycles since its first
@@ -840,27 +848,6 @@ _LOWER_CASES = {
         False,
     ),
     "odd_shapes": (70, 200, 48, G(tile_m=72, tile_k=64), True),
-    "pingpong_issue_prefill": (
-        1024,
-        4096,
-        4096,
-        G(tile_n=256, tile_m=128, tile_k=128, stages=3, pingpong="issue"),
-        True,
-    ),
-    "pingpong_done_3wgs": (
-        16,
-        4096,
-        4096,
-        G(tile_n=192, compute_wgs=3, tile_m=16, tile_k=256, split_k=4, pingpong="done"),
-        False,
-    ),
-    "pingpong_stream_k": (
-        64,
-        28672,
-        8192,
-        G(tile_n=256, tile_m=64, tile_k=256, stages=2, stream_k=132, pingpong="done"),
-        True,
-    ),
     "prefill_token_tile_112": (
         768,
         14336,
@@ -1053,12 +1040,6 @@ def test_gpu_warpgroup_past_the_last_feature(n):
         G(tile_n=256, tile_m=176, tile_k=128, stages=2),
         G(tile_n=256, tile_m=96, tile_k=128, stages=4),  # 6 token tiles, the last 32 rows
         G(tile_n=256, tile_m=112, tile_k=128, stages=3),
-        G(tile_n=256, tile_m=128, tile_k=128, stages=3, pingpong="issue"),
-        G(tile_n=256, tile_m=128, tile_k=128, stages=3, pingpong="done"),
-        G(tile_n=256, tile_m=16, tile_k=256, pingpong="done"),  # two k-groups per step
-        G(tile_n=256, tile_m=16, tile_k=256, pingpong="issue"),
-        G(tile_n=192, compute_wgs=3, tile_m=16, tile_k=128, split_k=4, pingpong="issue"),
-        G(tile_n=128, tile_m=64, tile_k=128, stages=4, pingpong="done"),
     ],
     ids=str,
 )

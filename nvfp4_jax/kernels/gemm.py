@@ -123,7 +123,6 @@ _COMPACT_INF = 18 << 3
 
 
 AOperand = Literal["registers", "smem"]
-PingPong = Literal["off", "issue", "done"]
 SplitKReduce = Literal["xla", "cluster"]
 # Largest portable thread-block cluster (CTAs), the bound on cluster split-K.
 _MAX_CLUSTER = 8
@@ -176,14 +175,6 @@ class GemmConfig:
         tiles on 132 SMs). Needs ``split_k == 1`` and ``stream_k <= n_tiles * K
         steps`` (a unit per CTA); the fp32 partial sums are added by a small XLA
         fusion (:class:`StreamK`).
-      pingpong: order the compute warpgroups' wgmmas so that one decodes while the
-        tensor cores run another's (with two or more compute warpgroups). "off": each
-        warpgroup issues as soon as it has decoded; the warpgroups share each pipeline
-        stage and so tend to decode at the same time, leaving the tensor cores idle.
-        "issue": warpgroup ``w`` issues a k-group's wgmmas after warpgroup ``w - 1``
-        has issued its own (round robin, warpgroup 0 first). "done": warpgroup ``w``
-        issues a step's wgmmas after warpgroup ``w - 1``'s wgmmas of that step have
-        completed, so the warpgroups' MMAs never share the tensor cores.
     """
 
     tile_n: int = 128
@@ -197,7 +188,6 @@ class GemmConfig:
     compute_wgs: int | None = None
     overlap_decode: bool | None = None
     stream_k: int = 0
-    pingpong: PingPong = "off"
 
     def __post_init__(self):
         if self.tile_n % _WGMMA_ROWS or not 64 <= self.tile_n <= 256:  # TMA box <= 256
@@ -224,8 +214,6 @@ class GemmConfig:
                 f"split_k_reduce='cluster' needs split_k <= {_MAX_CLUSTER} (one thread-block"
                 f" cluster per output tile), got split_k={self.split_k}"
             )
-        if self.pingpong not in ("off", "issue", "done"):
-            raise ValueError(f"pingpong must be 'off', 'issue' or 'done', got {self.pingpong!r}")
         if self.a_operand not in ("registers", "smem"):
             raise ValueError(f"a_operand must be 'registers' or 'smem', got {self.a_operand!r}")
         if self.overlap_decode is True and self.a_operand == "smem":
@@ -259,11 +247,6 @@ class GemmConfig:
         if self.overlap_decode is None:
             return self.a_operand == "registers"
         return self.overlap_decode
-
-    @property
-    def uses_pingpong(self) -> bool:
-        """Whether the compute warpgroups take turns at the tensor cores."""
-        return self.pingpong != "off" and self.num_compute_wgs > 1
 
     @property
     def num_compute_wgs(self) -> int:
@@ -911,8 +894,7 @@ def _gemm_kernel(
     bias_smem,
     bias_barrier,
     red_smem,
-    red_barrier,
-    turn_barrier,  # scratch
+    red_barrier,  # scratch
     *,
     cfg: GemmConfig,
     tile_m: int,
@@ -965,7 +947,6 @@ def _gemm_kernel(
         u0, u1 = stream.run(n_idx)
         step_of = lambda j: lax.rem(u0 + j, stream.tile_steps)
         tile_of = lambda j: lax.div(u0 + j, stream.tile_steps)
-    steps = k_steps if stream is None else u1 - u0  # pipeline steps of this CTA
 
     data_block = (groups_per_step, cfg.tile_n, lanes)
     if fast:  # the prepared layout: [K_pad/kg, N_pad/16, kg]
@@ -1028,21 +1009,6 @@ def _gemm_kernel(
             # (not awaited: the pipeline goes on; the next store waits for it)
             pl.when(enters)(lambda: store(acc_ref[...], slot=slot, wait=False))
 
-        def take_turn(g):  # warpgroup 0 starts without waiting
-            if g:
-                plgpu.barrier_wait(turn_barrier.at[wg])
-            else:
-                first = (wg == 0) & (idx[0] == 0)
-                pl.when(~first)(lambda: plgpu.barrier_wait(turn_barrier.at[wg]))
-
-        def pass_turn(last_group):  # ...and the last warpgroup ends without passing
-            arrive = lambda: plgpu.barrier_arrive(turn_barrier.at[lax.rem(wg + 1, num_wgs)])
-            if last_group:
-                pl.when((wg != num_wgs - 1) | (idx[0] != steps - 1))(arrive)
-            else:
-                arrive()
-
-        pingpong = cfg.pingpong if cfg.uses_pingpong else "off"
         for g in range(groups_per_step):
             # The whole k-group is decoded before its wgmmas are issued. Without
             # overlap_decode they are awaited before the next k-group is decoded;
@@ -1050,10 +1016,7 @@ def _gemm_kernel(
             # until the step's single wait. Keeping them in flight across steps
             # instead gave wrong results (prefill-2026-11-23.md). The other compute
             # warpgroups keep the tensor cores busy meanwhile.
-            decoded = decode_group(w_smem, s_smem, g)
-            if pingpong == "issue" or (pingpong == "done" and g == 0):
-                take_turn(g)
-            for q, a in enumerate(decoded):
+            for q, a in enumerate(decode_group(w_smem, s_smem, g)):
                 quarter = g * _CODES_PER_LANE + q
                 x_t = x_smem.at[:, pl.ds(quarter * lanes, lanes)].T
                 if cfg.a_operand == "smem":
@@ -1063,14 +1026,10 @@ def _gemm_kernel(
                     plgpu.wgmma(acc_ref, a_ref, x_t)
                 else:
                     plgpu.wgmma(acc_ref, a, x_t)
-            if pingpong == "issue":
-                pass_turn(g == groups_per_step - 1)
             if not cfg.use_overlap_decode:
                 plgpu.wgmma_wait(0)
         if cfg.use_overlap_decode:
             plgpu.wgmma_wait(0)
-        if pingpong == "done":
-            pass_turn(True)
         return acc_ref
 
     @jax.named_scope("epilogue")
@@ -1400,8 +1359,6 @@ def _launch(
     else:
         ctas = n_tiles if stream is None else stream.ctas
         grid = {"grid": (ctas, m_tiles, cfg.split_k), "grid_names": ("n", "m", "s")}
-    if cfg.uses_pingpong:  # one arrival: the previous warpgroup passing the turn
-        scratch.append(plgpu.Barrier(num_arrivals=1, num_barriers=num_wgs))
     grouped = tile_expert is not None
 
     def kernel_body(*refs):
@@ -1411,7 +1368,6 @@ def _launch(
         out, o_smem, *refs = refs
         a_smem = refs.pop(0) if cfg.a_operand == "smem" else None
         bias_smem, bias_barrier = (refs.pop(0), refs.pop(0)) if has_bias else (None, None)
-        turn_barrier = refs.pop() if cfg.uses_pingpong else None
         red_smem, red_barrier = refs if refs else (None, None)
         _gemm_kernel(
             data,
@@ -1427,7 +1383,6 @@ def _launch(
             bias_barrier,
             red_smem,
             red_barrier,
-            turn_barrier,
             cfg=cfg,
             tile_m=tile_m,
             k_group=k_group,
