@@ -913,6 +913,27 @@ def test_cross_lowers_for_sm90(case):
     assert "mosaic_gpu" in text
 
 
+def test_ablate_decode_stand_in_cross_lowers():
+    """benchmarks/ablate_decode.py's decode stand-in (code lanes bitcast to bf16) fits the
+    kernel in place of the fast decode: the patched prefill kernel lowers for sm_90."""
+    from unittest import mock
+
+    from benchmarks import ablate_decode
+
+    m, n, k = 256, 512, 512
+    data, scales, ts = _random_weight(n, k, seed=1)
+    prep = gemm.prepare_weight(jnp.asarray(data), jnp.asarray(scales), ts)
+    cfg = G(tile_n=256, tile_m=128, tile_k=128, stages=3)
+    jax.clear_caches()  # trace the kernel anew, with the stand-in
+    with mock.patch.object(gemm, "_decode_scaled_fast", ablate_decode.bitcast_quarters):
+        text = cross_lower(
+            lambda x, p: gemm.nvfp4_matmul(x, p, n=n, k=k, config=cfg),
+            jnp.zeros((m, k), jnp.bfloat16),
+            prep,
+        )
+    assert "mosaic_gpu" in text
+
+
 @pytest.mark.parametrize(
     "dtype,scale_dtype", [(jnp.float16, jnp.float16), (jnp.bfloat16, None), (jnp.float16, None)]
 )
