@@ -16,9 +16,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-import jax
-import jax.numpy as jnp
-
 import nvfp4_jax as nv
 from benchmarks import common
 from nvfp4_jax.kernels import gemm
@@ -69,14 +66,7 @@ def main() -> None:
     headers.append("default config")
     rows = []
     for m, n, k, x, copies in common.matmul_problems(args.nk, args.m):
-        w_bf16 = [
-            jax.random.normal(jax.random.key(i), (n, k), jnp.bfloat16)
-            for i in range(common.copies_for(n * k * 2))
-        ]
-        t_bf16 = common.time_per_call(
-            lambda x, w: x @ w.T, [(x, w) for w in w_bf16], args.iterations
-        )
-        del w_bf16
+        t_bf16 = common.bf16_time(x, n, args.iterations)
         base = base_config(m, n, k)
         row = [m, n, k, t_bf16]
         t_base = None

@@ -19,7 +19,6 @@ import argparse
 from unittest import mock
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -63,14 +62,7 @@ def main() -> None:
     args = p.parse_args()
     rows = []
     for m, n, k, x, copies in common.matmul_problems(args.nk, args.m):
-        w_bf16 = [
-            jax.random.normal(jax.random.key(i), (n, k), jnp.bfloat16)
-            for i in range(common.copies_for(n * k * 2))
-        ]
-        t_bf16 = common.time_per_call(
-            lambda x, w: x @ w.T, [(x, w) for w in w_bf16], args.iterations
-        )
-        del w_bf16
+        t_bf16 = common.bf16_time(x, n, args.iterations)
         cfg = base_config(m, n, k)
         run = lambda x, w, cfg=cfg: nv.matmul(x, w, backend="pallas", config=cfg)
         t_full = common.time_per_call(run, [(x, w) for w in copies], args.iterations)

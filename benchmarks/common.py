@@ -63,6 +63,17 @@ def time_per_call(fn: Callable, arg_sets: Sequence[tuple], iterations: int = 20)
     return statistics.median(times) * 1e3 / len(arg_sets)
 
 
+def bf16_time(x: jax.Array, n: int, iterations: int = 20) -> float:
+    """The bf16 baseline: median us of ``x @ w.T`` for ``x [M, K]`` over random bf16 ``[n, K]``
+    weights rotated past 2x the L2."""
+    k = x.shape[-1]
+    weights = [
+        jax.random.normal(jax.random.key(i), (n, k), jnp.bfloat16)
+        for i in range(copies_for(n * k * 2))
+    ]
+    return time_per_call(lambda x, w: x @ w.T, [(x, w) for w in weights], iterations)
+
+
 def hbm_copy_bandwidth(nbytes: int = 2**30) -> float:
     """Measured device-memory bandwidth in GB/s (bytes read + written) of a large copy."""
     x = [jnp.arange(nbytes // 4, dtype=jnp.uint32) + i for i in range(2)]
