@@ -68,7 +68,11 @@ XLA's dot from M = 2048 on instead (0.86-0.96x at M = 4096;
 benchmarks/results/prefill-2026-11-23.md). Tried and
 measured worse for prefill: 128-feature x 256-token tiles (1.3-1.45x slower) and
 keeping a step's wgmmas in flight across pipeline steps (at most 3% faster, up to
-60% slower, and wrong with 128-token tiles).
+60% slower, and wrong with 128-token tiles), and making the compute warpgroups take
+turns at the tensor cores (within 1% at prefill, 2-12% slower at decode;
+benchmarks/results/pingpong-2026-12-02.md). With its decode replaced by a bitcast the
+kernel matches or beats bf16 at prefill: the decode (11-24% of the time there) is the
+whole prefill gap (benchmarks/results/ablate_decode-2026-12-02.md).
 
 Public entry points: :class:`GemmConfig`, :func:`default_config`,
 :func:`single_kernel_config`, :func:`prefill_token_tile`, :func:`default_grouped_config`,
