@@ -59,9 +59,9 @@ def main() -> None:
     p.add_argument("--variant", action="append", default=[], type=parse_variant)
     p.add_argument("--iterations", type=int, default=20)
     args = p.parse_args()
+    labels = [",".join(f"{key}={val}" for key, val in v.items()) for v in args.variant]
     headers = ["M", "N", "K", "bf16", "default", "vs bf16"]
-    for v in args.variant:
-        label = ",".join(f"{key}={val}" for key, val in v.items())
+    for label in labels:
         headers += [label, "vs bf16", "vs default"]
     headers.append("default config")
     rows = []
@@ -71,15 +71,15 @@ def main() -> None:
         row = [m, n, k, t_bf16]
         t_base = None
         for fields in [{}] + args.variant:
-            cfg = dataclasses.replace(base, **fields)
-            try:
+            try:  # an invalid or oversized variant is reported, not fatal
+                cfg = dataclasses.replace(base, **fields)
                 t = common.time_per_call(
                     lambda x, w, cfg=cfg: nv.matmul(x, w, backend="pallas", config=cfg),
                     [(x, w) for w in copies],
                     args.iterations,
                 )
             except Exception as e:  # noqa: BLE001 - report and go on
-                print(f"  {cfg}: {str(e).splitlines()[0][:200]}", flush=True)
+                print(f"  {fields}: {str(e).splitlines()[0][:200]}", flush=True)
                 t = float("nan")
             row += [t, f"{t_bf16 / t:.2f}x"]
             if t_base is None:
@@ -94,7 +94,7 @@ def main() -> None:
         "nvfp4_jax.matmul: default config vs variants (us, CUPTI median)",
         headers,
         rows,
-        notes=[f"variants: {', '.join(headers[6::3])}"],
+        notes=[f"variants: {'; '.join(labels)}"],
     )
 
 
