@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 
 import nvfp4_jax as nv
 from benchmarks import common
@@ -43,6 +44,12 @@ def parse_variant(text: str) -> dict:
             raise SystemExit(f"--variant {text!r}: {name!r} is not a GemmConfig field=value")
         out[name] = parse_value(value)
     return out
+
+
+def speedup(reference_us: float, us: float, digits: int) -> str:
+    """``reference_us / us`` as ``"1.23x"``; ``"-"`` where a time is missing (NaN)."""
+    ratio = reference_us / us
+    return "-" if math.isnan(ratio) else f"{ratio:.{digits}f}x"
 
 
 def base_config(m: int, n: int, k: int) -> gemm.GemmConfig:
@@ -81,11 +88,11 @@ def main() -> None:
             except Exception as e:  # noqa: BLE001 - report and go on
                 print(f"  {fields}: {str(e).splitlines()[0][:200]}", flush=True)
                 t = float("nan")
-            row += [t, f"{t_bf16 / t:.2f}x"]
+            row += [t, speedup(t_bf16, t, 2)]
             if t_base is None:
                 t_base = t
             else:
-                row.append(f"{t_base / t:.3f}x")
+                row.append(speedup(t_base, t, 3))
         row.append(common.config_label(base))
         rows.append(row)
         print(row, flush=True)

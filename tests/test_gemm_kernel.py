@@ -750,6 +750,8 @@ def test_ab_configs_parses_variants():
         with pytest.raises(SystemExit, match="not a GemmConfig field=value"):
             ab_configs.parse_variant(bad)
     assert ab_configs.base_config(4096, 4096, 4096) == gemm.default_config(4096, 4096, 4096)
+    assert ab_configs.speedup(11.2, 7.0, 2) == "1.60x"
+    assert ab_configs.speedup(11.2, float("nan"), 3) == "-"
 
 
 def test_trace_phases_from_a_trace_file(tmp_path):
