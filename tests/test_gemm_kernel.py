@@ -926,14 +926,18 @@ def test_ablate_decode_stand_in_cross_lowers():
     data, scales, ts = _random_weight(n, k, seed=1)
     prep = gemm.prepare_weight(jnp.asarray(data), jnp.asarray(scales), ts)
     cfg = G(tile_n=256, tile_m=128, tile_k=128, stages=3)
+    lower = lambda: cross_lower(
+        lambda x, p: gemm.nvfp4_matmul(x, p, n=n, k=k, config=cfg),
+        jnp.zeros((m, k), jnp.bfloat16),
+        prep,
+    )
+    full = lower()
     jax.clear_caches()  # trace the kernel anew, with the stand-in
     with mock.patch.object(gemm, "_decode_scaled_fast", ablate_decode.bitcast_quarters):
-        text = cross_lower(
-            lambda x, p: gemm.nvfp4_matmul(x, p, n=n, k=k, config=cfg),
-            jnp.zeros((m, k), jnp.bfloat16),
-            prep,
-        )
-    assert "mosaic_gpu" in text
+        ablated = lower()
+    jax.clear_caches()
+    assert "mosaic_gpu" in ablated
+    assert len(ablated) < len(full)  # the stand-in replaced the decode's instructions
 
 
 @pytest.mark.parametrize(
