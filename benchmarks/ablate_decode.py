@@ -24,10 +24,9 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 import nvfp4_jax as nv
 from benchmarks import common
-from benchmarks.ab_configs import base_config
+from benchmarks.ab_configs import base_config, speedup
+from benchmarks.bench_matmul import NK_VALUES
 from nvfp4_jax.kernels import gemm
-
-NK_VALUES = ("4096x4096", "14336x4096", "4096x14336", "28672x8192")
 
 
 def bitcast_quarters(lanes, bands, dtype):
@@ -57,7 +56,7 @@ def bitcast_quarters(lanes, bands, dtype):
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--m", type=int, nargs="+", default=[64, 256, 1024, 4096])
-    p.add_argument("--nk", nargs="+", default=list(NK_VALUES))
+    p.add_argument("--nk", nargs="+", default=[f"{n}x{k}" for n, k in NK_VALUES])
     p.add_argument("--iterations", type=int, default=10)
     args = p.parse_args()
     rows = []
@@ -79,8 +78,8 @@ def main() -> None:
                 t_bf16,
                 t_full,
                 t_cast,
-                f"{t_bf16 / t_full:.2f}x",
-                f"{t_bf16 / t_cast:.2f}x",
+                speedup(t_bf16, t_full, 2),
+                speedup(t_bf16, t_cast, 2),
                 f"{1 - t_cast / t_full:.0%}",
                 mma_us,
                 common.config_label(cfg),
