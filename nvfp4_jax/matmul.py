@@ -152,9 +152,11 @@ def prepare(w: NVFP4Array, dtype: Any = None, *, k_group: int | None = None) -> 
     a scalar or ``[E]`` tensor scale.
 
     ``dtype`` picks the block scales' storage. None (default): compact one-byte scales that
-    the kernel widens with a shift and an add; they serve bf16 and fp16 activations alike,
-    and took 0.5-12% less time than widened scales at decode sizes (M <= 16) on an H100,
-    0-4% more at M = 256-1024 (benchmarks/results/scales-2026-11-23.md). bf16 or fp16:
+    the kernel widens two at a time with a ``prmt`` and a shift-and-add; they serve bf16 and
+    fp16 activations alike. On the H200 they took 0-5% more time than widened scales from
+    M = 256 on and at 4096x14336, M <= 16, and 5-11% less at 28672x8192, M <= 16
+    (benchmarks/results/scale_pairs-2026-12-02.md; on the H100 before the paired widening:
+    scales-2026-11-23.md). bf16 or fp16:
     scales pre-widened to that dtype (two bytes each); activations of the other dtype still
     work (converted exactly for them per call, an XLA op over the scales).
     """

@@ -72,7 +72,10 @@ keeping a step's wgmmas in flight across pipeline steps (at most 3% faster, up t
 turns at the tensor cores (within 1% at prefill, 2-12% slower at decode;
 benchmarks/results/pingpong-2026-12-02.md). With its decode replaced by a bitcast the
 kernel matches or beats bf16 at prefill: the decode (11-24% of the time there) is the
-whole prefill gap (benchmarks/results/ablate_decode-2026-12-02.md).
+whole prefill gap (benchmarks/results/ablate_decode-2026-12-02.md). Widening compact
+scales two at a time and splatting them through the multiply's half selectors (17 instead
+of 19 instructions per eight weights) made the kernel 0-5% faster on the H200
+(benchmarks/results/scale_pairs-2026-12-02.md).
 
 Public entry points: :class:`GemmConfig`, :func:`default_config`,
 :func:`single_kernel_config`, :func:`prefill_token_tile`, :func:`default_grouped_config`,
@@ -781,8 +784,11 @@ def _decode_scaled_fast(lanes: jax.Array, bands, dtype) -> tuple[jax.Array, ...]
 
     Scales: a thread of the WGMMA layout holds rows ``64 a + 16 warp + 8 h + lane / 4``
     (a < R/64, h < 2); it fetches the ``kg/16`` scales of each such row with one vector
-    load (4-32 bytes) and makes each scale a splat pair with one ``prmt`` (plus, compact,
-    a shift and an add), which one bf16x2/f16x2 multiply applies to two weights. The
+    load (4-32 bytes); compact bytes are widened two at a time (one ``prmt`` puts bytes 0
+    and 2, or 1 and 3, of a word into the two 16-bit halves, one shift-and-add widens both),
+    and each bf16x2/f16x2 multiply applies one half to two weights through its operand
+    selector (``.H0_H0`` / ``.H1_H1``, which ptxas folds from a ``mov`` splat): about one
+    instruction per scale, against two with a ``prmt`` splat per scale. The
     register of columns ``8 b .. 8 b + 7`` of quarter ``q`` belongs to scale block ``q *
     kg/64 + b / 2``. Not interpretable (uses ``plgpu.inline_mgpu``).
     """
@@ -828,6 +834,14 @@ def _decode_scaled_fast(lanes: jax.Array, bands, dtype) -> tuple[jax.Array, ...]
             shift, add, nan_is_inf = _compact_widening(dtype, scale_exponent(dtype))
             assert nan_is_inf, dtype
             add *= 0x10001
+
+        def splat(x, half):  # half `half` of x into both halves
+            # ptxas folds this into the multiply's operand selector (.H0_H0 / .H1_H1):
+            # no instruction, unlike a prmt splat.
+            pick = "{l, l}" if half == 0 else "{h, h}"
+            ptx = f"{{ .reg .b16 l, h; mov.b32 {{l, h}}, $1; mov.b32 $0, {pick}; }}"
+            return mgpu_utils.bitcast(mgpu_utils.inline_ptx(ptx, x, result_types=i32), pair_ty)
+
         splats = {}  # (a, h) -> [scale pair of block j]
         for a in range(rows // 64):
             for h in range(2):
@@ -841,15 +855,18 @@ def _decode_scaled_fast(lanes: jax.Array, bands, dtype) -> tuple[jax.Array, ...]
                         llvm.extractelement(vec, arith.constant(i32, e)) for e in range(chunk)
                     ]
                 pairs = []
-                for j in range(blocks):
-                    if compact:  # byte j % 4 of word j // 4 into both halves, widened
-                        sel = (j % 4) | 4 << 4 | (j % 4) << 8 | 4 << 12
-                        x = mgpu_utils.prmt(words[j // 4], zero, const(sel))
-                        x = arith.addi(arith.shli(x, const(shift)), const(add))
-                    else:  # half j % 2 of word j // 2 into both halves
-                        sel = 0x1010 if j % 2 == 0 else 0x3232
-                        x = mgpu_utils.prmt(words[j // 2], zero, const(sel))
-                    pairs.append(mgpu_utils.bitcast(x, pair_ty))
+                for word in words:
+                    if compact:  # bytes (0, 2) and (1, 3) into the halves, widened two at once
+                        even, odd = (
+                            arith.addi(
+                                arith.shli(mgpu_utils.prmt(word, zero, const(sel)), const(shift)),
+                                const(add),
+                            )
+                            for sel in (0x4240, 0x4341)
+                        )
+                        pairs += [splat(even, 0), splat(odd, 0), splat(even, 1), splat(odd, 1)]
+                    else:  # two widened scales per word
+                        pairs += [splat(word, 0), splat(word, 1)]
                 splats[a, h] = pairs
 
         def term(x, amount, mask):
