@@ -105,6 +105,7 @@ def config_label(cfg) -> str:
         + (" cluster" if cfg.cluster_reduce else "")
         + (f" stream{cfg.stream_k}" if cfg.stream_k else "")
         + ("" if cfg.use_overlap_decode else " serial")
+        + ({None: "", True: " grouped", False: " per-quarter"}[cfg.group_wgmma])
     )
 
 

@@ -516,6 +516,17 @@ def test_config_validation():
         G(a_operand="tmem")
     with pytest.raises(ValueError, match="overlap_decode needs a_operand='registers'"):
         G(a_operand="smem", overlap_decode=True)
+    with pytest.raises(ValueError, match="group_wgmma needs a_operand='registers'"):
+        G(a_operand="smem", group_wgmma=True)
+
+
+def test_group_wgmma_default():
+    # one wgmma per k-group from 3 pipeline stages on, with register operands only
+    assert G(stages=3).use_group_wgmma and G(stages=4).use_group_wgmma
+    assert not G(stages=2).use_group_wgmma
+    assert not G(stages=4, a_operand="smem").use_group_wgmma
+    assert G(stages=2, group_wgmma=True).use_group_wgmma
+    assert not G(stages=4, group_wgmma=False).use_group_wgmma
 
 
 def test_wrapper_validation():
@@ -865,6 +876,14 @@ _LOWER_CASES = {
         True,
     ),
     "decode_overlap": (16, 4096, 4096, G(tile_n=256, tile_m=16, overlap_decode=True), False),
+    "decode_per_quarter_wgmmas": (16, 4096, 4096, G(tile_m=16, group_wgmma=False), True),
+    "prefill_grouped_wgmma_2_stages": (
+        1000,
+        4096,
+        4096,
+        G(tile_n=256, tile_m=176, tile_k=128, stages=2, group_wgmma=True),
+        False,
+    ),
     "splitk_m1_bias": (1, 4096, 4096, G(tile_m=8, tile_k=128, split_k=4), True),
     "splitk_odd": (3, 200, 1024, G(tile_n=256, tile_m=8, tile_k=128, split_k=8), True),
     "cluster_m1_bias": (
@@ -1067,6 +1086,8 @@ def test_gpu_warpgroup_past_the_last_feature(n):
         G(tile_n=256, tile_m=176, tile_k=128, stages=2),
         G(tile_n=256, tile_m=96, tile_k=128, stages=4),  # 6 token tiles, the last 32 rows
         G(tile_n=256, tile_m=112, tile_k=128, stages=3),
+        G(tile_n=128, tile_m=16, tile_k=256, group_wgmma=False),
+        G(tile_n=256, tile_m=152, tile_k=128, stages=2, group_wgmma=True),
     ],
     ids=str,
 )

@@ -26,8 +26,9 @@ of 1-3 compute warpgroups owns 64 or 128 output features, decodes a k-group's
 four quarters (codes -> bf16/f16 bit patterns with integer ops, times the
 per-16 scales, widened from compact bytes with a shift and an add; the fast decode
 loads each row's scales of a k-group with one vector load),
-issues four ``[rows, k_group/4] x [k_group/4, tile_m]`` wgmmas against column slices of ``x_smem.T`` and waits for them before decoding the
-next k-group, or (``overlap_decode``, the default with register operands)
+issues four ``[rows, k_group/4] x [k_group/4, tile_m]`` wgmmas against column slices of
+``x_smem.T`` (or, ``group_wgmma``, one ``[rows, k_group]`` wgmma of the four quarters side
+by side) and waits for them before decoding the next k-group, or (``overlap_decode``, the default with register operands)
 decodes k-group g + 1 while the wgmmas of k-group g run and waits once per step.
 The fp32 epilogue applies tensor scale and bias and stores the transposed
 tile through SMEM with TMA; with ``split_k > 1`` it stores fp32 partial sums
@@ -74,8 +75,9 @@ benchmarks/results/pingpong-2026-12-02.md). With its decode replaced by a bitcas
 kernel matches or beats bf16 at prefill: the decode (11-24% of the time there) is the
 whole prefill gap (benchmarks/results/ablate_decode-2026-12-02.md). Widening compact
 scales two at a time and splatting them through the multiply's half selectors (17 instead
-of 19 instructions per eight weights) made the kernel 0-5% faster on the H200
-(benchmarks/results/scale_pairs-2026-12-02.md).
+of 19 instructions per eight weights) made the kernel 0-5% faster on the H200, and one
+wgmma per k-group instead of one per quarter (``group_wgmma``, from 3 pipeline stages on)
+another 0-3% (benchmarks/results/scale_pairs-2026-12-02.md).
 
 Public entry points: :class:`GemmConfig`, :func:`default_config`,
 :func:`single_kernel_config`, :func:`prefill_token_tile`, :func:`default_grouped_config`,
@@ -174,6 +176,13 @@ class GemmConfig:
         until the wait); False: wait after each k-group. None: True for
         "registers" (1-10% faster on H100, bitwise the same result), False for
         "smem" (whose one operand buffer the next k-group rewrites).
+      group_wgmma: one wgmma per k-group (its four quarters' register operands side by
+        side) instead of one per quarter: 7-11% fewer instructions per step (descriptor
+        arithmetic and warpgroup arrives), but the k-group's MMAs start only after its
+        whole decode. None: True with register operands and ``stages >= 3``; on the H200
+        that measured 0-3% faster, and with 2 stages 1-11% slower (the two compute
+        warpgroups, one step apart at most, decode in lockstep and leave the tensor cores
+        idle; benchmarks/results/scale_pairs-2026-12-02.md).
       stream_k: 0 (off), or the number of CTAs per token tile that share the
         ``n_tiles * K steps`` (tile, step) units of the product in contiguous,
         equal runs ("stream-K"). A run may end inside one output tile and go on in
@@ -195,6 +204,7 @@ class GemmConfig:
     compute_wgs: int | None = None
     overlap_decode: bool | None = None
     stream_k: int = 0
+    group_wgmma: bool | None = None
 
     def __post_init__(self):
         if self.tile_n % _WGMMA_ROWS or not 64 <= self.tile_n <= 256:  # TMA box <= 256
@@ -228,6 +238,11 @@ class GemmConfig:
                 "overlap_decode needs a_operand='registers' (the SMEM operand buffer is"
                 " rewritten by the next k-group)"
             )
+        if self.group_wgmma is True and self.a_operand == "smem":
+            raise ValueError(
+                "group_wgmma needs a_operand='registers' (the SMEM operand buffer holds one"
+                " quarter)"
+            )
         wgs = self.num_compute_wgs
         # Four compute warpgroups hung on an H100 (observed). Likely cause: the
         # warp-specialized pipeline asks setmaxnreg for (512 - 40) / 4 registers
@@ -254,6 +269,12 @@ class GemmConfig:
         if self.overlap_decode is None:
             return self.a_operand == "registers"
         return self.overlap_decode
+
+    @property
+    def use_group_wgmma(self) -> bool:
+        if self.group_wgmma is None:
+            return self.a_operand == "registers" and self.stages >= 3
+        return self.group_wgmma
 
     @property
     def num_compute_wgs(self) -> int:
@@ -1037,7 +1058,12 @@ def _gemm_kernel(
             # until the step's single wait. Keeping them in flight across steps
             # instead gave wrong results (prefill-2026-11-23.md). The other compute
             # warpgroups keep the tensor cores busy meanwhile.
-            for q, a in enumerate(decode_group(w_smem, s_smem, g)):
+            quarters = decode_group(w_smem, s_smem, g)
+            if cfg.use_group_wgmma:
+                a = jnp.concatenate(quarters, axis=1)
+                plgpu.wgmma(acc_ref, a, x_smem.at[:, pl.ds(g * k_group, k_group)].T)
+                quarters = ()
+            for q, a in enumerate(quarters):
                 quarter = g * _CODES_PER_LANE + q
                 x_t = x_smem.at[:, pl.ds(quarter * lanes, lanes)].T
                 if cfg.a_operand == "smem":
