@@ -28,8 +28,9 @@ per-16 scales, widened from compact bytes with a shift and an add; the fast deco
 loads each row's scales of a k-group with one vector load),
 issues four ``[rows, k_group/4] x [k_group/4, tile_m]`` wgmmas against column slices of
 ``x_smem.T`` (or, ``group_wgmma``, one ``[rows, k_group]`` wgmma of the four quarters side
-by side) and waits for them before decoding the next k-group, or (``overlap_decode``, the default with register operands)
-decodes k-group g + 1 while the wgmmas of k-group g run and waits once per step.
+by side) and waits for them before decoding the next k-group, or (``overlap_decode``, the
+default with register operands) decodes k-group g + 1 while the wgmmas of k-group g run and
+waits once per step.
 The fp32 epilogue applies tensor scale and bias and stores the transposed
 tile through SMEM with TMA; with ``split_k > 1`` it stores fp32 partial sums
 (staged 64 tokens at a time, which keeps 128-token tiles within SMEM) that a small XLA
@@ -1059,20 +1060,20 @@ def _gemm_kernel(
             # instead gave wrong results (prefill-2026-11-23.md). The other compute
             # warpgroups keep the tensor cores busy meanwhile.
             quarters = decode_group(w_smem, s_smem, g)
-            if cfg.use_group_wgmma:
+            if cfg.use_group_wgmma:  # the quarters side by side: k-group g's columns of x
                 a = jnp.concatenate(quarters, axis=1)
                 plgpu.wgmma(acc_ref, a, x_smem.at[:, pl.ds(g * k_group, k_group)].T)
-                quarters = ()
-            for q, a in enumerate(quarters):
-                quarter = g * _CODES_PER_LANE + q
-                x_t = x_smem.at[:, pl.ds(quarter * lanes, lanes)].T
-                if cfg.a_operand == "smem":
-                    a_ref = a_smem.at[wg, q]
-                    a_ref[...] = a
-                    plgpu.commit_smem()
-                    plgpu.wgmma(acc_ref, a_ref, x_t)
-                else:
-                    plgpu.wgmma(acc_ref, a, x_t)
+            else:
+                for q, a in enumerate(quarters):
+                    quarter = g * _CODES_PER_LANE + q
+                    x_t = x_smem.at[:, pl.ds(quarter * lanes, lanes)].T
+                    if cfg.a_operand == "smem":
+                        a_ref = a_smem.at[wg, q]
+                        a_ref[...] = a
+                        plgpu.commit_smem()
+                        plgpu.wgmma(acc_ref, a_ref, x_t)
+                    else:
+                        plgpu.wgmma(acc_ref, a, x_t)
             if not cfg.use_overlap_decode:
                 plgpu.wgmma_wait(0)
         if cfg.use_overlap_decode:
