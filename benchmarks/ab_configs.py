@@ -52,11 +52,14 @@ def speedup(reference_us: float, us: float, digits: int) -> str:
     return "-" if math.isnan(ratio) else f"{ratio:.{digits}f}x"
 
 
-def base_config(m: int, n: int, k: int) -> gemm.GemmConfig:
-    """The fused config the library runs at this shape (its tiling where it takes the
-    dequantize route)."""
-    plan = pallas_plan(m, n, k)
-    return plan if isinstance(plan, gemm.GemmConfig) else gemm.default_config(m, n, k)
+def base_config(m: int, n: int, k: int, k_group: int | None = None) -> gemm.GemmConfig:
+    """The fused config the library runs at this shape for a weight prepared with
+    ``k_group`` (its tiling where it takes the dequantize route)."""
+    k_group = k_group or gemm.default_k_group(k)
+    plan = pallas_plan(m, n, k, k_group=k_group)
+    if isinstance(plan, gemm.GemmConfig):
+        return plan
+    return gemm.default_config(m, n, k, k_group=k_group)
 
 
 def main() -> None:
@@ -65,6 +68,7 @@ def main() -> None:
     p.add_argument("--nk", nargs="+", required=True)
     p.add_argument("--variant", action="append", default=[], type=parse_variant)
     p.add_argument("--iterations", type=int, default=20)
+    p.add_argument("--k-group", type=int, default=None, help="prepared k-group (default: 128)")
     args = p.parse_args()
     labels = [",".join(f"{key}={val}" for key, val in v.items()) for v in args.variant]
     headers = ["M", "N", "K", "bf16", "default", "vs bf16"]
@@ -72,9 +76,9 @@ def main() -> None:
         headers += [label, "vs bf16", "vs default"]
     headers.append("default config")
     rows = []
-    for m, n, k, x, copies in common.matmul_problems(args.nk, args.m):
+    for m, n, k, x, copies in common.matmul_problems(args.nk, args.m, args.k_group):
         t_bf16 = common.bf16_time(x, n, args.iterations)
-        base = base_config(m, n, k)
+        base = base_config(m, n, k, args.k_group)
         row = [m, n, k, t_bf16]
         t_base = None
         for fields in [{}] + args.variant:

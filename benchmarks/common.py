@@ -30,23 +30,25 @@ def fresh_copy(tree):
     return jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True), tree)
 
 
-def prepared_copies(w_kn):
-    """``nv.prepare(nv.quantize(w_kn, axis=0))`` for a ``[K, N]`` weight, and enough fresh
-    copies of it to rotate past 2x the L2. Returns (prepared, copies, bytes of one copy)."""
+def prepared_copies(w_kn, k_group: int | None = None):
+    """``nv.prepare(nv.quantize(w_kn, axis=0), k_group=k_group)`` for a ``[K, N]`` weight, and
+    enough fresh copies of it to rotate past 2x the L2. Returns (prepared, copies, bytes of
+    one copy)."""
     import nvfp4_jax as nv
 
-    prepared = nv.prepare(nv.quantize(w_kn, axis=0))
+    prepared = nv.prepare(nv.quantize(w_kn, axis=0), k_group=k_group)
     nbytes = prepared.prepared.data.nbytes + prepared.prepared.scales.nbytes
     return prepared, [fresh_copy(prepared) for _ in range(copies_for(nbytes))], nbytes
 
 
-def matmul_problems(nks: Sequence[str], ms: Sequence[int]):
+def matmul_problems(nks: Sequence[str], ms: Sequence[int], k_group: int | None = None):
     """For every ``"NxK"`` in ``nks`` and M in ``ms``: ``(m, n, k, x, copies)`` with a random
-    bf16 ``x [M, K]`` and rotated prepared copies of a random ``[K, N]`` NVFP4 weight."""
+    bf16 ``x [M, K]`` and rotated prepared copies of a random ``[K, N]`` NVFP4 weight
+    (prepared with ``k_group``; None: the default)."""
     for nk in nks:
         n, k = (int(v) for v in nk.split("x"))
         w = jax.random.normal(jax.random.key(0), (k, n), jnp.bfloat16)
-        _, copies, _ = prepared_copies(w)
+        _, copies, _ = prepared_copies(w, k_group)
         for m in ms:
             yield m, n, k, jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16), copies
 
