@@ -13,6 +13,7 @@ number of compute warpgroups.
 from __future__ import annotations
 
 import argparse
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -70,44 +71,31 @@ def stream(data, scales, *, tile_n, groups, stages, split_k, wgs, row_bytes):
     return kernel(view, scales)
 
 
+# Per shape: (tile_n, k-groups per step, stages, split_k, compute warpgroups, TMA row bytes).
+VARIANTS = {
+    (4096, 4096): [
+        (128, 1, 4, 4, 2, 64), (128, 1, 2, 4, 2, 64), (128, 1, 8, 4, 2, 64),
+        (128, 1, 4, 4, 1, 64), (128, 1, 4, 4, 2, 128), (128, 1, 4, 4, 2, 256),
+        (128, 2, 4, 4, 2, 64), (256, 1, 4, 8, 2, 64), (64, 1, 4, 2, 1, 64),
+    ],
+    (28672, 8192): [
+        (256, 2, 4, 1, 2, 64), (256, 2, 2, 1, 2, 64), (256, 2, 4, 1, 2, 128),
+        (256, 2, 4, 1, 2, 256), (256, 1, 8, 1, 2, 64), (128, 2, 4, 2, 2, 64),
+    ],
+}
+FIELDS = ("tile_n", "groups", "stages", "split_k", "wgs", "row_bytes")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--iterations", type=int, default=20)
     args = p.parse_args()
     it = args.iterations
-    print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}")
+    print(common.device_line())
     rows = []
-    for n, k, variants in (
-        (
-            4096,
-            4096,
-            [  # tile_n, groups, stages, split_k, wgs, row_bytes
-                (128, 1, 4, 4, 2, 64),
-                (128, 1, 2, 4, 2, 64),
-                (128, 1, 8, 4, 2, 64),
-                (128, 1, 4, 4, 1, 64),
-                (128, 1, 4, 4, 2, 128),
-                (128, 1, 4, 4, 2, 256),
-                (128, 2, 4, 4, 2, 64),
-                (256, 1, 4, 8, 2, 64),
-                (64, 1, 4, 2, 1, 64),
-            ],
-        ),
-        (
-            28672,
-            8192,
-            [
-                (256, 2, 4, 1, 2, 64),
-                (256, 2, 2, 1, 2, 64),
-                (256, 2, 4, 1, 2, 128),
-                (256, 2, 4, 1, 2, 256),
-                (256, 1, 8, 1, 2, 64),
-                (128, 2, 4, 2, 2, 64),
-            ],
-        ),
-    ):
+    for (n, k), variants in VARIANTS.items():
         w = jax.random.normal(jax.random.key(0), (k, n), jnp.bfloat16)
-        prepared, copies, nbytes = common.prepared_copies(w)
+        _, copies, nbytes = common.prepared_copies(w)
         pw = [c.prepared for c in copies]
         x = jax.random.normal(jax.random.key(1), (1, k), jnp.bfloat16)
         t_bf16 = common.bf16_time(x, n, it)
@@ -120,26 +108,15 @@ def main() -> None:
         rows.append((n, k, "bf16 x @ w.T, M = 1", t_bf16, n * k * 2))
         rows.append((n, k, "nvfp4 matmul, M = 1 (default)", t_ours, nbytes))
         rows.append((n, k, "XLA max over codes + scales", t_xla, nbytes))
-        for tile_n, groups, stages, split_k, wgs, row_bytes in variants:
+        for variant in variants:
+            tile_n, groups, stages, split_k, wgs, row_bytes = variant
             name = (
                 f"TMA pipeline n{tile_n} k{128 * groups} s{stages} sk{split_k} wgs{wgs}"
                 f" rows {row_bytes} B"
             )
+            fn = functools.partial(stream, **dict(zip(FIELDS, variant)))
             try:
-                t = common.time_per_call(
-                    lambda d, s, v=(tile_n, groups, stages, split_k, wgs, row_bytes): stream(
-                        d,
-                        s,
-                        tile_n=v[0],
-                        groups=v[1],
-                        stages=v[2],
-                        split_k=v[3],
-                        wgs=v[4],
-                        row_bytes=v[5],
-                    ),
-                    [(q.data, q.scales) for q in pw],
-                    it,
-                )
+                t = common.time_per_call(fn, [(q.data, q.scales) for q in pw], it)
             except Exception as e:  # noqa: BLE001 - report and go on
                 print(f"{name}: failed: {str(e).splitlines()[0][:200]}")
                 continue
