@@ -55,7 +55,6 @@ def speedup(reference_us: float, us: float, digits: int) -> str:
 def base_config(m: int, n: int, k: int, k_group: int | None = None) -> gemm.GemmConfig:
     """The fused config the library runs at this shape for a weight prepared with
     ``k_group`` (its tiling where it takes the dequantize route)."""
-    k_group = k_group or gemm.default_k_group(k)
     plan = pallas_plan(m, n, k, k_group=k_group)
     if isinstance(plan, gemm.GemmConfig):
         return plan

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 import nvfp4_jax as nv
 from benchmarks import common
-from benchmarks.bench_matmul import M_VALUES, NK_VALUES, fastest
+from benchmarks.bench_matmul import M_VALUES, NK_VALUES, fastest, one_wave_splits
 from nvfp4_jax.kernels import gemm
 
 
@@ -32,8 +32,7 @@ def grid(m: int, n: int, k: int, k_group: int):
         for tile_n in (128, 256):
             tiles = -(-n // tile_n) * -(-m // base.tile_m)
             steps = -(-k // k_group)
-            splits = [s for s in range(1, 17) if steps % s == 0 and tiles * s <= num_sms] or [1]
-            for split_k in splits[-2:]:
+            for split_k in one_wave_splits(tiles, steps, num_sms)[-2:]:
                 cfg = dataclasses.replace(
                     base, tile_n=tile_n, tile_k=k_group, split_k=split_k, stages=4, stream_k=0
                 )
@@ -63,12 +62,7 @@ def main() -> None:
     for nk in args.nk:
         n, k = (int(v) for v in nk.split("x"))
         w = jax.random.normal(jax.random.key(0), (k, n), jnp.bfloat16)
-        q = nv.quantize(w, axis=0)
-        copies = {}
-        for kg in (128, 256):
-            prepared = nv.prepare(q, k_group=kg)
-            copies[kg] = [common.fresh_copy(prepared) for _ in range(common.copies_for(
-                prepared.prepared.data.nbytes + prepared.prepared.scales.nbytes))]
+        copies = {kg: common.prepared_copies(w, kg)[1] for kg in (128, 256)}
         for m in args.m:
             x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
             t_bf16 = common.bf16_time(x, n, args.iterations)

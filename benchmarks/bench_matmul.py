@@ -28,6 +28,12 @@ M_VALUES = (1, 16, 64, 256, 1024, 4096)
 NK_VALUES = ((4096, 4096), (14336, 4096), (4096, 14336), (28672, 8192))
 
 
+def one_wave_splits(tiles: int, steps: int, num_sms: int) -> list[int]:
+    """The split-K values (up to 16) that divide the ``steps`` K steps of each of ``tiles``
+    output tiles and keep the grid within one wave of ``num_sms`` CTAs; ``[1]`` if none."""
+    return [s for s in range(1, 17) if steps % s == 0 and tiles * s <= num_sms] or [1]
+
+
 def sweep(m: int, n: int, k: int, k_group: int | None = None):
     """The default config, then a grid around it (for ``--configs``). Decode (M <= 64):
     128/256-feature tiles, tile_k one or two k-groups, 4 or 8 pipeline stages (fewer where SMEM is
@@ -47,8 +53,7 @@ def sweep(m: int, n: int, k: int, k_group: int | None = None):
         for tile_n, tile_k, stages in itertools.product((128, 256), (k_group, 2 * k_group), (4, 8)):
             tiles = -(-n // tile_n) * -(-m // base.tile_m)
             steps = -(-k // tile_k)
-            splits = [s for s in range(1, 17) if steps % s == 0 and tiles * s <= num_sms] or [1]
-            for split_k in splits[-2:]:
+            for split_k in one_wave_splits(tiles, steps, num_sms)[-2:]:
                 cfg = dataclasses.replace(
                     base, tile_n=tile_n, tile_k=tile_k, split_k=split_k, stages=stages, stream_k=0
                 )
