@@ -264,6 +264,18 @@ def test_fast_decode_plan_places_every_code(dtype):
             np.testing.assert_array_equal(half, ((code & 8) << 12) | ((code & 7) << s))
 
 
+
+@pytest.mark.parametrize("dtype,alu,imad", [(jnp.bfloat16, 7, 4), (jnp.float16, 8, 6)])
+def test_fast_decode_plan_keeps_integer_alu_ops_low(dtype, alu, imad):
+    """Per register (eight weights) the plan costs one LOP3 per term and one SHF per right
+    shift on the integer ALU pipe, which binds the decode, and one IMAD.SHL per left shift
+    (benchmarks/results/ab_decode-2026-12-03.md); the lane layout is chosen for the bf16
+    minimum of 7 ALU ops within 11."""
+    plan = gemm._fast_decode_plan(dtype)
+    terms = [amount for quarter in plan for amount, _ in quarter]
+    assert len(terms) + sum(a < 0 for a in terms) == alu
+    assert sum(a > 0 for a in terms) == imad
+
 def test_fast_decode_bit_pattern_is_exact():
     """The fast decode's placement ``sign<<15 | em<<s`` times the folded scale."""
     for dtype in (jnp.bfloat16, jnp.float16):

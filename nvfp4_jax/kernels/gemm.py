@@ -118,8 +118,12 @@ _CODES_PER_LANE = 4
 # (benchmarks/results/k_group-2026-11-23.md).
 DEFAULT_K_GROUP = 128
 _K_GROUPS = (64, 128, 256)
-# Lane bit of code bit i (0: mantissa, 1-2: exponent, 3: sign) of quarter q.
-_LANE_BITS = ((0, 1, 2, 9), (3, 4, 5, 12), (6, 7, 8, 15), (10, 11, 13, 14))
+# Lane bit of code bit i (0: mantissa, 1-2: exponent, 3: sign) of quarter q. Chosen (by
+# exhaustive search over in-lane layouts) for the fewest integer-ALU ops of the fast bf16
+# decode, the pipe it binds on: 7 ALU + 4 IMAD.SHL per register against 8 + 3 for
+# ((0, 1, 2, 9), (3, 4, 5, 12), (6, 7, 8, 15), (10, 11, 13, 14)), 0.2-7% faster
+# (benchmarks/results/ab_decode-2026-12-03.md).
+_LANE_BITS = ((0, 1, 2, 13), (3, 4, 5, 12), (6, 7, 8, 15), (9, 10, 11, 14))
 # SMEM per CTA on H100 as reported by the Mosaic GPU lowering.
 _SMEM_BYTES = 232448
 # With the fast decode the weights enter the MMA scaled by 2^-_FAST_SHIFT (see
@@ -569,10 +573,11 @@ def prepare_weight(
         lane ``j`` holds the four E2M1 codes of ``W[k, n]`` at ``k = g * k_group
         + q * (k_group / 4) + j``, ``q = 0..3`` (the k-group's four *quarters*);
         code bit ``i`` (0: mantissa, 1-2: exponent, 3: sign) of quarter ``q`` is
-        lane bit ``_LANE_BITS[q][i]``: quarter 0 in bits 0-2 + 9, 1 in 3-5 + 12,
-        2 in 6-8 + 15, 3 in 10, 11, 13 + 14. Quarters 0-2 keep the sign 9 bits
+        lane bit ``_LANE_BITS[q][i]``: quarter 0 in bits 0-2 + 13, 1 in 3-5 + 12,
+        2 in 6-8 + 15, 3 in 9-11 + 14. Quarters 1 and 2 keep the sign 9 bits
         above the mantissa, as in bf16, so the fast bf16 decode makes a bf16x2
-        pair of each with one shift and one AND (see :func:`_fast_decode_plan`).
+        pair of each with one shift and one AND; quarters 0 and 3 take two
+        (see :func:`_fast_decode_plan`).
         Each quarter is a dense ``[rows, k_group/4]`` wgmma operand, multiplied
         with a contiguous column slice of the x tile. One
         k-group of all features is contiguous (K-tile-major), so a TMA box
@@ -771,10 +776,12 @@ def _fast_decode_plan(dtype) -> tuple[tuple[tuple[int, int], ...], ...]:
     em << s`` (``s`` = mantissa bits - 1). The code bits that move by the same amount
     share one term. With :data:`_LANE_BITS` and ptxas fusing each AND into the OR that
     follows (LOP3), that is 11 integer ops per register (eight weights) for bf16
-    (quarters 0-2: one term each, quarter 2 needs no shift; quarter 3: three terms),
-    against 15 for one nibble per quarter, and 17 for f16. Shifts move both lanes
-    alike; the masks keep only each lane's own target bits, whose sources lie in the
-    same lane.
+    (quarters 1 and 2: one term each, quarter 2 needs no shift; quarters 0 and 3: two
+    terms), against 15 for one nibble per quarter, and 14 for f16. Left shifts become
+    ``IMAD.SHL`` (FMA pipe), right shifts ``SHF`` and the ANDs/ORs ``LOP3`` (integer ALU
+    pipe, the busier one): bf16 takes 7 ALU ops and 4 ``IMAD.SHL``. Shifts move both
+    lanes alike; the masks keep only each lane's own target bits, whose sources lie in
+    the same lane.
     """
     mant_shift = jnp.finfo(dtype).nmant - 1
     targets = (mant_shift, mant_shift + 1, mant_shift + 2, 15)
@@ -785,6 +792,34 @@ def _fast_decode_plan(dtype) -> tuple[tuple[tuple[int, int], ...], ...]:
             by_shift[dst - src] = by_shift.get(dst - src, 0) | 1 << dst
         plan.append(tuple((amount, mask * 0x10001) for amount, mask in sorted(by_shift.items())))
     return tuple(plan)
+
+
+def _shift_left(x, amount: int):
+    """``x << amount`` for an i32 MLIR value (the fast decode's left shifts).
+
+    ptxas turns ``shl.b32`` into ``IMAD.SHL`` on the FMA pipe, which also runs the scale
+    multiplies; ``benchmarks/ab_decode.py`` times the alternatives (funnel shifts, ``SHF``
+    on the integer ALU pipe, measured 3-9% slower).
+    """
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import arith
+
+    i32 = ir.IntegerType.get_signless(32)
+    return arith.shli(x, arith.constant(i32, ir.IntegerAttr.get(i32, amount)))
+
+
+def _shift_add(x, shift: int, add: int):
+    """``(x << shift) + add`` for an i32 MLIR value (widening two compact scales at once).
+
+    ptxas makes it one ``LEA`` (integer ALU pipe); ``benchmarks/ab_decode.py`` times the
+    alternatives.
+    """
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import arith
+
+    i32 = ir.IntegerType.get_signless(32)
+    const = lambda v: arith.constant(i32, ir.IntegerAttr.get(i32, v - (v >> 31 << 32)))
+    return arith.addi(arith.shli(x, const(shift)), const(add))
 
 
 def _decode_scaled_fast(lanes: jax.Array, bands, dtype) -> tuple[jax.Array, ...]:
@@ -880,10 +915,7 @@ def _decode_scaled_fast(lanes: jax.Array, bands, dtype) -> tuple[jax.Array, ...]
                 for word in words:
                     if compact:  # bytes (0, 2) and (1, 3) into the halves, widened two at once
                         even, odd = (
-                            arith.addi(
-                                arith.shli(mgpu_utils.prmt(word, zero, const(sel)), const(shift)),
-                                const(add),
-                            )
+                            _shift_add(mgpu_utils.prmt(word, zero, const(sel)), shift, add)
                             for sel in (0x4240, 0x4341)
                         )
                         pairs += [splat(even, 0), splat(odd, 0), splat(even, 1), splat(odd, 1)]
@@ -893,7 +925,7 @@ def _decode_scaled_fast(lanes: jax.Array, bands, dtype) -> tuple[jax.Array, ...]
 
         def term(x, amount, mask):
             if amount > 0:
-                x = arith.shli(x, const(amount))
+                x = _shift_left(x, amount)
             elif amount < 0:
                 x = arith.shrui(x, const(-amount))
             return arith.andi(x, const(mask))
