@@ -4,6 +4,7 @@ Two steps, since the GPU machine lacks ``nvdisasm``:
 
 1. On the GPU, compile one ``nvfp4_jax.matmul`` with the PTX dump on:
    PYTHONPATH=. python benchmarks/sass_mix.py --dump $OUT/dump [--m 1 --nk 4096x4096]
+       [--variant "lanes 8/3"]   (a decode variant of ``benchmarks/ab_decode.py``)
 2. Anywhere with ``ptxas`` and ``nvdisasm`` (a CUDA toolkit, or the copies bundled with
    triton): python benchmarks/sass_mix.py $OUT/dump/kernel_body_*.ptx
 
@@ -90,19 +91,24 @@ def report(ptx_path: str) -> None:
         print(f"| {op} | {n} |")
 
 
-def dump(out_dir: str, m: int, nk: str) -> None:
-    """Compile and run one ``nv.matmul`` with Mosaic GPU's PTX dump into ``out_dir``."""
+def dump(out_dir: str, m: int, nk: str, variant: str = "kernel") -> None:
+    """Compile and run one ``nv.matmul`` with Mosaic GPU's PTX dump into ``out_dir``, under
+    ``ab_decode.VARIANTS[variant]`` (the dump flag is read once per process: one variant per
+    run)."""
     os.makedirs(out_dir, exist_ok=True)
     os.environ.update(MOSAIC_GPU_DUMP_PTX="1", MOSAIC_GPU_DUMP_TO=out_dir)
     import jax
     import jax.numpy as jnp
 
     import nvfp4_jax as nv
+    from benchmarks.ab_decode import VARIANTS
 
     n, k = (int(v) for v in nk.split("x"))
-    w = nv.prepare(nv.quantize(jax.random.normal(jax.random.key(0), (k, n), jnp.bfloat16), axis=0))
-    x = jax.random.normal(jax.random.key(1), (m, k), jnp.bfloat16)
-    jax.block_until_ready(nv.matmul(x, w, backend="pallas"))
+    with VARIANTS[variant]():
+        w = jax.random.normal(jax.random.key(0), (k, n), jnp.bfloat16)
+        w = nv.prepare(nv.quantize(w, axis=0))
+        x = jax.random.normal(jax.random.key(1), (m, k), jnp.bfloat16)
+        jax.block_until_ready(nv.matmul(x, w, backend="pallas"))
     print("\n".join(sorted(glob.glob(os.path.join(out_dir, "*.ptx")))))
 
 
@@ -112,9 +118,10 @@ if __name__ == "__main__":
     p.add_argument("--dump", help="run one matmul on the GPU and dump its PTX here")
     p.add_argument("--m", type=int, default=1)
     p.add_argument("--nk", default="4096x4096")
+    p.add_argument("--variant", default="kernel", help="a decode variant of ab_decode.py")
     args = p.parse_args()
     if args.dump:
-        dump(args.dump, args.m, args.nk)
+        dump(args.dump, args.m, args.nk, args.variant)
     for path in args.ptx:
         report(path)
     if not args.dump and not args.ptx:
