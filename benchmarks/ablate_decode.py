@@ -11,6 +11,11 @@ bf16 (no scale loads, no integer decode, no scale multiply; the results are mean
 the MMAs, pipeline and epilogue are those of the real kernel). The gap between the two is
 the decode's share of the kernel time; the gap between the bitcast kernel and bf16 is what
 the kernel's tiling and pipeline cost without any decode.
+
+``--half``: also the kernel with half its decode (:func:`half_decode`: the real decode of a
+warpgroup's first 64 rows, its registers reused for the other 64; wrong results), the most a
+layout that decodes each weight once per 256 tokens instead of 128 could gain (tiles of 128
+rows per warpgroup, the prefill plans).
 """
 
 from __future__ import annotations
@@ -53,11 +58,41 @@ def bitcast_quarters(lanes, bands, dtype):
     return cast(lanes)
 
 
+_DECODE = gemm._decode_scaled_fast  # the real decode, before any patch
+
+
+def half_decode(lanes, bands, dtype):
+    """Stand-in for ``gemm._decode_scaled_fast`` on 128-row warpgroups: the real decode of
+    rows 0-63, whose quarters also stand in for rows 64-127."""
+    from jax.experimental.mosaic.gpu import fragmented_array as fa
+
+    rows = lanes.shape[0]
+    if rows != 128:
+        raise ValueError(f"half_decode needs 128-row warpgroups, got {rows}")
+    halves = _DECODE(lanes[: rows // 2], bands, dtype)
+    layout = plgpu.Layout.WGMMA
+    ret = plgpu.ShapeDtypeStruct(lanes.shape, dtype, layout)
+
+    @plgpu.inline_mgpu(arg_types=(layout,) * 4, return_type=(ret,) * 4)
+    def twice(_, *quarters):
+        return tuple(
+            fa.FragmentedArray(
+                _registers=np.concatenate([q.registers, q.registers], axis=0),
+                _layout=q.layout,
+                _is_signed=None,
+            )
+            for q in quarters
+        )
+
+    return twice(*halves)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--m", type=int, nargs="+", default=[64, 256, 1024, 4096])
     p.add_argument("--nk", nargs="+", default=[f"{n}x{k}" for n, k in NK_VALUES])
     p.add_argument("--iterations", type=int, default=10)
+    p.add_argument("--half", action="store_true", help="also time half the decode")
     args = p.parse_args()
     rows = []
     for m, n, k, x, copies in common.matmul_problems(args.nk, args.m):
@@ -69,6 +104,12 @@ def main() -> None:
         with mock.patch.object(gemm, "_decode_scaled_fast", bitcast_quarters):
             t_cast = common.time_per_call(run, [(x, w) for w in copies], args.iterations)
         jax.clear_caches()
+        half = []
+        if args.half:
+            with mock.patch.object(gemm, "_decode_scaled_fast", half_decode):
+                t_half = common.time_per_call(run, [(x, w) for w in copies], args.iterations)
+            jax.clear_caches()
+            half = [t_half, speedup(t_bf16, t_half, 2)]
         mma_us = 2 * m * n * k / 989e12 * 1e6  # at the H100/H200 dense bf16 peak
         rows.append(
             [
@@ -83,6 +124,7 @@ def main() -> None:
                 f"{1 - t_cast / t_full:.0%}",
                 mma_us,
                 common.config_label(cfg),
+                *half,
             ]
         )
         print(rows[-1], flush=True)
@@ -101,6 +143,7 @@ def main() -> None:
             "decode share",
             "MMA at 989 TFLOP/s",
             "config",
+            *(["half decode", "half decode vs bf16"] if args.half else []),
         ],
         rows,
         notes=["no decode: code lanes bitcast to bf16 in place of decode and scales"],
