@@ -95,15 +95,13 @@ def main() -> None:
     args = p.parse_args()
     names = ["kernel"] + [v for v in args.variants if v != "kernel"]
     rows = []
-    for nk in args.nk:
-        n, k = (int(v) for v in nk.split("x"))
-        w = jax.random.normal(jax.random.key(0), (k, n), jnp.bfloat16)
+    for n, k, w in common.matmul_weights(args.nk):
         copies = {}
         for name in names:
             with VARIANTS[name]():
                 copies[name] = common.prepared_copies(w, args.k_group)[1]
         for m in args.m:
-            x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
+            x = common.matmul_x(m, k)
             t_bf16 = common.bf16_time(x, n, args.iterations)
             cfg = base_config(m, n, k, args.k_group)
             run = lambda x, w, cfg=cfg: nv.matmul(x, w, backend="pallas", config=cfg)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 
 import nvfp4_jax as nv
@@ -59,12 +58,10 @@ def main() -> None:
     args = p.parse_args()
     print(common.device_line())
     rows = []
-    for nk in args.nk:
-        n, k = (int(v) for v in nk.split("x"))
-        w = jax.random.normal(jax.random.key(0), (k, n), jnp.bfloat16)
+    for n, k, w in common.matmul_weights(args.nk):
         copies = {kg: common.prepared_copies(w, kg)[1] for kg in (128, 256)}
         for m in args.m:
-            x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
+            x = common.matmul_x(m, k)
             t_bf16 = common.bf16_time(x, n, args.iterations)
             t_plan = common.time_per_call(
                 lambda x, w: nv.matmul(x, w), [(x, c) for c in copies[128]], args.iterations

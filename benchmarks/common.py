@@ -41,16 +41,27 @@ def prepared_copies(w_kn, k_group: int | None = None):
     return prepared, [fresh_copy(prepared) for _ in range(copies_for(nbytes))], nbytes
 
 
-def matmul_problems(nks: Sequence[str], ms: Sequence[int], k_group: int | None = None):
-    """For every ``"NxK"`` in ``nks`` and M in ``ms``: ``(m, n, k, x, copies)`` with a random
-    bf16 ``x [M, K]`` and rotated prepared copies of a random ``[K, N]`` NVFP4 weight
-    (prepared with ``k_group``; None: the default)."""
+def matmul_weights(nks: Sequence[str]):
+    """For every ``"NxK"`` in ``nks``: ``(n, k, w)`` with the random bf16 ``w [K, N]`` that
+    the matmul benchmarks quantize (the same weight in every script and run)."""
     for nk in nks:
         n, k = (int(v) for v in nk.split("x"))
-        w = jax.random.normal(jax.random.key(0), (k, n), jnp.bfloat16)
+        yield n, k, jax.random.normal(jax.random.key(0), (k, n), jnp.bfloat16)
+
+
+def matmul_x(m: int, k: int) -> jax.Array:
+    """The random bf16 activations ``x [M, K]`` of the matmul benchmarks."""
+    return jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
+
+
+def matmul_problems(nks: Sequence[str], ms: Sequence[int], k_group: int | None = None):
+    """For every ``"NxK"`` in ``nks`` and M in ``ms``: ``(m, n, k, x, copies)`` with
+    :func:`matmul_x` and rotated prepared copies of :func:`matmul_weights`'s weight
+    (prepared with ``k_group``; None: the default)."""
+    for n, k, w in matmul_weights(nks):
         _, copies, _ = prepared_copies(w, k_group)
         for m in ms:
-            yield m, n, k, jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16), copies
+            yield m, n, k, matmul_x(m, k), copies
 
 
 def time_per_call(fn: Callable, arg_sets: Sequence[tuple], iterations: int = 20) -> float:
