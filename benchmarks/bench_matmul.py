@@ -38,8 +38,8 @@ def sweep(m: int, n: int, k: int, k_group: int | None = None):
     """The default config, then a grid around it (for ``--configs``). Decode (M <= 64):
     128/256-feature tiles, tile_k one or two k-groups, 4 or 8 pipeline stages (fewer where SMEM is
     short), and the two largest split-K values that keep the grid within one wave, with
-    XLA and (split-K 2 to 4; 8-CTA clusters measured slower) cluster reduction, and
-    stream-K over all SMs. Prefill:
+    XLA and (split-K 2 to 4; 8-CTA clusters measured slower) cluster reduction, K-folded
+    (:func:`gemm.k_fold_config`, M <= 16), and stream-K over all SMs. Prefill:
     tile shapes, tile_k, stages, with and without ``overlap_decode``, and the dequantize
     route. ``k_group``: the prepared weight's (None: the default for ``k``)."""
     k_group = k_group or gemm.default_k_group(k)
@@ -60,6 +60,9 @@ def sweep(m: int, n: int, k: int, k_group: int | None = None):
                 for reduce in ("xla", "cluster") if 2 <= split_k <= 4 else ("xla",):
                     cfg = dataclasses.replace(cfg, split_k_reduce=reduce)
                     yield gemm._fit_stages(cfg, m, jnp.bfloat16)
+                folded = gemm.k_fold_config(dataclasses.replace(cfg, split_k_reduce="xla"), m, k)
+                if folded is not None:  # the splits inside the CTA
+                    yield gemm._fit_stages(folded, m, jnp.bfloat16)
             if num_sms <= tiles * steps:  # stream-K over all SMs (a unit per CTA)
                 cfg = dataclasses.replace(
                     base,

@@ -117,6 +117,7 @@ def config_label(cfg) -> str:
         f"n{cfg.tile_n} m{cfg.tile_m} k{cfg.tile_k} s{cfg.stages} sk{cfg.split_k}"
         + (" cluster" if cfg.cluster_reduce else "")
         + (f" stream{cfg.stream_k}" if cfg.stream_k else "")
+        + (f" fold{cfg.k_fold}" if cfg.k_fold > 1 else "")
         + ("" if cfg.use_overlap_decode else " serial")
         + ({None: "", True: " grouped", False: " per-quarter"}[cfg.group_wgmma])
     )

@@ -31,9 +31,15 @@ _JAX_DTYPE = {torch.bfloat16: jnp.bfloat16, torch.float16: jnp.float16}
 
 def kernel_fn(n: int, k: int, cfg: gemm.GemmConfig, m_rows: int) -> Callable:
     """The JAX function ``(x2d, data, scales, ts[, bias])`` -> the kernel's raw output: one
-    Mosaic GPU kernel and nothing else, as ``as_torch_kernel`` requires."""
-    tile_m = gemm.token_tile(cfg, m_rows)
-    k_steps = -(-k // cfg.tile_k) // cfg.split_k
+    Mosaic GPU kernel and nothing else, as ``as_torch_kernel`` requires. ``m_rows``: the
+    rows of x (:func:`gemm.launch_rows`); K-folded (``cfg.k_fold``), x comes as the view
+    ``[m_rows * k_fold, K / k_fold]`` and data and scales as :func:`gemm.fold_view`."""
+    fold = cfg.k_fold
+    tile_m = gemm.token_tile(cfg, m_rows * fold)
+    if fold > 1:
+        k_steps = k // (fold * cfg.tile_k)
+    else:
+        k_steps = -(-k // cfg.tile_k) // cfg.split_k
 
     def fn(x2d, data, scales, ts, *bias):
         return gemm._launch(
@@ -47,7 +53,7 @@ def kernel_fn(n: int, k: int, cfg: gemm.GemmConfig, m_rows: int) -> Callable:
             out_dtype=x2d.dtype,
             cfg=cfg,
             tile_m=tile_m,
-            m_tiles=-(-m_rows // tile_m),
+            m_tiles=-(-m_rows * fold // tile_m),
             k_steps=k_steps,
             interpret=False,
         )
@@ -160,6 +166,9 @@ class _Launcher:
     on_current_stream: bool
     rows: int  # M rounded up to what the kernel's TMA needs
     bias: torch.Tensor | None  # padded to whole output tiles
+    k_fold: int  # GemmConfig.k_fold: x, data and scales enter as K-folded views
+    data: torch.Tensor  # the weight's codes and scales as the kernel takes them
+    scales: torch.Tensor
 
 
 class TorchGemm:
@@ -196,17 +205,21 @@ class TorchGemm:
             m, self.n, self.k, dtype=dtype, stream_k=False, k_group=self.k_group
         )
         cfg = gemm.single_kernel_config(cfg, m, self.k, dtype, n=self.n)
-        rows = m if m <= 8 else -(-m // 8) * 8  # TMA of (8, .)-tiled views
+        fold = cfg.k_fold
+        rows = gemm.launch_rows(m, fold)
         n_out = -(-self.n // cfg.tile_n) * cfg.tile_n
-        args = [torch.empty(rows, self.k, dtype=torch_dtype, device=device)]
-        args += [self.data, self.scales, self.tensor_scale]
+        data, scales = self.data, self.scales
+        if fold > 1:
+            data, scales = gemm.fold_view(data, fold), gemm.fold_view(scales, fold)
+        args = [torch.empty(rows * fold, self.k // fold, dtype=torch_dtype, device=device)]
+        args += [data, scales, self.tensor_scale]
         bias = None
         if self.bias is not None:
             bias = F.pad(self.bias, (0, n_out - self.n)).contiguous()
             args.append(bias)
         with torch.cuda.device(device):
             apply, on_current = _compile(self.n, self.k, cfg, rows, args)
-        launcher = _Launcher(apply, on_current, rows, bias)
+        launcher = _Launcher(apply, on_current, rows, bias, fold, data, scales)
         self._launchers[m, torch_dtype] = launcher
         return launcher
 
@@ -219,7 +232,9 @@ class TorchGemm:
         launcher = self._launchers.get((m, x2d.dtype)) or self._launcher(m, x2d.dtype, device)
         if launcher.rows != m:
             x2d = F.pad(x2d, (0, 0, 0, launcher.rows - m))
-        args = (x2d, self.data, self.scales, self.tensor_scale)
+        if launcher.k_fold > 1:  # (token, K part) rows
+            x2d = x2d.reshape(launcher.rows * launcher.k_fold, self.k // launcher.k_fold)
+        args = (x2d, launcher.data, launcher.scales, self.tensor_scale)
         if launcher.bias is not None:
             args += (launcher.bias,)
         if launcher.on_current_stream:

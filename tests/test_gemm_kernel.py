@@ -508,6 +508,57 @@ def test_interpreter_finds_no_races(cfg):
     assert _rel_err(y, _reference64(x, data, scales, ts, bias)) <= _tolerance(jnp.bfloat16)
 
 
+def _fold_config(fold, tile_n, tile_k, compute_wgs=None):
+    return G(
+        tile_n=tile_n,
+        tile_m=64,
+        tile_k=tile_k,
+        stages=2,
+        k_fold=fold,
+        compute_wgs=compute_wgs,
+        a_operand="smem",
+        fast_decode=False,
+    )
+
+
+@pytest.mark.parametrize(
+    "m,n,k,fold,tile_n,tile_k,compute_wgs,dtype,bias",
+    [
+        (1, 64, 256, 2, 32, 64, None, jnp.bfloat16, False),  # one warpgroup, 2 parts
+        (3, 64, 256, 4, 16, 64, None, jnp.bfloat16, True),  # 12 x rows
+        (16, 80, 512, 4, 32, 128, None, jnp.bfloat16, True),  # N past the last tile
+        (5, 48, 512, 4, 16, 128, 1, jnp.float16, False),  # 4 parts in one warpgroup
+        (24, 64, 1024, 4, 32, 128, None, jnp.bfloat16, True),  # 96 x rows: 2 token tiles
+        (7, 128, 512, 2, 64, 64, None, jnp.float16, True),  # 2 warpgroups of 1 part
+    ],
+)
+def test_interpret_k_fold(m, n, k, fold, tile_n, tile_k, compute_wgs, dtype, bias):
+    """K-folded tiles (``GemmConfig.k_fold``) against the float64 reference."""
+    data, scales, ts = _random_weight(n, k, seed=31 + m)
+    x = _random_x(m, k, dtype, seed=32 + m)
+    b = None
+    if bias:
+        b = jnp.asarray(np.random.default_rng((_SALT, 33)).standard_normal(n).astype(np.float32))
+    prep = gemm.prepare_weight(
+        jnp.asarray(data), jnp.asarray(scales), ts, k_group=min(tile_k, gemm.DEFAULT_K_GROUP)
+    )
+    cfg = _fold_config(fold, tile_n, tile_k, compute_wgs)
+    y = gemm.nvfp4_matmul(x, prep, n=n, k=k, bias=b, out_dtype=dtype, config=cfg, interpret=True)
+    assert y.shape == (m, n) and y.dtype == dtype
+    assert _rel_err(y, _reference64(x, data, scales, ts, b)) <= _tolerance(dtype)
+
+
+def test_interpreter_finds_no_races_k_fold():
+    """The accumulator hand-over of the K-folded epilogue is ordered (barrier)."""
+    m, n, k = 5, 40, 1024
+    data, scales, ts, x, prep = _random_problem(m, n, k, seed=34)
+    bias = jnp.asarray(np.random.default_rng((_SALT, 34)).standard_normal(n).astype(np.float32))
+    cfg = _fold_config(4, 16, 128)  # two K steps in two stages
+    y = gemm.nvfp4_matmul(x, prep, n=n, k=k, bias=bias, config=cfg, interpret=RACES)
+    assert not races_found()
+    assert _rel_err(y, _reference64(x, data, scales, ts, bias)) <= _tolerance(jnp.bfloat16)
+
+
 # -----------------------------------------------------------------------------
 # Validation
 # -----------------------------------------------------------------------------
@@ -530,6 +581,38 @@ def test_config_validation():
         G(a_operand="smem", overlap_decode=True)
     with pytest.raises(ValueError, match="group_wgmma needs a_operand='registers'"):
         G(a_operand="smem", group_wgmma=True)
+
+
+def test_k_fold_validation():
+    assert G(tile_n=32, k_fold=4).cta_rows == 128 and G(tile_n=32, k_fold=4).num_compute_wgs == 2
+    assert G(tile_n=16, k_fold=4).num_compute_wgs == 1
+    with pytest.raises(ValueError, match="k_fold must be 1, 2 or 4"):
+        G(tile_n=32, k_fold=3)
+    with pytest.raises(ValueError, match="tile_n must be a multiple of 16"):
+        G(tile_n=24, k_fold=4)
+    with pytest.raises(ValueError, match="tile_n must be a multiple of 16"):
+        G(tile_n=128, k_fold=4)  # 512 rows
+    with pytest.raises(ValueError, match="split_k=1 and stream_k=0"):
+        G(tile_n=32, k_fold=4, split_k=2)
+    with pytest.raises(ValueError, match="split_k=1 and stream_k=0"):
+        G(tile_n=32, k_fold=4, stream_k=132)
+    with pytest.raises(ValueError, match="whole K parts"):
+        G(tile_n=48, k_fold=4, compute_wgs=3)  # 64-row warpgroups of 48-feature parts
+    data, scales, ts = _random_weight(64, 512, seed=0)
+    prep = gemm.prepare_weight(jnp.asarray(data), jnp.asarray(scales), ts)
+    x = jnp.ones((2, 512), jnp.bfloat16)
+    with pytest.raises(ValueError, match="multiple of k_fold \\* tile_k = 1024"):
+        gemm.nvfp4_matmul(x, prep, n=64, k=512, config=G(tile_n=32, tile_k=256, k_fold=4))
+    with pytest.raises(NotImplementedError, match="k_fold on the GPU needs the fast decode"):
+        cfg = G(tile_n=32, tile_k=128, k_fold=2, fast_decode=False)
+        gemm.nvfp4_matmul(x, prep, n=64, k=512, config=cfg)
+    stack = gemm.prepare_weight(
+        jnp.asarray(np.stack([data] * 2)), jnp.asarray(np.stack([scales] * 2)), ts
+    )
+    with pytest.raises(ValueError, match="neither stream-K nor k_fold"):
+        gemm.nvfp4_grouped_matmul(
+            x, stack, jnp.array([1, 1]), n=64, k=512, config=G(tile_n=32, k_fold=2)
+        )
 
 
 def test_group_wgmma_default():
@@ -597,14 +680,20 @@ def test_default_config_buckets():
             assert (-(-k // cfg.tile_k)) % cfg.split_k == 0
             if m <= 64:
                 assert cfg.tile_m == -(-m // 8) * 8
-    # Decode while 128-feature tiles fit in one wave: 64-row warpgroups, split-K to fill it
+    # Decode while 128-feature tiles fit in one wave: 64-row warpgroups, split-K to fill it,
+    # inside the CTA (K-folded) at M <= 8
     for m in (1, 16, 64):
         narrow = gemm.default_config(m, 4096, 4096, num_sms=132, tuned=False)
-        assert (narrow.tile_n, narrow.tile_k, narrow.split_k, narrow.stream_k) == (128, 128, 4, 0)
+        if m == 1:
+            assert (narrow.tile_n, narrow.k_fold, narrow.split_k, narrow.tile_m) == (32, 4, 1, 8)
+        else:
+            assert (narrow.tile_n, narrow.tile_k, narrow.split_k, narrow.k_fold) == (128, 128, 4, 1)
         one_wave = gemm.default_config(m, 14336, 4096, num_sms=132, tuned=False)  # 112 tiles
         assert (one_wave.tile_n, one_wave.split_k, one_wave.stream_k) == (128, 1, 0)
+    folded = gemm.default_config(8, 8192, 4096, num_sms=132, tuned=False)  # 64 tiles x 2
+    assert (folded.tile_n, folded.k_fold, folded.tile_m, folded.num_compute_wgs) == (64, 2, 16, 2)
     narrow64 = gemm.default_config(1, 4096, 4096, num_sms=132, k_group=64, tuned=False)
-    assert (narrow64.tile_n, narrow64.tile_k, narrow64.split_k) == (128, 128, 4)
+    assert (narrow64.tile_n, narrow64.tile_k, narrow64.k_fold) == (32, 128, 4)
     # Beyond a wave: 256-feature tiles; at M <= 8 where their one wave leaves >10% of the
     # SMs idle, stream-K over all of them, unless ruled out
     stream = gemm.default_config(1, 28672, 8192, num_sms=132, tuned=False)  # 112 tiles
@@ -697,17 +786,23 @@ def test_single_kernel_config_reduces_split_k_in_clusters():
     # Prefill tiles: no split whose partial sums fit SMEM next to the pipeline.
     wide = gemm.single_kernel_config(G(tile_n=256, tile_m=128, tile_k=64, split_k=8), 300, 1024)
     assert wide.split_k == 1 and gemm.smem_bytes(wide, 128) <= gemm._SMEM_BYTES
-    # Decode: split 128-feature tiles become 256-feature ones with twice the splits (fewer,
-    # faster clusters), where N has 256 features
+    # Decode, M <= 16: 2 or 4 splits of 128-feature tiles run inside the CTA (K-folded)
     narrow = G(tile_n=128, tile_m=8, tile_k=128, split_k=4)
-    wider = gemm.single_kernel_config(narrow, 1, 4096, n=4096)
+    for m, tile_m in ((1, 8), (16, 64)):  # x rows: 4 per token
+        folded = gemm.single_kernel_config(narrow, m, 4096, n=4096)
+        assert (folded.tile_n, folded.k_fold, folded.split_k, folded.tile_m) == (32, 4, 1, tile_m)
+    # other splits become 256-feature tiles with twice the splits (fewer, faster clusters),
+    # where N has 256 features
+    narrow8 = dataclasses.replace(narrow, split_k=8)
+    wider = gemm.single_kernel_config(narrow8, 1, 4096, n=4096)
     assert (wider.tile_n, wider.split_k, wider.split_k_reduce) == (256, 4, "cluster")
-    assert gemm.single_kernel_config(narrow, 1, 4096, n=192).tile_n == 128
+    assert gemm.single_kernel_config(narrow8, 1, 4096, n=192).tile_n == 128
     assert (
         gemm.single_kernel_config(dataclasses.replace(narrow, tile_m=64), 64, 4096, n=4096).tile_n
         == 128
     )
-    for cfg in (one, tall, wide, wider):  # no XLA work after the kernel
+    assert gemm.k_fold_config(narrow, 1, 4096 - 128) is None  # K parts of whole steps
+    for cfg in (one, tall, wide, wider, folded):  # no XLA work after the kernel
         assert not gemm._stores_partials(cfg)
 
 
@@ -840,6 +935,9 @@ def test_tune_script_rewrites_only_the_table(tmp_path):
 
 _LOWER_CASES = {
     "decode_registers": (16, 4096, 4096, None, False),
+    "decode_k_fold4_bias": (16, 4096, 4096, G(tile_n=32, tile_m=64, tile_k=128, k_fold=4), True),
+    "decode_k_fold4_m1": (1, 4096, 4096, G(tile_n=32, tile_m=256, tile_k=256, k_fold=4), False),
+    "decode_k_fold2_1wg": (3, 200, 1024, G(tile_n=32, tile_m=8, tile_k=128, k_fold=2), True),
     "decode_registers_m1_bias": (1, 4096, 4096, None, True),
     "decode_splitk_registers": (
         8,
@@ -1154,6 +1252,37 @@ def test_gpu_configs(cfg):
 def test_gpu_split_k(m, n, k, cfg):
     _gpu_check(m, n, k, cfg, bias=True)
     _gpu_check(m, n, k, cfg, bias=False, dtype=jnp.float16, scale_dtype=jnp.float16)
+
+
+@gpu
+@pytest.mark.parametrize(
+    "m,n,k,cfg",
+    [
+        (1, 4096, 4096, G(tile_n=32, tile_m=256, tile_k=128, k_fold=4)),
+        (16, 4096, 4096, G(tile_n=32, tile_m=256, tile_k=128, k_fold=4)),
+        (3, 4096, 14336, G(tile_n=32, tile_m=256, tile_k=256, k_fold=4, stages=6)),
+        (13, 200, 1024, G(tile_n=32, tile_m=8, tile_k=128, k_fold=2)),  # 4 token tiles
+        (40, 1000, 2048, G(tile_n=64, tile_m=64, tile_k=128, k_fold=2, stages=3)),
+        (5, 48, 512, G(tile_n=16, tile_m=256, tile_k=128, k_fold=4)),  # one warpgroup
+        (32, 4096, 4096, G(tile_n=32, tile_m=256, tile_k=128, k_fold=4, stages=2)),
+    ],
+    ids=lambda v: str(v) if not isinstance(v, G) else f"n{v.tile_n}k{v.tile_k}f{v.k_fold}",
+)
+def test_gpu_k_fold(m, n, k, cfg):
+    _gpu_check(m, n, k, cfg, bias=True)
+    _gpu_check(m, n, k, cfg, bias=False, dtype=jnp.float16, scale_dtype=None)
+
+
+@gpu
+def test_gpu_k_fold_matches_split_k():
+    """The folded product equals the unfolded one up to the order of its fp32 sums."""
+    m, n, k = 16, 4096, 4096
+    _, _, _, x, prep = _random_problem(m, n, k, seed=35)
+    fold = G(tile_n=32, tile_m=64, tile_k=128, k_fold=4)
+    y_fold = gemm.nvfp4_matmul(x, prep, n=n, k=k, config=fold).astype(jnp.float32)
+    y_split = gemm.nvfp4_matmul(x, prep, n=n, k=k, config=G(tile_m=16, tile_k=128, split_k=4))
+    y_split = np.asarray(y_split.astype(jnp.float32), np.float64)
+    assert np.linalg.norm(np.asarray(y_fold, np.float64) - y_split) <= 4e-3 * np.linalg.norm(y_split)
 
 
 @gpu

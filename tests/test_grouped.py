@@ -212,7 +212,7 @@ def test_bad_inputs(rng):
         nv.grouped_matmul(x, w, jnp.asarray([-1, 3], jnp.int32))
     assert nv.grouped_matmul(x[:0], w, jnp.zeros(2, jnp.int32)).shape == (0, 16)
     stream = gemm.GemmConfig(tile_n=64, tile_m=8, tile_k=64, stream_k=4, a_operand="smem")
-    with pytest.raises(ValueError, match="does not run stream-K"):
+    with pytest.raises(ValueError, match="runs neither stream-K nor k_fold"):
         nv.grouped_matmul(x, w, gs, backend="pallas", config=stream)
 
 

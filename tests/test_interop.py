@@ -723,6 +723,51 @@ def test_torch_launch_function_is_one_mosaic_kernel():
         assert out.shape == ((cfg.split_k, m, n_out) if partials else (m, n_out))
 
 
+def test_torch_launch_function_k_fold_is_one_mosaic_kernel():
+    """The launch path of a K-folded tiling (``GemmConfig.k_fold``: split-K inside the CTA,
+    what ``single_kernel_config`` makes of 4 splits of 128-feature tiles at M <= 16) takes
+    x, codes and scales as torch views and compiles one Mosaic GPU call."""
+    from cross_lowering import h100_mesh
+
+    from interop.torch_kernel import kernel_fn, kernel_module
+    from nvfp4_jax.kernels import gemm
+
+    n, k = 4096, 1024
+    prep = gemm.prepare_weight(
+        jnp.zeros((n, k // 2), jnp.uint8), jnp.ones((n, k // 16), jnp.float8_e4m3fn), 1.0
+    )
+    for m in (1, 3, 16):
+        cfg = gemm.single_kernel_config(gemm.default_config(m, n, k, num_sms=132), m, k, n=n)
+        assert cfg.k_fold == 4 and cfg.tile_n == 32 and cfg.split_k == 1, cfg
+        rows = gemm.launch_rows(m, cfg.k_fold)
+        args = [jnp.zeros((rows * 4, k // 4), jnp.bfloat16)]
+        args += [gemm.fold_view(prep.data, 4), gemm.fold_view(prep.scales, 4), prep.tensor_scale]
+        with jax.sharding.use_abstract_mesh(h100_mesh()):
+            asm, order, out = kernel_module(kernel_fn(n, k, cfg, rows), args, ("cuda",))
+        assert isinstance(asm, bytes) and asm and order == [1, 2, 0, 3]
+        assert out.shape == (rows, n)
+
+
+@_apply_marks
+@pytest.mark.parametrize("rows", [1, 5, 16])
+def test_gpu_torch_launch_k_fold(rows):
+    """N = 4096, K = 1024: 32 tiles x 4 splits, launched from torch as one K-folded kernel."""
+    lin = _layer(k=1024, n=4096, seed=rows).cuda()
+    layer = NVFP4Linear.from_linear(lin)
+    sd = layer.state_dict()
+    w_dq = _torch_dequantize(sd["weight"], sd["weight_scale"], sd["weight_scale_2"])
+    x = torch.randn(rows, 1024, dtype=torch.bfloat16, device="cuda")
+    with torch.no_grad():
+        y = layer(x)
+        y16 = layer(x.half())
+    launchers = [ln for g in layer._jax_state()[4] for ln in g._launchers.values()]
+    assert launchers and all(ln.k_fold == 4 for ln in launchers)
+    ref = F.linear(x.cpu().double(), w_dq, lin.bias.detach().cpu().double())
+    assert y.shape == (rows, 4096) and y.dtype == torch.bfloat16 and _rel(y.cpu(), ref) <= 1e-2
+    ref16 = F.linear(x.half().cpu().double(), w_dq, lin.bias.detach().cpu().double())
+    assert y16.dtype == torch.float16 and _rel(y16.cpu(), ref16) <= 2e-3
+
+
 @_apply_marks
 def test_gpu_prefill_rows_take_the_dequantize_route():
     """From DEQUANTIZE_DOT_MIN_M rows on, the CUDA forward uses the JAX path (whose

@@ -55,6 +55,16 @@ XLA-reduced splits (benchmarks/results/decode_variants-2026-11-23.md), and a
 reduction through GMEM semaphores measured 0.3-0.8 us slower than the XLA fusion
 (split_k_reduce-2026-11-23.md).
 
+K-folding (``GemmConfig.k_fold``, 2 or 4) runs the splits of split-K inside one CTA instead:
+its wgmma rows hold ``tile_n`` features for each K part (the prepared layout is K-tile-major,
+so ``data [k_fold, K_pad/kg/k_fold, N_pad, kg/4]`` is a free view whose TMA box loads every
+part), x enters as the free view ``[M * k_fold, K / k_fold]`` (rows (token, part)), one
+MMA multiplies all parts with all parts, and the epilogue adds the matching blocks: no f32
+partial sums, no second kernel (the XLA reduction costs about 1 us at N = 4096, a sixth of
+the decode call there), at ``k_fold`` times the MMA work, which is free while ``M * k_fold``
+fits one small wgmma. The decode then loads its code registers itself (a warpgroup's rows
+span two 32-row parts, which no tiled SMEM view joins).
+
 Stream-K (``GemmConfig.stream_k``) fills the SMs where whole-tile splits cannot (112
 tiles of 256 features on 132 SMs): the CTAs share the (tile, K step) units in equal
 contiguous runs, one pipeline each; a run stores its running sum whenever it enters
@@ -174,7 +184,7 @@ class GemmConfig:
         portable select-based jnp decode. None: fast for "registers", portable
         for "smem".
       compute_wgs: compute warpgroups per CTA (1 to 3; one more warpgroup issues
-        the TMA copies). None: ``tile_n // 64`` for ``tile_n <= 192``, else 2.
+        the TMA copies). None: ``tile_n * k_fold // 64`` up to 192 rows, else 2.
       overlap_decode: issue the wgmmas of every k-group of a step back to back and
         wait once per step, so a warpgroup decodes k-group ``g + 1`` while the
         tensor cores run k-group ``g`` (ptxas keeps the register operands live
@@ -196,6 +206,19 @@ class GemmConfig:
         tiles on 132 SMs). Needs ``split_k == 1`` and ``stream_k <= n_tiles * K
         steps`` (a unit per CTA); the fp32 partial sums are added by a small XLA
         fusion (:class:`StreamK`).
+      k_fold: 1 (off), 2 or 4: "K-folding", split-K inside one CTA with no partial sums
+        leaving it. The CTA's ``tile_n * k_fold`` wgmma rows hold ``tile_n`` features
+        (16 to 128, a multiple of 16) for each of ``k_fold`` equal parts of K, and x
+        enters as the free view ``x.reshape(M * k_fold, K / k_fold)``, whose rows are
+        (token, part) pairs: one MMA multiplies every part of the weights with every part
+        of x, and the epilogue adds the ``k_fold`` matching (part, part) blocks through
+        SMEM and stores the output tile. It fills the SMs at decode sizes where whole
+        128-row tiles cannot (N = 4096: 128 CTAs of 32 features) without the XLA
+        reduction of split-K; the MMA work grows ``k_fold``-fold, which costs nothing
+        while ``M * k_fold`` fits one wgmma (``tile_m`` counts (token, part) rows). Needs
+        ``split_k == 1``, no stream-K, warpgroups of whole parts, the fast decode on the
+        GPU (the portable decode in the interpreter) and ``K`` a multiple of ``k_fold *
+        tile_k``.
     """
 
     tile_n: int = 128
@@ -210,10 +233,28 @@ class GemmConfig:
     overlap_decode: bool | None = None
     stream_k: int = 0
     group_wgmma: bool | None = None
+    k_fold: int = 1
 
     def __post_init__(self):
-        if self.tile_n % _WGMMA_ROWS or not 64 <= self.tile_n <= 256:  # TMA box <= 256
+        if self.k_fold not in (1, 2, 4):
+            raise ValueError(f"k_fold must be 1, 2 or 4, got {self.k_fold!r}")
+        if self.k_fold == 1 and (self.tile_n % _WGMMA_ROWS or not 64 <= self.tile_n <= 256):
             raise ValueError(f"tile_n must be 64, 128, 192 or 256, got {self.tile_n}")
+        if self.k_fold > 1 and (
+            self.tile_n % _BLOCK
+            or self.tile_n > 128
+            or self.cta_rows % _WGMMA_ROWS
+            or self.cta_rows > 256
+        ):
+            raise ValueError(
+                f"with k_fold={self.k_fold}, tile_n must be a multiple of 16 of at most 128"
+                f" with tile_n * k_fold a multiple of 64 of at most 256, got {self.tile_n}"
+            )
+        if self.k_fold > 1 and (self.split_k != 1 or self.stream_k):
+            raise ValueError(
+                f"k_fold={self.k_fold} needs split_k=1 and stream_k=0, got"
+                f" split_k={self.split_k}, stream_k={self.stream_k}"
+            )
         if self.tile_m % 8 or not 8 <= self.tile_m <= _MAX_TILE_M:
             raise ValueError(f"tile_m must be a multiple of 8 in [8, 256], got {self.tile_m}")
         if self.tile_k % 64 or self.tile_k <= 0:
@@ -252,10 +293,15 @@ class GemmConfig:
         # Four compute warpgroups hung on an H100 (observed). Likely cause: the
         # warp-specialized pipeline asks setmaxnreg for (512 - 40) / 4 registers
         # per compute thread, more than a 640-thread launch holds.
-        if not 1 <= wgs <= 3 or self.tile_n % wgs or self.tile_n // wgs not in (64, 128):
+        if not 1 <= wgs <= 3 or self.cta_rows % wgs or self.cta_rows // wgs not in (64, 128):
             raise ValueError(
-                f"tile_n={self.tile_n} must split into 1..3 compute warpgroups of 64"
-                f" or 128 rows, got compute_wgs={self.compute_wgs}"
+                f"tile_n * k_fold={self.cta_rows} must split into 1..3 compute warpgroups"
+                f" of 64 or 128 rows, got compute_wgs={self.compute_wgs}"
+            )
+        if self.wg_rows % self.tile_n and self.k_fold > 1:
+            raise ValueError(
+                f"with k_fold, every compute warpgroup holds whole K parts: its"
+                f" {self.wg_rows} rows must be a multiple of tile_n={self.tile_n}"
             )
 
     @property
@@ -282,14 +328,19 @@ class GemmConfig:
         return self.group_wgmma
 
     @property
+    def cta_rows(self) -> int:
+        """wgmma rows per CTA: ``tile_n`` features for each of the ``k_fold`` K parts."""
+        return self.tile_n * self.k_fold
+
+    @property
     def num_compute_wgs(self) -> int:
         if self.compute_wgs is not None:
             return self.compute_wgs
-        return self.tile_n // _WGMMA_ROWS if self.tile_n <= 192 else 2
+        return self.cta_rows // _WGMMA_ROWS if self.cta_rows <= 192 else 2
 
     @property
     def wg_rows(self) -> int:
-        return self.tile_n // self.num_compute_wgs
+        return self.cta_rows // self.num_compute_wgs
 
 
 def _round_up(x: int, m: int) -> int:
@@ -399,6 +450,9 @@ def default_config(
         and ctas * -(-k // k_group) >= num_sms  # at least one k-group unit per CTA
     ):
         return _fit_stages(dataclasses.replace(cfg, tile_k=k_group, stream_k=num_sms), m, dtype)
+    folded = k_fold_config(dataclasses.replace(cfg, split_k=splits), m, k, max_tokens=8)
+    if folded is not None:
+        return _fit_stages(folded, m, dtype)
     partial_bytes = splits * _round_up(m, 8) * n * 4
     if m > 64 and splits > 1 and partial_bytes > n * k // 2 and cfg.tile_n == 256:
         cfg = dataclasses.replace(cfg, tile_n=128)
@@ -448,6 +502,37 @@ def prefill_token_tile(m: int, n: int, num_sms: int) -> int:
     return best if cost(best) <= (1 - _TOKEN_TILE_MIN_GAIN) * cost(128) else 128
 
 
+def k_fold_config(
+    cfg: GemmConfig, m: int, k: int, *, max_tokens: int = 16
+) -> GemmConfig | None:
+    """A split-K tiling of 128-feature tiles in 2 or 4 splits as the K-folded tiling that
+    runs the same CTAs and steps with the splits inside each CTA (``GemmConfig.k_fold``:
+    ``128 / split_k`` features, no partial sums, one kernel), or None where that does not
+    apply: other tilings, ``m > max_tokens``, or K not made of ``split_k`` parts of whole
+    steps. Measured on the H200 at N = K = 4096 (``ab_configs-2026-12-03.md``): M = 1 5.98
+    against 6.90 us, M = 8 6.91 against 7.35 us, M = 16 8.61 against 7.23 us (the 4 M x
+    rows then cost more than the reduction saves; ``max_tokens=8`` in :func:`default_config`).
+    """
+    fold = cfg.split_k
+    if (
+        cfg.tile_n != 128
+        or fold not in (2, 4)
+        or cfg.cluster_reduce
+        or cfg.num_compute_wgs != 2
+        or m > max_tokens
+        or k % (fold * cfg.tile_k)
+    ):
+        return None
+    return dataclasses.replace(
+        cfg,
+        tile_n=cfg.tile_n // fold,
+        tile_m=_round_up(max(m, 1) * fold, 8),
+        split_k=1,
+        split_k_reduce="xla",
+        k_fold=fold,
+    )
+
+
 def single_kernel_config(
     cfg: GemmConfig, m: int, k: int, dtype=jnp.bfloat16, *, n: int | None = None
 ) -> GemmConfig:
@@ -463,6 +548,8 @@ def single_kernel_config(
         return _fit_stages(dataclasses.replace(cfg, stream_k=0), m, dtype)
     if cfg.split_k == 1 or cfg.cluster_reduce:
         return cfg
+    if (folded := k_fold_config(cfg, m, k)) is not None:
+        return _fit_stages(folded, m, dtype)
     if cfg.tile_n == 128 and m <= 16 and n is not None and _round_up(n, _WGMMA_ROWS) >= 256:
         cfg = dataclasses.replace(cfg, tile_n=256, compute_wgs=None, split_k=2 * cfg.split_k)
     k_steps = -(-k // cfg.tile_k)
@@ -485,12 +572,14 @@ def tuned_config(entry: gemm_tuned.Tuned) -> GemmConfig:
         split_k=entry.split_k,
         split_k_reduce=entry.split_k_reduce,
         stream_k=entry.stream_k,
+        k_fold=entry.k_fold,
     )
 
 
 def _fit_stages(cfg: GemmConfig, m: int, dtype) -> GemmConfig:
-    """``cfg`` with the most pipeline stages (at most its own, at least 2) that fit SMEM."""
-    while cfg.stages > 2 and smem_bytes(cfg, token_tile(cfg, m), dtype) > _SMEM_BYTES:
+    """``cfg`` with the most pipeline stages (at most its own, at least 2) that fit SMEM
+    for ``m`` tokens."""
+    while cfg.stages > 2 and smem_bytes(cfg, token_tile(cfg, m * cfg.k_fold), dtype) > _SMEM_BYTES:
         cfg = dataclasses.replace(cfg, stages=cfg.stages - 1)
     return cfg
 
@@ -822,7 +911,36 @@ def _shift_add(x, shift: int, add: int):
     return arith.addi(arith.shli(x, const(shift)), const(add))
 
 
-def _decode_scaled_fast(lanes: jax.Array, bands, dtype) -> tuple[jax.Array, ...]:
+class _Fold(NamedTuple):
+    """Where a compute warpgroup's rows lie in a K-folded step (``GemmConfig.k_fold``):
+    the step's SMEM tiles are ``[k_fold, groups, tile_n, ...]`` (K part, k-group of the
+    step, feature), and folded row ``wg * rows + r`` is feature ``(...) % tile_n`` of
+    part ``(...) // tile_n``."""
+
+    k_fold: int
+    groups: int  # k-groups per step
+    tile_n: int  # features per CTA
+    rows: int  # rows per compute warpgroup
+    group: int  # the k-group of the step being decoded
+
+    def physical_row(self, row):
+        """i32 MLIR value: the row of the SMEM tile ``[k_fold * groups * tile_n, ...]``
+        that holds warpgroup-local row ``row`` (an i32 value) of k-group ``group``."""
+        from jax._src.lib.mlir import ir
+        from jax._src.lib.mlir.dialects import arith
+        from jax.experimental.mosaic.gpu import utils as mgpu_utils
+
+        i32 = ir.IntegerType.get_signless(32)
+        const = lambda v: arith.constant(i32, ir.IntegerAttr.get(i32, v))
+        wg = arith.shrui(mgpu_utils.thread_idx(), const(7))  # compute warpgroup index
+        folded = arith.addi(arith.muli(wg, const(self.rows)), row)
+        part = arith.divui(folded, const(self.tile_n))
+        feature = arith.remui(folded, const(self.tile_n))
+        block = arith.addi(arith.muli(part, const(self.groups)), const(self.group))
+        return arith.addi(arith.muli(block, const(self.tile_n)), feature)
+
+
+def _decode_scaled_fast(lanes, bands, dtype, fold: _Fold | None = None) -> tuple[jax.Array, ...]:
     """GPU-only decode and scaling of one k-group of a compute warpgroup.
 
     ``lanes``: prepared uint16 ``[R, kg/4]`` (WGMMA layout, R = 64 or 128 rows);
@@ -830,6 +948,12 @@ def _decode_scaled_fast(lanes: jax.Array, bands, dtype) -> tuple[jax.Array, ...]
     ``[R/16, kg]`` (row ``r``'s ``kg/16`` scales at ``[r // 16, (r % 16) * kg/16 :]``),
     compact uint8 or widened ``dtype``. Returns the four quarters, ``dtype [R, kg/4]``
     (WGMMA layout), each weight times its block scale times ``2**scale_exponent(dtype)``.
+
+    K-folded (``fold``): ``lanes`` is the step's SMEM ref of codes ``[k_fold, groups,
+    tile_n, kg/4]`` (swizzled like every code tile) and ``bands`` that of its scales
+    ``[k_fold, groups, tile_n/16, kg]``; each thread loads its registers of the
+    warpgroup's rows itself (:meth:`_Fold.physical_row`, the swizzle by hand), as
+    the rows of two K parts do not form one tiled ``[R, kg/4]`` view.
 
     Codes: whole 32-bit registers (two uint16 lanes, eight codes) with the shifts and
     masks of :func:`_fast_decode_plan`, under 1.5 integer ops per bf16 weight. Each code
@@ -855,7 +979,10 @@ def _decode_scaled_fast(lanes: jax.Array, bands, dtype) -> tuple[jax.Array, ...]
     from jax.experimental.mosaic.gpu import fragmented_array as fa
     from jax.experimental.mosaic.gpu import utils as mgpu_utils
 
-    rows, lanes_per_quarter = lanes.shape
+    if fold is None:
+        rows, lanes_per_quarter = lanes.shape
+    else:
+        rows, lanes_per_quarter = fold.rows, lanes.shape[-1]
     k_group = lanes_per_quarter * _CODES_PER_LANE
     blocks = k_group // _BLOCK  # scales per row and k-group
     compact = bands.dtype == jnp.uint8
@@ -864,17 +991,19 @@ def _decode_scaled_fast(lanes: jax.Array, bands, dtype) -> tuple[jax.Array, ...]
     row_words = blocks * bands.dtype.itemsize // 4  # 32-bit words of one row's scales
     plan = _fast_decode_plan(dtype)
     layout = plgpu.Layout.WGMMA
-    ret = plgpu.ShapeDtypeStruct(lanes.shape, dtype, layout)
+    ret = plgpu.ShapeDtypeStruct((rows, lanes_per_quarter), dtype, layout)
+    # registers [R/64, kg/32, 1, 1, 2, 1, 1, 1, 1]: (a, b, ..., h, ...), two columns each
+    reg_shape = (rows // 64, lanes_per_quarter // 8, 1, 1, 2, 1, 1, 1, 1)
+    code_type = layout if fold is None else plgpu.RefType(_swizzle_transforms(lanes_per_quarter, jnp.uint16))
 
-    @plgpu.inline_mgpu(arg_types=(layout, plgpu.RefType()), return_type=(ret,) * _CODES_PER_LANE)
+    @plgpu.inline_mgpu(arg_types=(code_type, plgpu.RefType()), return_type=(ret,) * _CODES_PER_LANE)
     def decode(_, w, s_ref):
         i32 = ir.IntegerType.get_signless(32)
         i64 = ir.IntegerType.get_signless(64)
         const = lambda v: arith.constant(
             i32, ir.IntegerAttr.get(i32, v - (1 << 32) if v >= 1 << 31 else v)
         )
-        # registers [R/64, kg/32, 1, 1, 2, 1, 1, 1, 1]: (a, b, ..., h, ...), two columns each
-        if w.registers.shape != (rows // 64, lanes_per_quarter // 8, 1, 1, 2, 1, 1, 1, 1):
+        if fold is None and w.registers.shape != reg_shape:
             raise NotImplementedError(f"unexpected WGMMA registers {w.registers.shape}")
         pair_ty = ir.VectorType.get((2,), mgpu_utils.dtype_to_ir_type(dtype))
 
@@ -899,10 +1028,11 @@ def _decode_scaled_fast(lanes: jax.Array, bands, dtype) -> tuple[jax.Array, ...]
             ptx = f"{{ .reg .b16 l, h; mov.b32 {{l, h}}, $1; mov.b32 $0, {pick}; }}"
             return mgpu_utils.bitcast(mgpu_utils.inline_ptx(ptx, x, result_types=i32), pair_ty)
 
+        row_of = (lambda r: r) if fold is None else fold.physical_row
         splats = {}  # (a, h) -> [scale pair of block j]
         for a in range(rows // 64):
             for h in range(2):
-                row = arith.addi(thread_row, const(64 * a + 8 * h))
+                row = row_of(arith.addi(thread_row, const(64 * a + 8 * h)))
                 words = []
                 for c in range(row_words // chunk):
                     idx = arith.addi(arith.muli(row, const(row_words // chunk)), const(c))
@@ -930,19 +1060,110 @@ def _decode_scaled_fast(lanes: jax.Array, bands, dtype) -> tuple[jax.Array, ...]
                 x = arith.shrui(x, const(-amount))
             return arith.andi(x, const(mask))
 
-        outs = [np.empty_like(w.registers) for _ in range(_CODES_PER_LANE)]
-        for idx, reg in np.ndenumerate(w.registers):
+        if fold is None:
+            registers = w.registers
+            code_word = lambda idx, reg: mgpu_utils.bitcast(reg, i32)
+        else:  # loaded here: the 4-byte column pair (lane % 4) of 16-byte chunk b
+            registers = np.empty(reg_shape, dtype=object)
+            code_ptr = mgpu_utils.memref_ptr(w)
+            row_bytes = lanes_per_quarter * 2  # = the swizzle width
+            lane_byte = arith.shli(arith.andi(tid, const(3)), const(2))
+            phys = {
+                (a, h): row_of(arith.addi(thread_row, const(64 * a + 8 * h)))
+                for a in range(rows // 64)
+                for h in range(2)
+            }
+
+            def code_word(idx, _):
+                a, b, h = idx[0], idx[1], idx[4]
+                p = phys[a, h]
+                # swizzle: chunk b of a row moves to b ^ ((row offset >> 7) % (width / 16))
+                xor = arith.andi(
+                    arith.shrui(arith.muli(p, const(row_bytes)), const(7)),
+                    const(row_bytes // 16 - 1),
+                )
+                chunk = arith.xori(xor, const(b))
+                offset = arith.addi(
+                    arith.muli(p, const(row_bytes)),
+                    arith.addi(arith.shli(chunk, const(4)), lane_byte),
+                )
+                ptr = mgpu_utils.getelementptr(
+                    code_ptr, [arith.extui(i64, offset)], ir.IntegerType.get_signless(8)
+                )
+                return llvm.load(i32, ptr)
+
+        outs = [np.empty(reg_shape, dtype=object) for _ in range(_CODES_PER_LANE)]
+        for idx, reg in np.ndenumerate(registers):
             a, b, h = idx[0], idx[1], idx[4]
-            r = mgpu_utils.bitcast(reg, i32)
+            r = code_word(idx, reg)
             for q, terms in enumerate(plan):
                 bits = functools.reduce(arith.ori, [term(r, amt, mask) for amt, mask in terms])
                 scale = splats[a, h][q * (blocks // _CODES_PER_LANE) + b // 2]
                 outs[q][idx] = arith.mulf(mgpu_utils.bitcast(bits, pair_ty), scale)
         return tuple(
-            fa.FragmentedArray(_registers=o, _layout=w.layout, _is_signed=None) for o in outs
+            fa.FragmentedArray(_registers=o, _layout=fa.WGMMA_LAYOUT, _is_signed=None)
+            for o in outs
         )
 
     return decode(lanes, bands)
+
+
+def _fold_sum_fast(red, out, ts, bias, *, k_fold: int, scale: np.float32) -> None:
+    """GPU-only K-fold epilogue of the first compute warpgroup (``GemmConfig.k_fold``).
+
+    ``red``: SMEM f32 ``[wgs, tile_m, rows]``, each compute warpgroup's accumulator
+    transposed (x row ``t``, folded row ``r`` of that warpgroup); ``out``: SMEM ``[tile_m
+    / k_fold, tile_n]`` (bf16/f16); ``ts``: GMEM f32 ``[1]``; ``bias``: None or an SMEM
+    ``[tile_n]`` ref. Writes ``out[m, f] = (sum over q of red[w, m * k_fold + q, c] *
+    scale) * ts + bias[f]`` for K part ``q`` held by warpgroup ``w`` at column ``c``,
+    adding the parts in order. Each thread computes outputs ``tid, tid + 128, ...``
+    (clamped to the last one: a repeated output is stored twice with one value).
+    """
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import arith, llvm
+    from jax.experimental.mosaic.gpu import utils as mgpu_utils
+
+    _, tile_m, rows = red.shape
+    out_rows, tile_n = out.shape
+    parts = rows // tile_n  # K parts per warpgroup
+    total = out_rows * tile_n
+    refs = (red, out, ts) + (() if bias is None else (bias,))
+
+    @plgpu.inline_mgpu(arg_types=tuple(plgpu.RefType() for _ in refs))
+    def fold_sum(_, red_ref, out_ref, ts_ref, *bias_ref):
+        i32 = ir.IntegerType.get_signless(32)
+        i64 = ir.IntegerType.get_signless(64)
+        f32 = ir.F32Type.get()
+        const = lambda v: arith.constant(i32, ir.IntegerAttr.get(i32, v))
+
+        def load(ref, index, ty):
+            ptr = mgpu_utils.memref_ptr(ref)
+            return llvm.load(ty, mgpu_utils.getelementptr(ptr, [arith.extui(i64, index)], ty))
+
+        out_ty = mgpu_utils.dtype_to_ir_type(out.dtype)
+        ts_val = load(ts_ref, const(0), f32)
+        tid = arith.andi(mgpu_utils.thread_idx(), const(127))
+        for i in range(-(-total // 128)):
+            idx = arith.minui(arith.addi(tid, const(128 * i)), const(total - 1))
+            m = arith.divui(idx, const(tile_n))
+            f = arith.remui(idx, const(tile_n))
+            acc = None
+            for q in range(k_fold):
+                row = arith.addi(arith.muli(m, const(k_fold)), const(q))
+                col = arith.addi(f, const((q % parts) * tile_n))
+                base = const((q // parts) * tile_m * rows)
+                v = load(red_ref, arith.addi(base, arith.addi(arith.muli(row, const(rows)), col)), f32)
+                acc = v if acc is None else arith.addf(acc, v)
+            acc = arith.mulf(arith.mulf(acc, arith.constant(f32, float(scale))), ts_val)
+            if bias_ref:
+                b = load(bias_ref[0], f, mgpu_utils.dtype_to_ir_type(bias.dtype))
+                if bias.dtype != jnp.float32:
+                    b = arith.extf(f32, b)
+                acc = arith.addf(acc, b)
+            ptr = mgpu_utils.getelementptr(mgpu_utils.memref_ptr(out_ref), [arith.extui(i64, idx)], out_ty)
+            llvm.store(arith.truncf(out_ty, acc), ptr)
+
+    fold_sum(*refs)
 
 
 def _swizzle_transforms(minor_elems: int, dtype) -> tuple:
@@ -969,7 +1190,9 @@ def _gemm_kernel(
     bias_smem,
     bias_barrier,
     red_smem,
-    red_barrier,  # scratch
+    red_barrier,
+    fold_smem,
+    fold_barrier,  # scratch
     *,
     cfg: GemmConfig,
     tile_m: int,
@@ -1001,8 +1224,15 @@ def _gemm_kernel(
     tile_m]`` accumulator into slot ``s - 1`` of split 0's ``red_smem [split_k - 1,
     wgs, rows, tile_m]``; split 0 waits on ``red_barrier`` (one per warpgroup), adds
     the slots in order and runs the fused epilogue.
+
+    K-folded (``cfg.k_fold > 1``): data, scales and x come as the views of
+    :func:`_launch` (``[k_fold, ...]`` weights, x ``[M * k_fold, K / k_fold]``); every
+    compute warpgroup hands its f32 accumulator to the first through ``fold_smem
+    [wgs, tile_m, rows]`` (``fold_barrier`` counts them), which adds the matching
+    (part, part) blocks into ``o_smem [tile_m / k_fold, tile_n]`` and stores it.
     """
     num_wgs, rows = cfg.num_compute_wgs, cfg.wg_rows
+    fold = cfg.k_fold
     lanes = k_group // _CODES_PER_LANE  # columns of one quarter
     groups_per_step = cfg.tile_k // k_group
     blocks_per_quarter = lanes // _BLOCK
@@ -1037,6 +1267,10 @@ def _gemm_kernel(
         data_block, scales_block = (None, *data_block), (None, *scales_block)
         data_index = lambda k: (expert, step_of(k), n_idx, 0)
         scales_index = data_index if fast else lambda k: (expert, step_of(k), n_idx)
+    if fold > 1:  # a leading K-part dimension, loaded whole
+        data_block, scales_block = (fold, *data_block), (fold, *scales_block)
+        data_index = lambda k: (0, step_of(k), n_idx, 0)
+        scales_index = data_index if fast else lambda k: (0, step_of(k), n_idx)
     data_spec = plgpu.BlockSpec(
         data_block, data_index, transforms=_swizzle_transforms(lanes, jnp.uint16)
     )
@@ -1050,7 +1284,11 @@ def _gemm_kernel(
     def block_scale(s_smem, block):
         """Portable decode: the scales of one scale block of the step (block-major SMEM
         tile) as a dtype [rows, 16] WGMMA-layout tile."""
-        s = plgpu.load(s_smem.at[block, row_slice], layout=plgpu.Layout.WGMMA.reduce(1))
+        if fold > 1:  # (interpreter only) the warpgroup's K parts, stacked
+            parts = rows // cfg.tile_n
+            s = jnp.concatenate([s_smem[wg * parts + i, block] for i in range(parts)])
+        else:
+            s = plgpu.load(s_smem.at[block, row_slice], layout=plgpu.Layout.WGMMA.reduce(1))
         if s.dtype == jnp.uint8:
             s = _widen_compact(s, dtype, 0)
         else:  # widened scales are stored times 2^scale_exponent: undone exactly
@@ -1061,7 +1299,14 @@ def _gemm_kernel(
 
     def decode_group(w_smem, s_smem, g):
         """Dequantized k-group ``g`` of this step: 4 x dtype [rows, lanes] (WGMMA)."""
-        w = w_smem[g, row_slice, :]
+        if fold > 1 and fast:  # the decode loads the rows of the warpgroup's K parts
+            where = _Fold(fold, groups_per_step, cfg.tile_n, rows, g)
+            return _decode_scaled_fast(w_smem, s_smem, dtype, where)
+        if fold > 1:  # (interpreter only) the warpgroup's K parts, stacked
+            parts = rows // cfg.tile_n
+            w = jnp.concatenate([w_smem[wg * parts + i, g] for i in range(parts)])
+        else:
+            w = w_smem[g, row_slice, :]
         if fast:  # this warpgroup's rows of the k-group's scales: [rows/16, kg]
             bands = s_smem.at[g, pl.ds(wg * (rows // _BLOCK), rows // _BLOCK)]
             return _decode_scaled_fast(w, bands, dtype)
@@ -1114,6 +1359,9 @@ def _gemm_kernel(
 
     @jax.named_scope("epilogue")
     def epilogue(acc):
+        if fold > 1:
+            fold_epilogue(acc)
+            return
         if stream is not None:  # the running sum over all tiles of the run
             store(acc, slot=stream.max_tiles * n_idx + tile_of(u1 - u0 - 1) - tile_of(0))
             return
@@ -1134,6 +1382,42 @@ def _gemm_kernel(
             for j in range(cfg.split_k - 1):
                 total = total + red_smem[j, wg]
             store(total)
+
+    def fold_epilogue(acc):
+        """Adds the K parts: output ``[m, f]`` is the sum over parts ``q`` of folded row
+        ``q * tile_n + f`` against x row ``m * k_fold + q``, in the order of ``q``."""
+        fold_smem.at[wg].T[...] = plgpu.layout_cast(acc, plgpu.Layout.WGMMA_TRANSPOSED)
+        plgpu.barrier_arrive(fold_barrier)  # (each thread's stores are released)
+
+        @pl.when(wg == 0)
+        def _():
+            plgpu.barrier_wait(fold_barrier)
+            bias = None
+            if bias_gmem is not None:
+                plgpu.barrier_wait(bias_barrier.at[0])
+                bias = bias_smem.at[0, pl.ds(0, cfg.tile_n)]
+            scale = np.float32(2.0**_FAST_SHIFT if fast else 1.0)
+            if fast:
+                _fold_sum_fast(fold_smem, o_smem, ts_gmem, bias, k_fold=fold, scale=scale)
+            else:  # (interpreter only) plain jnp on the whole tile
+                red = fold_smem[...]
+                parts = rows // cfg.tile_n
+                total = None
+                for q in range(fold):
+                    cols = slice((q % parts) * cfg.tile_n, (q % parts + 1) * cfg.tile_n)
+                    block = red[q // parts, q::fold, cols]
+                    total = block if total is None else total + block
+                total = total * scale * ts_gmem[0]
+                if bias is not None:
+                    total = total + bias[...].astype(jnp.float32)[None, :]
+                o_smem[...] = total.astype(o_smem.dtype)
+            plgpu.commit_smem()
+            out_rows = o_smem.shape[0]
+            plgpu.copy_smem_to_gmem(
+                o_smem,
+                out_gmem.at[pl.ds(m_idx * out_rows, out_rows), pl.ds(n_idx * cfg.tile_n, cfg.tile_n)],
+            )
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
     def store(acc, slot=None, wait=True):
         """acc: f32 [rows, tile_m] (WGMMA layout) -> transposed TMA store (stream-K:
@@ -1171,7 +1455,17 @@ def _gemm_kernel(
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
     def compute_context(eval_pipeline):
-        if fused_epilogue and bias_gmem is not None:  # overlaps with the main loop
+        if fold > 1 and bias_gmem is not None:  # the first warpgroup adds the bias
+
+            @pl.when(wg == 0)
+            def _():
+                plgpu.copy_gmem_to_smem(
+                    bias_gmem.at[pl.ds(n_idx * cfg.tile_n, cfg.tile_n)],
+                    bias_smem.at[0, pl.ds(0, cfg.tile_n)],
+                    bias_barrier.at[0],
+                )
+
+        elif fused_epilogue and bias_gmem is not None:  # overlaps with the main loop
             plgpu.copy_gmem_to_smem(
                 bias_gmem.at[pl.ds(n_idx * cfg.tile_n + wg * rows, rows)],
                 bias_smem.at[wg],
@@ -1202,19 +1496,35 @@ def _gemm_kernel(
         pl.when(expert >= 0)(run)
 
 
+def launch_rows(m: int, k_fold: int = 1) -> int:
+    """Rows of x a launch for ``m`` tokens runs on: ``m`` padded so that its ``m *
+    k_fold`` kernel rows are at most 8 or a multiple of 8 (TMA of (8, .)-tiled views)."""
+    rows = m * k_fold
+    return m if rows <= 8 or rows % 8 == 0 else _round_up(m, 8 // k_fold)
+
+
+def fold_view(a, k_fold: int):
+    """The kernel's codes or scales (a jax array or a torch tensor, ``[rows along K, ...]``)
+    as the ``[k_fold, rows / k_fold, ...]`` view of a K-folded launch: K part first."""
+    return a.reshape(k_fold, a.shape[0] // k_fold, *a.shape[1:])
+
+
 def smem_bytes(cfg: GemmConfig, tile_m: int, dtype=jnp.bfloat16, scale_itemsize: int = 2) -> int:
     """Upper estimate of one CTA's SMEM: pipeline buffers + scratch + barriers."""
     itemsize = jnp.dtype(dtype).itemsize
+    rows = cfg.cta_rows
     stage = (
-        cfg.tile_n * cfg.tile_k // 2  # packed codes
-        + cfg.tile_n * cfg.tile_k // _BLOCK * scale_itemsize  # block scales
+        rows * cfg.tile_k // 2  # packed codes
+        + rows * cfg.tile_k // _BLOCK * scale_itemsize  # block scales
         + tile_m * cfg.tile_k * itemsize
     )  # activations
     out = cfg.tile_n * _out_chunk(cfg, tile_m) * (4 if _stores_partials(cfg) else 2)
     # the SMEM operand holds one k-group (at most tile_k columns)
-    a = cfg.tile_n * cfg.tile_k * itemsize if cfg.a_operand == "smem" else 0
+    a = rows * cfg.tile_k * itemsize if cfg.a_operand == "smem" else 0
     red = (cfg.split_k - 1) * cfg.tile_n * tile_m * 4 if cfg.cluster_reduce else 0
-    return cfg.stages * stage + out + a + red + cfg.tile_n * 4 + 1024
+    if cfg.k_fold > 1:  # the f32 accumulators handed to the first warpgroup
+        red = rows * tile_m * 4
+    return cfg.stages * stage + out + a + red + rows * 4 + 1024
 
 
 def _out_chunk(cfg: GemmConfig, tile_m: int) -> int:
@@ -1331,6 +1641,18 @@ def _check_config(cfg: GemmConfig, k: int, k_group: int, interpret) -> int:
             "the Mosaic GPU interpreter does not run cluster stores (async_store_smem);"
             " use split_k_reduce='xla'"
         )
+    if cfg.k_fold > 1:
+        if k % (cfg.k_fold * cfg.tile_k):
+            raise ValueError(
+                f"k_fold={cfg.k_fold} needs K to be a multiple of k_fold * tile_k ="
+                f" {cfg.k_fold * cfg.tile_k} (equal K parts of whole steps), got K={k}"
+            )
+        if not (interpret or cfg.use_fast_decode):
+            raise NotImplementedError(
+                "k_fold on the GPU needs the fast decode (fast_decode=None or True); the"
+                " portable decode runs it in the interpreter only"
+            )
+        return k // (cfg.k_fold * cfg.tile_k)
     total_k_steps = -(-k // cfg.tile_k)
     if total_k_steps % cfg.split_k:
         raise ValueError(f"split_k={cfg.split_k} must divide the number of K steps {total_k_steps}")
@@ -1387,9 +1709,14 @@ def _launch(
     at most 8). Returns the product ``[rows, n_tiles * tile_n]`` in ``out_dtype`` with
     tensor scale and bias applied, or (:func:`_stores_partials`) float32 partial sums
     ``[split_k, rows, n_tiles * tile_n]`` without them (stream-K: ``[ctas * max_tiles,
-    rows, tile_n]``, see :class:`StreamK`)."""
+    rows, tile_n]``, see :class:`StreamK`).
+
+    K-folded (``cfg.k_fold > 1``): the operands come as views, ``x2d [M * k_fold, K /
+    k_fold]`` (``tile_m`` and ``m_tiles`` count its rows; the product has ``M`` rows) and
+    :func:`fold_view` of ``data`` and ``scales``."""
     dtype = x2d.dtype
     k_group = data.shape[-1] * _CODES_PER_LANE
+    fold = cfg.k_fold
     fused = not _stores_partials(cfg)
     n_tiles = -(-n // cfg.tile_n)
     # The output is padded to whole tiles and sliced by the caller: the transposed
@@ -1399,14 +1726,17 @@ def _launch(
     # of the fused epilogue on an H100).
     store_dtype = out_dtype if fused else jnp.dtype(jnp.float32)
     n_out = n_tiles * cfg.tile_n
-    rows_out = x2d.shape[0]
+    rows_out = x2d.shape[0] // fold
     out_shape = (rows_out, n_out) if fused else (cfg.split_k, rows_out, n_out)
     if stream is not None:
         out_shape = (stream.ctas * stream.max_tiles, rows_out, cfg.tile_n)
 
     num_wgs, rows = cfg.num_compute_wgs, cfg.wg_rows
     lanes = k_group // _CODES_PER_LANE
-    scratch = [plgpu.SMEM((num_wgs, _out_chunk(cfg, tile_m), rows), store_dtype)]
+    if fold > 1:  # the output tile
+        scratch = [plgpu.SMEM((tile_m // fold, cfg.tile_n), out_dtype)]
+    else:
+        scratch = [plgpu.SMEM((num_wgs, _out_chunk(cfg, tile_m), rows), store_dtype)]
     if cfg.a_operand == "smem":
         scratch.append(
             plgpu.SMEM(
@@ -1439,6 +1769,11 @@ def _launch(
     else:
         ctas = n_tiles if stream is None else stream.ctas
         grid = {"grid": (ctas, m_tiles, cfg.split_k), "grid_names": ("n", "m", "s")}
+    if fold > 1:  # the accumulators, handed to the first compute warpgroup
+        scratch += [
+            plgpu.SMEM((num_wgs, tile_m, rows), jnp.float32),
+            plgpu.Barrier(num_arrivals=num_wgs),
+        ]
     grouped = tile_expert is not None
 
     def kernel_body(*refs):
@@ -1448,7 +1783,8 @@ def _launch(
         out, o_smem, *refs = refs
         a_smem = refs.pop(0) if cfg.a_operand == "smem" else None
         bias_smem, bias_barrier = (refs.pop(0), refs.pop(0)) if has_bias else (None, None)
-        red_smem, red_barrier = refs if refs else (None, None)
+        red_smem, red_barrier = (refs.pop(0), refs.pop(0)) if cfg.cluster_reduce else (None, None)
+        fold_smem, fold_barrier = (refs.pop(0), refs.pop(0)) if fold > 1 else (None, None)
         _gemm_kernel(
             data,
             scales,
@@ -1463,6 +1799,8 @@ def _launch(
             bias_barrier,
             red_smem,
             red_barrier,
+            fold_smem,
+            fold_barrier,
             cfg=cfg,
             tile_m=tile_m,
             k_group=k_group,
@@ -1532,15 +1870,19 @@ def nvfp4_matmul(
     k_steps = _check_config(cfg, k, k_group, interpret)
     stream = stream_k_schedule(cfg, n, k)
 
-    m_out = m
-    if m > 8 and m % 8:  # TMA of (8, .)-tiled GMEM views needs M % 8 == 0
-        m_out = _round_up(m, 8)
+    fold = cfg.k_fold
+    m_out = launch_rows(m, fold)
+    if m_out != m:
         x2d = jnp.pad(x2d, ((0, m_out - m), (0, 0)))
-    tile_m = token_tile(cfg, m)
+    data, scales = prepared.data, kernel_scales(prepared.scales, x2d.dtype, cfg)
+    if fold > 1:  # free views: x rows (token, K part), the weights' K part first
+        x2d = x2d.reshape(m_out * fold, k // fold)
+        data, scales = fold_view(data, fold), fold_view(scales, fold)
+    tile_m = token_tile(cfg, m * fold)
     out = _launch(
         x2d,
-        prepared.data,
-        kernel_scales(prepared.scales, x2d.dtype, cfg),
+        data,
+        scales,
         prepared.tensor_scale,
         bias,
         None,
@@ -1548,7 +1890,7 @@ def nvfp4_matmul(
         out_dtype=out_dtype,
         cfg=cfg,
         tile_m=tile_m,
-        m_tiles=-(-m_out // tile_m),
+        m_tiles=-(-m_out * fold // tile_m),
         k_steps=k_steps,
         interpret=interpret,
         stream=stream,
@@ -1708,8 +2050,8 @@ def nvfp4_grouped_matmul(
     cfg = config or default_grouped_config(
         rows, num_experts, n, k, dtype=x2d.dtype, k_group=k_group
     )
-    if cfg.stream_k:
-        raise ValueError(f"the grouped product does not run stream-K, got config {cfg}")
+    if cfg.stream_k or cfg.k_fold > 1:
+        raise ValueError(f"the grouped product runs neither stream-K nor k_fold, got config {cfg}")
     k_steps = _check_config(cfg, k, k_group, interpret)
     if rows == 0:
         return jnp.zeros((0, n), out_dtype)
