@@ -4,7 +4,9 @@
 * ``no split``: 128-feature decode tiles without split-K (the launch policy before cluster
   split-K: XLA-reduced partials would need more torch ops per call);
 * ``cluster``: the JAX path's tiling with split-K reduced inside thread-block clusters
-  (``gemm.single_kernel_config``, the current policy).
+  (``gemm.single_kernel_config(..., fold=False)``, the policy until 2026-12-03);
+* ``launch``: the current policy (``gemm.single_kernel_config``): at M <= 16, 2 or 4 splits
+  of 128-feature tiles run inside the CTA (K-folded), other splits in clusters.
 
 Times are CUDA kernel times from ``torch.profiler`` (CUPTI), summed per call, rotating
 over enough weight copies to exceed 2x the L2. Run on a GPU with torch and jax:
@@ -88,13 +90,16 @@ def main() -> None:
                     m,
                     jnp.bfloat16,
                 ),
-                "cluster": gemm.single_kernel_config(base, m, k, n=n),
+                "cluster": gemm.single_kernel_config(base, m, k, n=n, fold=False),
+                "launch": gemm.single_kernel_config(base, m, k, n=n),
             }
             row = [m, n, k, t_bf16]
             for cfg in policies.values():
-                launch_rows = m if m <= 8 else -(-m // 8) * 8
-                xs = torch.randn(launch_rows, k, dtype=torch.bfloat16, device="cuda")
-                sets = [(xs, g.data, g.scales, g.tensor_scale) for g in weights]
+                fold = cfg.k_fold
+                launch_rows = gemm.launch_rows(m, fold)
+                xs = torch.randn(launch_rows * fold, k // fold, dtype=torch.bfloat16, device="cuda")
+                view = (lambda a: gemm.fold_view(a, fold)) if fold > 1 else (lambda a: a)
+                sets = [(xs, view(g.data), view(g.scales), g.tensor_scale) for g in weights]
                 apply, _ = torch_kernel._compile(n, k, cfg, launch_rows, list(sets[0]))
                 t = kernel_us(
                     lambda apply=apply, sets=sets: [apply(*a) for a in sets],
@@ -108,7 +113,7 @@ def main() -> None:
         "torch_launch",
         "GEMM launched from PyTorch (interop.torch_kernel): kernel time vs F.linear bf16",
         ["M", "N", "K", "F.linear bf16", "no split", "vs bf16", "config"]
-        + ["cluster", "vs bf16", "config"],
+        + ["cluster", "vs bf16", "config", "launch", "vs bf16", "config"],
         rows,
         [
             (
