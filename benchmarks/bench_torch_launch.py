@@ -17,7 +17,6 @@ over enough weight copies to exceed 2x the L2. Run on a GPU with torch and jax:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -83,13 +82,7 @@ def main() -> None:
             )
             base = gemm.default_config(m, n, k)
             policies = {
-                "no split": gemm._fit_stages(
-                    dataclasses.replace(
-                        gemm.default_config(m, n, k, stream_k=False, tuned=False), split_k=1
-                    ),
-                    m,
-                    jnp.bfloat16,
-                ),
+                "no split": gemm.default_config(m, n, k, tuned=False, split_k=False),
                 "cluster": gemm.single_kernel_config(base, m, k, n=n, fold=False),
                 "launch": gemm.single_kernel_config(base, m, k, n=n),
             }

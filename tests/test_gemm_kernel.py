@@ -935,6 +935,9 @@ def test_tune_script_rewrites_only_the_table(tmp_path):
 
 _LOWER_CASES = {
     "decode_registers": (16, 4096, 4096, None, False),
+    # K not a multiple of 64: the x tile keeps a quarter's swizzle width (TMA of a tiled view)
+    "odd_k_group_wgmma": (3, 4104, 4112, G(tile_n=128, tile_m=8, tile_k=128, stages=4), False),
+    "odd_k_prefill": (130, 1000, 1040, G(tile_n=256, tile_m=128, tile_k=128, stages=3), True),
     "decode_k_fold4_bias": (16, 4096, 4096, G(tile_n=32, tile_m=64, tile_k=128, k_fold=4), True),
     "decode_k_fold4_m1": (1, 4096, 4096, G(tile_n=32, tile_m=256, tile_k=256, k_fold=4), False),
     "decode_k_fold2_1wg": (3, 200, 1024, G(tile_n=32, tile_m=8, tile_k=128, k_fold=2), True),
@@ -1040,6 +1043,26 @@ def test_cross_lowers_for_sm90(case):
     bias = jnp.zeros((n,), jnp.float32) if with_bias else None
     text = cross_lower(
         lambda x, p: gemm.nvfp4_matmul(x, p, n=n, k=k, bias=bias, config=cfg), x, prep
+    )
+    assert "mosaic_gpu" in text
+
+
+@pytest.mark.parametrize("case", ["odd_k_group_wgmma", "odd_k_prefill", "decode_registers"])
+def test_wide_x_rows_cross_lower(case, monkeypatch):
+    """The 128-byte x rows (``gemm._WIDE_X_ROWS``, off by default) lower for sm_90 also where K
+    is not a multiple of 64 (the quarter width is kept there), and are used where it is."""
+    monkeypatch.setattr(gemm, "_WIDE_X_ROWS", True)
+    m, n, k, cfg, with_bias = _LOWER_CASES[case]
+    cfg = cfg or gemm.default_config(m, n, k, num_sms=132)
+    width = gemm._x_transforms(cfg, 128, k, jnp.bfloat16)[0].tiling[-1]
+    assert width == (64 if k % 64 == 0 else 32)
+    data, scales, ts = _random_weight(n, k, seed=1)
+    prep = gemm.prepare_weight(jnp.asarray(data), jnp.asarray(scales), ts)
+    bias = jnp.zeros((n,), jnp.float32) if with_bias else None
+    text = cross_lower(
+        lambda x, p: gemm.nvfp4_matmul(x, p, n=n, k=k, bias=bias, config=cfg),
+        jnp.zeros((m, k), jnp.bfloat16),
+        prep,
     )
     assert "mosaic_gpu" in text
 

@@ -884,6 +884,15 @@ def _fast_decode_plan(dtype) -> tuple[tuple[tuple[int, int], ...], ...]:
     return tuple(plan)
 
 
+def _i32(value: int):
+    """An i32 MLIR constant; values from 2^31 to 2^32 - 1 stand for their bit pattern."""
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import arith
+
+    i32 = ir.IntegerType.get_signless(32)
+    return arith.constant(i32, ir.IntegerAttr.get(i32, value - (value >> 31 << 32)))
+
+
 def _shift_left(x, amount: int):
     """``x << amount`` for an i32 MLIR value (the fast decode's left shifts).
 
@@ -891,11 +900,9 @@ def _shift_left(x, amount: int):
     multiplies; ``benchmarks/ab_decode.py`` times the alternatives (funnel shifts, ``SHF``
     on the integer ALU pipe, measured 3-9% slower).
     """
-    from jax._src.lib.mlir import ir
     from jax._src.lib.mlir.dialects import arith
 
-    i32 = ir.IntegerType.get_signless(32)
-    return arith.shli(x, arith.constant(i32, ir.IntegerAttr.get(i32, amount)))
+    return arith.shli(x, _i32(amount))
 
 
 def _shift_add(x, shift: int, add: int):
@@ -904,12 +911,9 @@ def _shift_add(x, shift: int, add: int):
     ptxas makes it one ``LEA`` (integer ALU pipe); ``benchmarks/ab_decode.py`` times the
     alternatives.
     """
-    from jax._src.lib.mlir import ir
     from jax._src.lib.mlir.dialects import arith
 
-    i32 = ir.IntegerType.get_signless(32)
-    const = lambda v: arith.constant(i32, ir.IntegerAttr.get(i32, v - (v >> 31 << 32)))
-    return arith.addi(arith.shli(x, const(shift)), const(add))
+    return arith.addi(arith.shli(x, _i32(shift)), _i32(add))
 
 
 class _Fold(NamedTuple):
@@ -927,12 +931,10 @@ class _Fold(NamedTuple):
     def physical_row(self, row):
         """i32 MLIR value: the row of the SMEM tile ``[k_fold * groups * tile_n, ...]``
         that holds warpgroup-local row ``row`` (an i32 value) of k-group ``group``."""
-        from jax._src.lib.mlir import ir
         from jax._src.lib.mlir.dialects import arith
         from jax.experimental.mosaic.gpu import utils as mgpu_utils
 
-        i32 = ir.IntegerType.get_signless(32)
-        const = lambda v: arith.constant(i32, ir.IntegerAttr.get(i32, v))
+        const = _i32
         wg = arith.shrui(mgpu_utils.thread_idx(), const(7))  # compute warpgroup index
         folded = arith.addi(arith.muli(wg, const(self.rows)), row)
         part = arith.divui(folded, const(self.tile_n))
@@ -1001,9 +1003,7 @@ def _decode_scaled_fast(lanes, bands, dtype, fold: _Fold | None = None) -> tuple
     def decode(_, w, s_ref):
         i32 = ir.IntegerType.get_signless(32)
         i64 = ir.IntegerType.get_signless(64)
-        const = lambda v: arith.constant(
-            i32, ir.IntegerAttr.get(i32, v - (1 << 32) if v >= 1 << 31 else v)
-        )
+        const = _i32
         if fold is None and w.registers.shape != reg_shape:
             raise NotImplementedError(f"unexpected WGMMA registers {w.registers.shape}")
         pair_ty = ir.VectorType.get((2,), mgpu_utils.dtype_to_ir_type(dtype))
@@ -1132,10 +1132,9 @@ def _fold_sum_fast(red, out, ts, bias, *, k_fold: int, scale: np.float32) -> Non
 
     @plgpu.inline_mgpu(arg_types=tuple(plgpu.RefType() for _ in refs))
     def fold_sum(_, red_ref, out_ref, ts_ref, *bias_ref):
-        i32 = ir.IntegerType.get_signless(32)
         i64 = ir.IntegerType.get_signless(64)
         f32 = ir.F32Type.get()
-        const = lambda v: arith.constant(i32, ir.IntegerAttr.get(i32, v))
+        const = _i32
 
         def load(ref, index, ty):
             ptr = mgpu_utils.memref_ptr(ref)
@@ -1165,6 +1164,27 @@ def _fold_sum_fast(red, out, ts, bias, *, k_fold: int, scale: np.float32) -> Non
             llvm.store(arith.truncf(out_ty, acc), ptr)
 
     fold_sum(*refs)
+
+
+# Whether the x tile of one-wgmma-per-k-group configs (GemmConfig.use_group_wgmma) is swizzled
+# at the k-group's width (128-byte TMA rows) rather than a quarter's (32-64 bytes). Off: it
+# measured 0-5% faster at M = 64-256 on the H200, but its K guard (below) has not yet run on
+# a GPU; benchmarks/ab_decode.py "wide x" turns it on.
+_WIDE_X_ROWS = False
+
+
+def _x_transforms(cfg: GemmConfig, k_group: int, k: int, dtype) -> tuple:
+    """SMEM transforms of the x tile (``k`` columns in GMEM): swizzled at the width of the
+    column slices its wgmmas read, a k-group with ``group_wgmma`` (128 bytes for k-groups of
+    64 elements and more) where ``k`` is a multiple of that width (TMA of a tiled view), else
+    a quarter (``k_group / 4`` elements); the wide rows only with :data:`_WIDE_X_ROWS`. On the
+    H200 they measured 0-5% faster at M = 64-256 and equal at M = 16
+    (``ab_decode-2026-12-03.md`` section 4)."""
+    narrow = _swizzle_transforms(k_group // _CODES_PER_LANE, dtype)
+    if not (cfg.use_group_wgmma and _WIDE_X_ROWS):
+        return narrow
+    wide = _swizzle_transforms(k_group, dtype)
+    return wide if k % wide[0].tiling[-1] == 0 else narrow
 
 
 def _swizzle_transforms(minor_elems: int, dtype) -> tuple:
@@ -1279,7 +1299,7 @@ def _gemm_kernel(
     x_spec = plgpu.BlockSpec(
         (tile_m, cfg.tile_k),
         lambda k: (m_idx, step_of(k)),
-        transforms=_swizzle_transforms(lanes, dtype),
+        transforms=_x_transforms(cfg, k_group, x_gmem.shape[-1], dtype),
     )
 
     def block_scale(s_smem, block):
