@@ -15,9 +15,9 @@ its own weights, so layout variants (``_LANE_BITS``) are timed on weights in the
   ``gemm._LANE_BITS``: 7 and 4); f16 11 and 6 (kernel's: 8 and 6).
 * ``imad``: the compact scales widened by ``IMAD`` (a multiplier ptxas cannot see as a power
   of two) instead of ``LEA``, moving one op per two scales from the ALU to the FMA pipe.
-* ``wide x``: the x tile swizzled at 128 bytes where one wgmma reads a whole k-group and K
-  is a multiple of 64 (``gemm._WIDE_X_ROWS``; the kernel's: a quarter's width, TMA rows of
-  ``k_group / 4`` elements, 64 bytes at k-group 128).
+* ``narrow x``: the x tile swizzled at a quarter's width (TMA rows of ``k_group / 4``
+  elements, 64 bytes at k-group 128) also where one wgmma reads a whole k-group (the
+  kernel's: 128 bytes where K is a multiple of 64, ``gemm._WIDE_X_ROWS``).
 
 Per shape: bf16 ``x @ w.T``, then every variant timed twice in turn (CUPTI medians, weights
 rotated past 2x L2; the table takes each variant's better run); outputs must be bitwise equal
@@ -85,7 +85,7 @@ VARIANTS = {
     "SHF": patches(("_shift_left", shift_left_shf)),
     "lanes 8/3": patches(("_LANE_BITS", ALU_HEAVY_LANE_BITS)),
     "imad": patches(("_shift_add", shift_add_imad)),
-    "wide x": patches(("_WIDE_X_ROWS", True)),
+    "narrow x": patches(("_WIDE_X_ROWS", False)),
 }
 
 

@@ -1049,8 +1049,8 @@ def test_cross_lowers_for_sm90(case):
 
 @pytest.mark.parametrize("case", ["odd_k_group_wgmma", "odd_k_prefill", "decode_registers"])
 def test_wide_x_rows_cross_lower(case, monkeypatch):
-    """The 128-byte x rows (``gemm._WIDE_X_ROWS``, off by default) lower for sm_90 also where K
-    is not a multiple of 64 (the quarter width is kept there), and are used where it is."""
+    """The 128-byte x rows (``gemm._WIDE_X_ROWS``) lower for sm_90 also where K is not a
+    multiple of 64 (the quarter width is kept there), and are used where it is."""
     monkeypatch.setattr(gemm, "_WIDE_X_ROWS", True)
     m, n, k, cfg, with_bias = _LOWER_CASES[case]
     cfg = cfg or gemm.default_config(m, n, k, num_sms=132)

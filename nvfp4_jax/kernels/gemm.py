@@ -1167,17 +1167,16 @@ def _fold_sum_fast(red, out, ts, bias, *, k_fold: int, scale: np.float32) -> Non
 
 
 # Whether the x tile of one-wgmma-per-k-group configs (GemmConfig.use_group_wgmma) is swizzled
-# at the k-group's width (128-byte TMA rows) rather than a quarter's (32-64 bytes). Off: it
-# measured 0-5% faster at M = 64-256 on the H200, but its K guard (below) has not yet run on
-# a GPU; benchmarks/ab_decode.py "wide x" turns it on.
-_WIDE_X_ROWS = False
+# at the k-group's width (128-byte TMA rows) rather than a quarter's (32-64 bytes): 0-5% faster
+# at M = 64-256 on the H200 (benchmarks/ab_decode.py "narrow x" turns it off).
+_WIDE_X_ROWS = True
 
 
 def _x_transforms(cfg: GemmConfig, k_group: int, k: int, dtype) -> tuple:
     """SMEM transforms of the x tile (``k`` columns in GMEM): swizzled at the width of the
     column slices its wgmmas read, a k-group with ``group_wgmma`` (128 bytes for k-groups of
     64 elements and more) where ``k`` is a multiple of that width (TMA of a tiled view), else
-    a quarter (``k_group / 4`` elements); the wide rows only with :data:`_WIDE_X_ROWS`. On the
+    a quarter (``k_group / 4`` elements) (or always, :data:`_WIDE_X_ROWS` off). On the
     H200 they measured 0-5% faster at M = 64-256 and equal at M = 16
     (``ab_decode-2026-12-03.md`` section 4)."""
     narrow = _swizzle_transforms(k_group // _CODES_PER_LANE, dtype)
