@@ -615,6 +615,22 @@ def test_k_fold_validation():
         )
 
 
+def test_launch_rows_and_fold_view():
+    assert [gemm.launch_rows(m) for m in (0, 1, 8, 9, 16)] == [0, 1, 8, 16, 16]
+    assert [gemm.launch_rows(m, 4) for m in (1, 2, 3, 5)] == [1, 2, 4, 6]
+    assert [gemm.launch_rows(m, 2) for m in (4, 5, 13)] == [4, 8, 16]
+    assert gemm.fold_view(jnp.zeros((8, 16, 32), jnp.uint16), 4).shape == (4, 2, 16, 32)
+    for bad in (-1, 2.0, True):
+        with pytest.raises(ValueError, match="m must be an int"):
+            gemm.launch_rows(bad)
+    with pytest.raises(ValueError, match="k_fold must be 1, 2 or 4"):
+        gemm.launch_rows(3, 3)
+    with pytest.raises(ValueError, match=r"shape \(6, 16\)"):
+        gemm.fold_view(jnp.zeros((6, 16)), 4)
+    with pytest.raises(ValueError, match="k_fold=1"):
+        gemm.fold_view(jnp.zeros((8, 16)), 1)
+
+
 def test_group_wgmma_default():
     # one wgmma per k-group from 3 pipeline stages on, with register operands only
     assert G(stages=3).use_group_wgmma and G(stages=4).use_group_wgmma

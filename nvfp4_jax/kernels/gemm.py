@@ -1519,6 +1519,10 @@ def _gemm_kernel(
 def launch_rows(m: int, k_fold: int = 1) -> int:
     """Rows of x a launch for ``m`` tokens runs on: ``m`` padded so that its ``m *
     k_fold`` kernel rows are at most 8 or a multiple of 8 (TMA of (8, .)-tiled views)."""
+    if not isinstance(m, (int, np.integer)) or isinstance(m, bool) or m < 0:
+        raise ValueError(f"m must be an int >= 0, got {m!r}")
+    if k_fold not in (1, 2, 4):
+        raise ValueError(f"k_fold must be 1, 2 or 4, got {k_fold!r}")
     rows = m * k_fold
     return m if rows <= 8 or rows % 8 == 0 else _round_up(m, 8 // k_fold)
 
@@ -1526,6 +1530,11 @@ def launch_rows(m: int, k_fold: int = 1) -> int:
 def fold_view(a, k_fold: int):
     """The kernel's codes or scales (a jax array or a torch tensor, ``[rows along K, ...]``)
     as the ``[k_fold, rows / k_fold, ...]`` view of a K-folded launch: K part first."""
+    if k_fold not in (2, 4) or a.ndim < 2 or a.shape[0] % k_fold:
+        raise ValueError(
+            f"fold_view needs k_fold 2 or 4 and an array of >= 2 dims whose first splits into"
+            f" k_fold parts, got k_fold={k_fold!r} for shape {tuple(a.shape)}"
+        )
     return a.reshape(k_fold, a.shape[0] // k_fold, *a.shape[1:])
 
 
