@@ -39,8 +39,7 @@ def render(tuned: dict) -> str:
             entry = tuned[device][key]
             values = list(entry)
             # trailing fields at their defaults (split_k_reduce "xla", stream_k 0, k_group 64,
-            # k_fold 1)
-            # are left out
+            # k_fold 1) are left out
             defaults = gemm_tuned.Tuned._field_defaults
             while values and values[-1] == defaults.get(entry._fields[len(values) - 1], ...):
                 values.pop()

@@ -1301,12 +1301,17 @@ def _gemm_kernel(
         transforms=_x_transforms(cfg, k_group, x_gmem.shape[-1], dtype),
     )
 
+    def stacked_parts(ref, *index):
+        """(Interpreter only, K-folded) this warpgroup's K parts of ``ref[part, *index]``,
+        stacked along their rows."""
+        parts = rows // cfg.tile_n
+        return jnp.concatenate([ref[wg * parts + i, *index] for i in range(parts)])
+
     def block_scale(s_smem, block):
         """Portable decode: the scales of one scale block of the step (block-major SMEM
         tile) as a dtype [rows, 16] WGMMA-layout tile."""
-        if fold > 1:  # (interpreter only) the warpgroup's K parts, stacked
-            parts = rows // cfg.tile_n
-            s = jnp.concatenate([s_smem[wg * parts + i, block] for i in range(parts)])
+        if fold > 1:
+            s = stacked_parts(s_smem, block)
         else:
             s = plgpu.load(s_smem.at[block, row_slice], layout=plgpu.Layout.WGMMA.reduce(1))
         if s.dtype == jnp.uint8:
@@ -1322,9 +1327,8 @@ def _gemm_kernel(
         if fold > 1 and fast:  # the decode loads the rows of the warpgroup's K parts
             where = _Fold(fold, groups_per_step, cfg.tile_n, rows, g)
             return _decode_scaled_fast(w_smem, s_smem, dtype, where)
-        if fold > 1:  # (interpreter only) the warpgroup's K parts, stacked
-            parts = rows // cfg.tile_n
-            w = jnp.concatenate([w_smem[wg * parts + i, g] for i in range(parts)])
+        if fold > 1:
+            w = stacked_parts(w_smem, g)
         else:
             w = w_smem[g, row_slice, :]
         if fast:  # this warpgroup's rows of the k-group's scales: [rows/16, kg]
