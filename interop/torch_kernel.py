@@ -29,17 +29,18 @@ from nvfp4_jax.kernels import gemm
 _JAX_DTYPE = {torch.bfloat16: jnp.bfloat16, torch.float16: jnp.float16}
 
 
-def kernel_fn(n: int, k: int, cfg: gemm.GemmConfig, m_rows: int) -> Callable:
+def kernel_fn(
+    n: int, k: int, cfg: gemm.GemmConfig, m_rows: int, k_group: int = gemm.DEFAULT_K_GROUP
+) -> Callable:
     """The JAX function ``(x2d, data, scales, ts[, bias])`` -> the kernel's raw output: one
     Mosaic GPU kernel and nothing else, as ``as_torch_kernel`` requires. ``m_rows``: the
     rows of x (:func:`gemm.launch_rows`); K-folded (``cfg.k_fold``), x comes as the view
-    ``[m_rows * k_fold, K / k_fold]`` and data and scales as :func:`gemm.fold_view`."""
+    ``[m_rows * k_fold, K / k_fold]`` and data and scales as :func:`gemm.fold_view`.
+    ``k_group``: the prepared weight's. Raises ``ValueError`` for a ``cfg`` that does not
+    fit the weight (as ``gemm.nvfp4_matmul`` does)."""
     fold = cfg.k_fold
     tile_m = gemm.token_tile(cfg, m_rows * fold)
-    if fold > 1:
-        k_steps = k // (fold * cfg.tile_k)
-    else:
-        k_steps = -(-k // cfg.tile_k) // cfg.split_k
+    k_steps = gemm._check_config(cfg, k, k_group, interpret=False)
 
     def fn(x2d, data, scales, ts, *bias):
         return gemm._launch(
@@ -139,12 +140,14 @@ class _DirectLaunch:
         return out
 
 
-def _compile(n: int, k: int, cfg: gemm.GemmConfig, m_rows: int, args) -> tuple[Callable, bool]:
+def _compile(
+    n: int, k: int, cfg: gemm.GemmConfig, m_rows: int, k_group: int, args
+) -> tuple[Callable, bool]:
     """(launcher, on_current_stream) for :func:`kernel_fn` on tensors shaped like ``args``;
     shared by every layer of the same shapes."""
-    key = (n, k, cfg, m_rows, tuple((tuple(a.shape), a.dtype) for a in args))
+    key = (n, k, cfg, m_rows, k_group, tuple((tuple(a.shape), a.dtype) for a in args))
     if key not in _LAUNCHERS:
-        fn = _kernel_fn_cached(n, k, cfg, m_rows)
+        fn = _kernel_fn_cached(n, k, cfg, m_rows, k_group)
         try:
             _LAUNCHERS[key] = (_DirectLaunch(fn, args), True)
         except (ImportError, AttributeError, NotImplementedError, OSError, RuntimeError) as e:
@@ -218,7 +221,7 @@ class TorchGemm:
             bias = F.pad(self.bias, (0, n_out - self.n)).contiguous()
             args.append(bias)
         with torch.cuda.device(device):
-            apply, on_current = _compile(self.n, self.k, cfg, rows, args)
+            apply, on_current = _compile(self.n, self.k, cfg, rows, self.k_group, args)
         launcher = _Launcher(apply, on_current, rows, bias, fold, data, scales)
         self._launchers[m, torch_dtype] = launcher
         return launcher

@@ -832,3 +832,19 @@ def test_gpu_backward_input_gradient(rows):
     model(x).backward(g)
     assert x.grad.device == x.device and x.grad.dtype == torch.bfloat16
     assert _rel(x.grad.cpu(), _grad_reference([model[0], model[2]], x.cpu(), g.cpu())) <= 1e-2
+
+
+def test_torch_launch_function_checks_config():
+    """``kernel_fn`` validates the tiling against the weight as ``gemm.nvfp4_matmul`` does
+    (``gemm._check_config``): a ValueError naming the field, before anything is traced."""
+    from interop.torch_kernel import kernel_fn
+    from nvfp4_jax.kernels import gemm
+
+    folded = gemm.GemmConfig(tile_n=32, tile_m=8, tile_k=128, k_fold=4)
+    with pytest.raises(ValueError, match="k_fold=4 needs K to be a multiple of"):
+        kernel_fn(4096, 1040, folded, 1)
+    with pytest.raises(ValueError, match="tile_k=128 must be a multiple of k_group=256"):
+        kernel_fn(4096, 4096, gemm.GemmConfig(tile_k=128), 16, k_group=256)
+    with pytest.raises(ValueError, match="split_k=3 must divide"):
+        kernel_fn(4096, 4096, gemm.GemmConfig(tile_k=128, split_k=3), 16)
+    assert callable(kernel_fn(4096, 4096, folded, 1))

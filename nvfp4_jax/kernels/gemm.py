@@ -1030,10 +1030,17 @@ def _decode_scaled_fast(lanes, bands, dtype, fold: _Fold | None = None) -> tuple
             return mgpu_utils.bitcast(mgpu_utils.inline_ptx(ptx, x, result_types=i32), pair_ty)
 
         row_of = (lambda r: r) if fold is None else fold.physical_row
+        # (a, h) -> the SMEM row (of the scale bands; K-folded: also of the codes) of this
+        # thread's rows 64 a + 8 h + thread_row
+        phys = {
+            (a, h): row_of(arith.addi(thread_row, const(64 * a + 8 * h)))
+            for a in range(rows // 64)
+            for h in range(2)
+        }
         splats = {}  # (a, h) -> [scale pair of block j]
         for a in range(rows // 64):
             for h in range(2):
-                row = row_of(arith.addi(thread_row, const(64 * a + 8 * h)))
+                row = phys[a, h]
                 words = []
                 for c in range(row_words // chunk):
                     idx = arith.addi(arith.muli(row, const(row_words // chunk)), const(c))
@@ -1069,11 +1076,6 @@ def _decode_scaled_fast(lanes, bands, dtype, fold: _Fold | None = None) -> tuple
             code_ptr = mgpu_utils.memref_ptr(w)
             row_bytes = lanes_per_quarter * 2  # = the swizzle width
             lane_byte = arith.shli(arith.andi(tid, const(3)), const(2))
-            phys = {
-                (a, h): row_of(arith.addi(thread_row, const(64 * a + 8 * h)))
-                for a in range(rows // 64)
-                for h in range(2)
-            }
 
             def code_word(idx, _):
                 a, b, h = idx[0], idx[1], idx[4]
