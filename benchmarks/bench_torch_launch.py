@@ -93,7 +93,8 @@ def main() -> None:
                 xs = torch.randn(launch_rows * fold, k // fold, dtype=torch.bfloat16, device="cuda")
                 view = (lambda a: gemm.fold_view(a, fold)) if fold > 1 else (lambda a: a)
                 sets = [(xs, view(g.data), view(g.scales), g.tensor_scale) for g in weights]
-                apply, _ = torch_kernel._compile(n, k, cfg, launch_rows, list(sets[0]))
+                k_group = weights[0].k_group
+                apply, _ = torch_kernel._compile(n, k, cfg, launch_rows, k_group, list(sets[0]))
                 t = kernel_us(
                     lambda apply=apply, sets=sets: [apply(*a) for a in sets],
                     len(sets),

@@ -537,8 +537,9 @@ def single_kernel_config(
     cfg: GemmConfig, m: int, k: int, dtype=jnp.bfloat16, *, n: int | None = None, fold: bool = True
 ) -> GemmConfig:
     """``cfg`` as one kernel launch with no XLA work after it (e.g. launched from torch):
-    at M <= 16, 2 or 4 splits of 128-feature tiles K-folded into the CTA (:func:`k_fold_config`;
-    ``fold=False`` leaves them to clusters), other split-K reduced inside clusters of at most 4 CTAs (the largest divisor of the K steps
+    at M <= 16, 2 or 4 splits of 128-feature tiles K-folded into the CTA
+    (:func:`k_fold_config`; ``fold=False`` leaves them to clusters), other split-K reduced
+    inside clusters of at most 4 CTAs (the largest divisor of the K steps
     up to ``min(split_k, 4)`` whose partial-sum buffers fit SMEM; 8-CTA clusters measured
     40-100% slower than 8 splits reduced by XLA on H100, 4-CTA ones close to it), else no
     split-K; stream-K becomes one CTA per tile. At M <= 16, split 128-feature tiles of an
