@@ -118,6 +118,7 @@ def config_label(cfg) -> str:
         + (" cluster" if cfg.cluster_reduce else "")
         + (f" stream{cfg.stream_k}" if cfg.stream_k else "")
         + (f" fold{cfg.k_fold}" if cfg.k_fold > 1 else "")
+        + (f" oc{cfg.out_chunk}" if cfg.out_chunk else "")
         + ("" if cfg.use_overlap_decode else " serial")
         + ({None: "", True: " grouped", False: " per-quarter"}[cfg.group_wgmma])
     )

@@ -39,7 +39,7 @@ def render(tuned: dict) -> str:
             entry = tuned[device][key]
             values = list(entry)
             # trailing fields at their defaults (split_k_reduce "xla", stream_k 0, k_group 64,
-            # k_fold 1) are left out
+            # k_fold 1, out_chunk 0) are left out
             defaults = gemm_tuned.Tuned._field_defaults
             while values and values[-1] == defaults.get(entry._fields[len(values) - 1], ...):
                 values.pop()
@@ -92,6 +92,7 @@ def main() -> None:
             cfg.stream_k,
             copies[0].prepared.k_group,
             cfg.k_fold,
+            cfg.out_chunk,
         )
         tuned.setdefault(device, {})[(m, n, k)] = entry
         rows.append([m, n, k, t, common.config_label(cfg)])

@@ -385,6 +385,36 @@ def test_interpret_prefill_token_tiles():
 
 
 @pytest.mark.parametrize(
+    "tile_m,out_chunk,split_k,dtype",
+    [
+        (56, 16, 1, jnp.bfloat16),  # chunks of 16, 16, 16, 8 tokens; bias in the epilogue
+        (64, 24, 1, jnp.float16),  # chunks of 24, 24, 16
+        (48, 16, 2, jnp.bfloat16),  # f32 partial sums in chunks of 16
+    ],
+)
+def test_interpret_chunked_output(tile_m, out_chunk, split_k, dtype):
+    """The output tile stored ``out_chunk`` tokens at a time through one SMEM buffer, over
+    two token tiles of which the last is partly empty, against the float64 reference."""
+    m, n, k = tile_m + 21, 136, 256
+    data, scales, ts = _random_weight(n, k, seed=tile_m + out_chunk)
+    x = _random_x(m, k, dtype, seed=tile_m + split_k)
+    bias = jnp.asarray(np.random.default_rng((_SALT, 41)).standard_normal(n).astype(np.float32))
+    prep = gemm.prepare_weight(jnp.asarray(data), jnp.asarray(scales), ts)
+    cfg = G(
+        tile_n=128,
+        tile_m=tile_m,
+        tile_k=128,
+        stages=2,
+        split_k=split_k,
+        out_chunk=out_chunk,
+        a_operand="smem",
+    )
+    y = gemm.nvfp4_matmul(x, prep, n=n, k=k, bias=bias, out_dtype=dtype, config=cfg, interpret=True)
+    assert y.shape == (m, n) and y.dtype == dtype
+    assert _rel_err(y, _reference64(x, data, scales, ts, bias)) <= _tolerance(dtype)
+
+
+@pytest.mark.parametrize(
     "m,n,k,ctas,dtype,max_tiles",
     [
         (5, 200, 320, 3, jnp.bfloat16, 2),  # 2 tiles x 5 steps: runs 0-2, 3-5 (crosses), 6-9
@@ -496,8 +526,10 @@ def test_race_detector_sees_a_race():
         ),
         # stream-K: 3 CTAs over 2 tiles x 4 steps; the second run crosses into tile 1
         G(tile_n=128, tile_m=8, tile_k=128, stages=2, stream_k=3, a_operand="smem"),
+        # the output tile in chunks through one SMEM buffer (each reused after its store)
+        G(tile_n=128, tile_m=24, tile_k=128, stages=2, out_chunk=8, a_operand="smem"),
     ],
-    ids=["two_wgs_stages2", "split_k2", "stream_k3"],
+    ids=["two_wgs_stages2", "split_k2", "stream_k3", "out_chunk8"],
 )
 def test_interpreter_finds_no_races(cfg):
     m, n, k = 20, 136, 512
@@ -581,6 +613,11 @@ def test_config_validation():
         G(a_operand="smem", overlap_decode=True)
     with pytest.raises(ValueError, match="group_wgmma needs a_operand='registers'"):
         G(a_operand="smem", group_wgmma=True)
+    for bad in (12, -8, 264):
+        with pytest.raises(ValueError, match=f"out_chunk must be 0 .* got {bad}"):
+            G(out_chunk=bad)
+    with pytest.raises(ValueError, match="out_chunk=32 needs k_fold=1"):
+        G(tile_n=32, k_fold=4, out_chunk=32)
 
 
 def test_k_fold_validation():
@@ -728,7 +765,17 @@ def test_default_config_buckets():
     assert (long_k.tile_n, long_k.tile_m, long_k.split_k) == (256, 128, 4)
     assert gemm.smem_bytes(long_k, 128) <= gemm._SMEM_BYTES
     assert gemm._out_chunk(long_k, 128) == 64 and gemm._out_chunk(long_k, 104) == 64
-    assert gemm._out_chunk(gemm.default_config(1024, 4096, 4096, num_sms=132), 128) == 128
+    # 256 x 128 tiles at tile_k 128: the output in 32-token chunks buys a fourth stage
+    # (not for 152-token tiles, nor where the whole tile already leaves room for 4)
+    for m, n, chunk, stages in ((1024, 4096, 32, 4), (4096, 28672, 32, 4), (1024, 14336, 0, 2)):
+        cfg = gemm.default_config(m, n, 4096, num_sms=132, tuned=False)
+        assert (cfg.out_chunk, cfg.stages) == (chunk, stages), (m, n)
+        assert gemm.smem_bytes(cfg, cfg.tile_m) <= gemm._SMEM_BYTES
+    assert gemm._out_chunk(gemm.default_config(1024, 4096, 4096, num_sms=132, tuned=False), 128) == 32
+    assert gemm._out_chunk(G(tile_m=128, out_chunk=32), 24) == 24
+    k64 = gemm.default_config(1024, 4096, 4096, num_sms=132, tuned=False, k_group=64)
+    assert (k64.stages, k64.out_chunk) == (4, 0)
+    assert (small.out_chunk, long_k.out_chunk) == (0, 0)  # no stage to gain
     # Prefill beyond a wave: the token tile with the least waves * (tile_m + 64) where that
     # is predicted at least 8% faster than 128
     for m, n, tile_m in (
@@ -1037,6 +1084,14 @@ _LOWER_CASES = {
         G(tile_n=128, tile_m=16, tile_k=128, split_k=4, split_k_reduce="cluster"),
         False,
     ),
+    # the prefill default: 4 stages next to an output stored 32 tokens at a time
+    "prefill_out_chunk_4_stages": (
+        1000,
+        4096,
+        4096,
+        G(tile_n=256, tile_m=128, tile_k=128, stages=4, out_chunk=32),
+        True,
+    ),
     # f32 partial sums of 128-token tiles, staged through SMEM 64 tokens at a time
     "prefill_split_k_chunked_store": (
         200,
@@ -1237,6 +1292,8 @@ def test_gpu_warpgroup_past_the_last_feature(n):
         G(tile_n=256, tile_m=112, tile_k=128, stages=3),
         G(tile_n=128, tile_m=16, tile_k=256, group_wgmma=False),
         G(tile_n=256, tile_m=152, tile_k=128, stages=2, group_wgmma=True),
+        G(tile_n=256, tile_m=128, tile_k=128, stages=4, out_chunk=32),  # the prefill default
+        G(tile_n=256, tile_m=152, tile_k=128, stages=3, out_chunk=48),  # chunks 48, 48, 48, 8
     ],
     ids=str,
 )
@@ -1279,6 +1336,8 @@ def test_gpu_configs(cfg):
         (3, 1000, 1040, G(tile_n=128, tile_m=8, tile_k=64, stream_k=3)),  # up to 4 tiles a run
         # f32 partials of 128-token tiles stored in 64-token chunks (the last one 40 tokens)
         (232, 4096, 14336, G(tile_n=256, tile_m=128, tile_k=128, stages=3, split_k=4)),
+        # ... and in 32-token chunks
+        (232, 4096, 4096, G(tile_n=256, tile_m=128, tile_k=128, stages=3, split_k=2, out_chunk=32)),
     ],
     ids=lambda v: (
         str(v)

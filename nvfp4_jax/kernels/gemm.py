@@ -219,6 +219,13 @@ class GemmConfig:
         ``split_k == 1``, no stream-K, warpgroups of whole parts, the fast decode on the
         GPU (the portable decode in the interpreter) and ``K`` a multiple of ``k_fold *
         tile_k``.
+      out_chunk: tokens of the output tile each warpgroup stages in SMEM per TMA store
+        (a multiple of 8), the stores going one after another through that one buffer;
+        0: the whole token tile, or 64 tokens for the f32 partial sums of a larger one.
+        32 frees 48 KB next to 256 x 128 tiles, room for a fourth pipeline stage at
+        tile_k 128 (measured 1-3% faster at M = 256..4096 on the H200,
+        benchmarks/results/out_chunk-2026-12-03.md). Not with ``k_fold`` (whose
+        epilogue adds the parts in one output tile).
     """
 
     tile_n: int = 128
@@ -234,6 +241,7 @@ class GemmConfig:
     stream_k: int = 0
     group_wgmma: bool | None = None
     k_fold: int = 1
+    out_chunk: int = 0
 
     def __post_init__(self):
         if self.k_fold not in (1, 2, 4):
@@ -254,6 +262,16 @@ class GemmConfig:
             raise ValueError(
                 f"k_fold={self.k_fold} needs split_k=1 and stream_k=0, got"
                 f" split_k={self.split_k}, stream_k={self.stream_k}"
+            )
+        if self.out_chunk % 8 or not 0 <= self.out_chunk <= _MAX_TILE_M:
+            raise ValueError(
+                f"out_chunk must be 0 (automatic) or a multiple of 8 in [8, 256], got"
+                f" {self.out_chunk}"
+            )
+        if self.out_chunk and self.k_fold > 1:
+            raise ValueError(
+                f"out_chunk={self.out_chunk} needs k_fold=1 (a K-folded epilogue stores one"
+                f" output tile), got k_fold={self.k_fold}"
             )
         if self.tile_m % 8 or not 8 <= self.tile_m <= _MAX_TILE_M:
             raise ValueError(f"tile_m must be a multiple of 8 in [8, 256], got {self.tile_m}")
@@ -457,7 +475,20 @@ def default_config(
     if m > 64 and splits > 1 and partial_bytes > n * k // 2 and cfg.tile_n == 256:
         cfg = dataclasses.replace(cfg, tile_n=128)
         splits = _largest_divisor_at_most(k_steps, max(1, num_sms // (2 * ctas)))
-    return _fit_stages(dataclasses.replace(cfg, split_k=splits), m, dtype)
+    cfg = _fit_stages(dataclasses.replace(cfg, split_k=splits), m, dtype)
+    return chunked_output_config(cfg, m, dtype) if m > 64 else cfg
+
+
+def chunked_output_config(cfg: GemmConfig, m: int, dtype=jnp.bfloat16) -> GemmConfig:
+    """``cfg`` with its output stored in 32-token chunks (``GemmConfig.out_chunk``) where
+    that leaves SMEM for a pipeline stage more (up to 4) than staging the whole output
+    tile, for tiles of 128 tokens (the 256 x 128 prefill tile at tile_k 128: 4 stages
+    instead of 3, measured 1-3% faster on the H200; a third stage for 152-token tiles
+    measured 10% slower), else ``cfg``."""
+    if cfg.k_fold > 1 or cfg.out_chunk or token_tile(cfg, m) != 128 or cfg.stages >= 4:
+        return cfg
+    chunked = _fit_stages(dataclasses.replace(cfg, stages=4, out_chunk=32), m, dtype)
+    return chunked if chunked.stages > cfg.stages else cfg
 
 
 # Token tiles prefill_token_tile chooses from: 64 to 176 (the largest measured to fit 2
@@ -575,6 +606,7 @@ def tuned_config(entry: gemm_tuned.Tuned) -> GemmConfig:
         split_k_reduce=entry.split_k_reduce,
         stream_k=entry.stream_k,
         k_fold=entry.k_fold,
+        out_chunk=entry.out_chunk,
     )
 
 
@@ -1564,9 +1596,11 @@ def smem_bytes(cfg: GemmConfig, tile_m: int, dtype=jnp.bfloat16, scale_itemsize:
 
 
 def _out_chunk(cfg: GemmConfig, tile_m: int) -> int:
-    """Tokens of the output tile staged in SMEM per TMA store: the whole tile, or 64 for
-    f32 partial sums of a 128- or 256-token tile (which keeps that tiling's SMEM for the
-    pipeline: 128 KB of f32 for 256 x 128 outputs)."""
+    """Tokens of the output tile staged in SMEM per TMA store: ``cfg.out_chunk`` (at most
+    the tile), else the whole tile, or 64 for f32 partial sums of a 128- or 256-token tile
+    (which keeps that tiling's SMEM for the pipeline: 128 KB of f32 for 256 x 128 outputs)."""
+    if cfg.out_chunk:
+        return min(cfg.out_chunk, tile_m)
     return 64 if _stores_partials(cfg) and tile_m > 64 else tile_m
 
 
