@@ -64,7 +64,9 @@ def main() -> None:
                     [(x, w, gs) for w in w_bf16],
                     args.iterations,
                 )
-                base = gemm.default_grouped_config(rows, e, n, k)
+                base = gemm.default_grouped_config(
+                    rows, e, n, k, scale_itemsize=wq.prepared.scales.dtype.itemsize
+                )
                 configs = [base]
                 if args.configs:
                     tile_ms = {max(8, base.tile_m // 2 // 8 * 8), base.tile_m, 2 * base.tile_m}

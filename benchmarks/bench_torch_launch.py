@@ -5,8 +5,9 @@
   split-K: XLA-reduced partials would need more torch ops per call);
 * ``cluster``: the JAX path's tiling with split-K reduced inside thread-block clusters
   (``gemm.single_kernel_config(..., fold=False)``, the policy until 2026-12-03);
-* ``launch``: the current policy (``gemm.single_kernel_config``): at M <= 16, 2 or 4 splits
-  of 128-feature tiles run inside the CTA (K-folded), other splits in clusters.
+* ``launch``: the current policy (``TorchGemm.config_for``: the JAX path's tiling without
+  stream-K, through ``gemm.single_kernel_config``): at M <= 16, 2 or 4 splits of
+  128-feature tiles run inside the CTA (K-folded), other splits in clusters.
 
 Times are CUDA kernel times from ``torch.profiler`` (CUPTI), summed per call, rotating
 over enough weight copies to exceed 2x the L2. Run on a GPU with torch and jax:
@@ -80,21 +81,19 @@ def main() -> None:
                 len(dense),
                 args.iterations,
             )
-            base = gemm.default_config(m, n, k)
+            base = gemm.default_config(m, n, k, stream_k=False)  # (as TorchGemm asks)
             policies = {
                 "no split": gemm.default_config(m, n, k, tuned=False, split_k=False),
                 "cluster": gemm.single_kernel_config(base, m, k, n=n, fold=False),
-                "launch": gemm.single_kernel_config(base, m, k, n=n),
+                "launch": weights[0].config_for(m, torch.bfloat16),
             }
             row = [m, n, k, t_bf16]
             for cfg in policies.values():
-                fold = cfg.k_fold
-                launch_rows = gemm.launch_rows(m, fold)
-                xs = torch.randn(launch_rows * fold, k // fold, dtype=torch.bfloat16, device="cuda")
-                view = (lambda a: gemm.fold_view(a, fold)) if fold > 1 else (lambda a: a)
-                sets = [(xs, view(g.data), view(g.scales), g.tensor_scale) for g in weights]
-                k_group = weights[0].k_group
-                apply, _ = torch_kernel._compile(n, k, cfg, launch_rows, k_group, list(sets[0]))
+                launchers = [g.launcher_for(cfg, m, torch.bfloat16, x.device) for g in weights]
+                rows_k = (launchers[0].rows * cfg.k_fold, k // cfg.k_fold)  # (token, part) rows
+                xs = torch.randn(*rows_k, dtype=torch.bfloat16, device="cuda")
+                sets = [(xs, l.data, l.scales, g.tensor_scale) for l, g in zip(launchers, weights)]
+                apply = launchers[0].apply  # (one compiled kernel serves every copy)
                 t = kernel_us(
                     lambda apply=apply, sets=sets: [apply(*a) for a in sets],
                     len(sets),

@@ -199,15 +199,34 @@ class TorchGemm:
         self.bias = bias
         self._launchers: dict[tuple[int, torch.dtype], _Launcher] = {}
 
-    def _launcher(self, m: int, torch_dtype: torch.dtype, device: torch.device) -> _Launcher:
-        # One launch per call: the JAX path's tiling, with split-K reduced inside the
-        # kernel (thread-block clusters); XLA-reduced partials would need three more torch
-        # ops per call (sum, scale, cast).
+    def config_for(self, m: int, torch_dtype: torch.dtype) -> gemm.GemmConfig:
+        """The tiling a call with ``m`` tokens of ``torch_dtype`` runs: one launch per
+        call, the JAX path's tiling without stream-K and with split-K reduced inside the
+        kernel (K-folding, thread-block clusters); XLA-reduced partials would need three
+        more torch ops per call (sum, scale, cast)."""
         dtype = _JAX_DTYPE[torch_dtype]
         cfg = gemm.default_config(
             m, self.n, self.k, dtype=dtype, stream_k=False, k_group=self.k_group
         )
-        cfg = gemm.single_kernel_config(cfg, m, self.k, dtype, n=self.n)
+        return gemm.single_kernel_config(cfg, m, self.k, dtype, n=self.n)
+
+    def _launcher(self, m: int, torch_dtype: torch.dtype, device: torch.device) -> _Launcher:
+        launcher = self.launcher_for(self.config_for(m, torch_dtype), m, torch_dtype, device)
+        self._launchers[m, torch_dtype] = launcher
+        return launcher
+
+    def launcher_for(
+        self, cfg: gemm.GemmConfig, m: int, torch_dtype: torch.dtype, device: torch.device
+    ) -> _Launcher:
+        """The compiled launch of tiling ``cfg`` (one kernel: no split-K reduced by XLA,
+        no stream-K) for ``m`` tokens of ``torch_dtype``, with the weight's views it takes
+        (K-folded where ``cfg.k_fold > 1``); not cached on this layer (``benchmarks/
+        bench_torch_launch.py`` times tilings other than the one a call picks)."""
+        if gemm._stores_partials(cfg):
+            raise ValueError(
+                f"config must be one kernel launch (split_k=1 or split_k_reduce='cluster',"
+                f" stream_k=0), got {cfg}; see gemm.single_kernel_config"
+            )
         fold = cfg.k_fold
         rows = gemm.launch_rows(m, fold)
         n_out = -(-self.n // cfg.tile_n) * cfg.tile_n
@@ -222,9 +241,7 @@ class TorchGemm:
             args.append(bias)
         with torch.cuda.device(device):
             apply, on_current = _compile(self.n, self.k, cfg, rows, self.k_group, args)
-        launcher = _Launcher(apply, on_current, rows, bias, fold, data, scales)
-        self._launchers[m, torch_dtype] = launcher
-        return launcher
+        return _Launcher(apply, on_current, rows, bias, fold, data, scales)
 
     def __call__(self, x2d: torch.Tensor) -> torch.Tensor:
         """``x2d``: contiguous ``[M, K]`` bf16/fp16 CUDA tensor -> ``[M, N]`` of its dtype."""

@@ -69,7 +69,13 @@ def _pallas_grouped_matmul(x, w: NVFP4Array, group_sizes, out_dtype, config=None
     interpret = backends.interpret_pallas()
     if config is None:
         config = gemm.default_grouped_config(
-            x.shape[0], num_experts, n, k, dtype=x.dtype, k_group=w.prepared.k_group
+            x.shape[0],
+            num_experts,
+            n,
+            k,
+            dtype=x.dtype,
+            k_group=w.prepared.k_group,
+            scale_itemsize=w.prepared.scales.dtype.itemsize,
         )
         if interpret:  # the interpreter runs only the SMEM-operand variant
             config = dataclasses.replace(config, a_operand="smem")

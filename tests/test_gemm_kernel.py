@@ -766,8 +766,13 @@ def test_default_config_buckets():
     assert gemm.smem_bytes(long_k, 128) <= gemm._SMEM_BYTES
     assert gemm._out_chunk(long_k, 128) == 64 and gemm._out_chunk(long_k, 104) == 64
     # 256 x 128 tiles at tile_k 128: the output in 32-token chunks buys a fourth stage
-    # (not for 152-token tiles, nor where the whole tile already leaves room for 4)
-    for m, n, chunk, stages in ((1024, 4096, 32, 4), (4096, 28672, 32, 4), (1024, 14336, 0, 2)):
+    # (not where it buys fewer, nor where the whole tile already leaves room for 4)
+    for m, n, chunk, stages in (
+        (1024, 4096, 32, 4),
+        (4096, 28672, 32, 4),
+        (768, 14336, 32, 4),  # 112-token tiles
+        (1024, 14336, 0, 2),  # 152-token tiles: the chunks would buy a third stage only
+    ):
         cfg = gemm.default_config(m, n, 4096, num_sms=132, tuned=False)
         assert (cfg.out_chunk, cfg.stages) == (chunk, stages), (m, n)
         assert gemm.smem_bytes(cfg, cfg.tile_m) <= gemm._SMEM_BYTES

@@ -110,8 +110,10 @@ def test_fp16_prepared_and_jit_with_dynamic_group_sizes(rng, backend):
     [
         G(tile_n=128, tile_m=8, tile_k=128, stages=2, split_k=2, a_operand="smem"),
         G(tile_n=64, tile_m=16, tile_k=128, stages=2, a_operand="smem"),
+        # the output tile stored 8 tokens at a time (the prefill default stores 32)
+        G(tile_n=128, tile_m=24, tile_k=128, stages=2, out_chunk=8, a_operand="smem"),
     ],
-    ids=["split_k2_tile8", "tile16_k128"],
+    ids=["split_k2_tile8", "tile16_k128", "out_chunk8"],
 )
 def test_kernel_configs_in_interpreter(rng, cfg):
     sizes, t = [19, 0, 4, 9], 35
@@ -303,6 +305,8 @@ def test_route_and_moe_errors(rng):
 _LOWER = {
     "decode": (2, 8, 2048, 4096),
     "prefill": (1024, 8, 2048, 1024),
+    # 136-token tiles in 4 stages next to a chunked output: fits SMEM with compact scales
+    "prefill_compact_4_stages": (2048, 8, 28672, 4096),
 }
 
 
@@ -312,8 +316,12 @@ def test_cross_lowers_for_sm90(case):
     data = jnp.zeros((e, n, k // 2), jnp.uint8)
     scales = jnp.ones((e, n, k // 16), jnp.float8_e4m3fn)
     prep = gemm.prepare_weight(data, scales, jnp.ones((e,), jnp.float32))
-    cfg = gemm.default_grouped_config(t, e, n, k, num_sms=132)
+    cfg = gemm.default_grouped_config(
+        t, e, n, k, num_sms=132, scale_itemsize=prep.scales.dtype.itemsize
+    )
     assert cfg.a_operand == "registers"
+    if case == "prefill_compact_4_stages":
+        assert (cfg.tile_m, cfg.stages, cfg.out_chunk) == (136, 4, 32)
     text = cross_lower(
         lambda x, p, g: gemm.nvfp4_grouped_matmul(x, p, g, n=n, k=k, config=cfg),
         jnp.zeros((t, k), jnp.bfloat16),
@@ -364,6 +372,22 @@ def test_gpu_grouped_split_k(rng, split_k_reduce):
 
 
 @gpu
+def test_gpu_grouped_prefill_chunked_tiles(rng):
+    """The prefill tiling Mixtral's w13 gets at T = 1024 (136-token tiles, 4 stages,
+    32-token output chunks, compact scales), over ragged groups, an idle expert and a
+    ragged N."""
+    e, k, n = 8, 4096, 1000
+    sizes = [300, 0, 141, 260, 136, 250, 420, 541]
+    w = _experts(rng, e, k, n)
+    prep = gemm.prepare_weight(w.data, w.scales, w.tensor_scale)
+    x = jnp.asarray(rng.standard_normal((sum(sizes), k)), jnp.bfloat16)
+    gs = jnp.asarray(sizes, jnp.int32)
+    cfg = G(tile_n=256, tile_m=136, tile_k=128, stages=4, out_chunk=32)
+    y = gemm.nvfp4_grouped_matmul(x, prep, gs, n=n, k=k, config=cfg)
+    _check(y, x, w, gs)
+
+
+@gpu
 def test_gpu_moe_block(rng):
     e, h, inter, t = 8, 1024, 768, 37
     w13 = nv.prepare(_experts(rng, e, h, 2 * inter))
@@ -390,6 +414,18 @@ def test_default_grouped_config_fits_smem():
         cfg = gemm.default_grouped_config(rows, e, n, k, num_sms=132)
         assert gemm.smem_bytes(cfg, cfg.tile_m) <= gemm._SMEM_BYTES, cfg
         assert (-(-k // cfg.tile_k)) % cfg.split_k == 0
+    # Prefill tiles: 4 stages next to an output in 32-token chunks where that fits (with
+    # one-byte compact scales also for 136-token tiles), never a chunked output for fewer
+    for rows, e, n, k, itemsize, want in [
+        (2048, 8, 28672, 4096, 1, (136, 4, 32)),  # Mixtral w13, T = 1024
+        (2048, 8, 28672, 4096, 2, (136, 2, 0)),  # widened scales: no room for 4 stages
+        (6144, 64, 2816, 2048, 2, (128, 4, 32)),
+        (8192, 8, 28672, 4096, 1, (176, 2, 0)),  # chunks would buy a third stage only
+        (32, 8, 28672, 4096, 1, (16, 4, 0)),  # decode
+    ]:
+        cfg = gemm.default_grouped_config(rows, e, n, k, num_sms=132, scale_itemsize=itemsize)
+        assert (cfg.tile_m, cfg.stages, cfg.out_chunk) == want, (rows, itemsize)
+        assert gemm.smem_bytes(cfg, cfg.tile_m, scale_itemsize=itemsize) <= gemm._SMEM_BYTES
 
 
 def test_moe_example_runs(monkeypatch, capsys):

@@ -687,6 +687,11 @@ def test_torch_gemm_serves_both_dtypes_from_one_layout_and_rejects_others():
     assert g.scales.dtype == torch.uint8 and g.k_group == 128
     with pytest.raises(TypeError, match="bfloat16 or float16, got torch.float32"):
         g(torch.ones(2, 128))
+    from nvfp4_jax.kernels import gemm
+
+    for cfg in (gemm.GemmConfig(tile_k=128, split_k=2), gemm.GemmConfig(tile_k=128, stream_k=3)):
+        with pytest.raises(ValueError, match="config must be one kernel launch"):
+            g.launcher_for(cfg, 2, torch.bfloat16, torch.device("cpu"))
 
 
 def test_torch_launch_function_is_one_mosaic_kernel():

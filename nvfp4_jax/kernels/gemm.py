@@ -223,7 +223,8 @@ class GemmConfig:
         (a multiple of 8), the stores going one after another through that one buffer;
         0: the whole token tile, or 64 tokens for the f32 partial sums of a larger one.
         32 frees 48 KB next to 256 x 128 tiles, room for a fourth pipeline stage at
-        tile_k 128 (measured 1-3% faster at M = 256..4096 on the H200,
+        tile_k 128 (:func:`chunked_output_config`; on the H200 1-3% faster at M = 128-4096,
+        up to 11% for grouped 136-token tiles,
         benchmarks/results/out_chunk-2026-12-03.md). Not with ``k_fold`` (whose
         epilogue adds the parts in one output tile).
     """
@@ -479,16 +480,21 @@ def default_config(
     return chunked_output_config(cfg, m, dtype) if m > 64 else cfg
 
 
-def chunked_output_config(cfg: GemmConfig, m: int, dtype=jnp.bfloat16) -> GemmConfig:
-    """``cfg`` with its output stored in 32-token chunks (``GemmConfig.out_chunk``) where
-    that leaves SMEM for a pipeline stage more (up to 4) than staging the whole output
-    tile, for tiles of 128 tokens (the 256 x 128 prefill tile at tile_k 128: 4 stages
-    instead of 3, measured 1-3% faster on the H200; a third stage for 152-token tiles
-    measured 10% slower), else ``cfg``."""
-    if cfg.k_fold > 1 or cfg.out_chunk or token_tile(cfg, m) != 128 or cfg.stages >= 4:
+def chunked_output_config(
+    cfg: GemmConfig, m: int, dtype=jnp.bfloat16, *, scale_itemsize: int = 2
+) -> GemmConfig:
+    """``cfg`` with 4 pipeline stages and its output stored in 32-token chunks
+    (``GemmConfig.out_chunk``) where staging the whole output tile leaves SMEM for fewer
+    stages and the chunks for 4, else ``cfg``. On the H200: 256 x 128 tiles at tile_k 128
+    (3 -> 4 stages) 1-3% faster (dense, M = 128-4096) and 0-2% (grouped); 256 x 136
+    grouped tiles (2 -> 4) 10% faster; 152-token tiles, where the chunks buy a third stage
+    only, 1-10% slower (benchmarks/results/out_chunk-2026-12-03.md). ``scale_itemsize``:
+    bytes per block scale of the prepared weight (:func:`smem_bytes`)."""
+    if cfg.k_fold > 1 or cfg.out_chunk or cfg.stages >= 4:
         return cfg
-    chunked = _fit_stages(dataclasses.replace(cfg, stages=4, out_chunk=32), m, dtype)
-    return chunked if chunked.stages > cfg.stages else cfg
+    chunked = dataclasses.replace(cfg, stages=4, out_chunk=32)
+    chunked = _fit_stages(chunked, m, dtype, scale_itemsize=scale_itemsize)
+    return chunked if chunked.stages == 4 else cfg
 
 
 # Token tiles prefill_token_tile chooses from: 64 to 176 (the largest measured to fit 2
@@ -610,10 +616,11 @@ def tuned_config(entry: gemm_tuned.Tuned) -> GemmConfig:
     )
 
 
-def _fit_stages(cfg: GemmConfig, m: int, dtype) -> GemmConfig:
+def _fit_stages(cfg: GemmConfig, m: int, dtype, scale_itemsize: int = 2) -> GemmConfig:
     """``cfg`` with the most pipeline stages (at most its own, at least 2) that fit SMEM
-    for ``m`` tokens."""
-    while cfg.stages > 2 and smem_bytes(cfg, token_tile(cfg, m * cfg.k_fold), dtype) > _SMEM_BYTES:
+    for ``m`` tokens (block scales of ``scale_itemsize`` bytes: 2 covers every layout)."""
+    tokens = token_tile(cfg, m * cfg.k_fold)
+    while cfg.stages > 2 and smem_bytes(cfg, tokens, dtype, scale_itemsize) > _SMEM_BYTES:
         cfg = dataclasses.replace(cfg, stages=cfg.stages - 1)
     return cfg
 
@@ -1995,11 +2002,14 @@ def default_grouped_config(
     dtype=jnp.bfloat16,
     num_sms: int | None = None,
     k_group: int | None = None,
+    scale_itemsize: int = 2,
 ) -> GemmConfig:
     """:func:`default_config` for a group of 1.5x the average size (``rows / min(E,
     rows)`` tokens) plus 4, so that most routed groups fit in one token tile: a group
     longer than ``tile_m`` streams its expert's weights once per tile. Split-K is sized
-    for the expected number of token tiles."""
+    for the expected number of token tiles. Prefill tiles get 4 stages where their output
+    in 32-token chunks leaves room (:func:`chunked_output_config`), counting block scales
+    of ``scale_itemsize`` bytes (1: the default compact layout; 2 fits every layout)."""
     num_sms = sm_count(num_sms)
     active = max(1, min(num_experts, rows))
     typical = -(-3 * max(rows, 1) // (2 * active)) + 4
@@ -2027,6 +2037,8 @@ def default_grouped_config(
         # until the buffers fit (the fused epilogue stores bf16/f16, half the bytes)
         split_k = _largest_divisor_at_most(-(-k // cfg.tile_k), cfg.split_k - 1)
         cfg = _fit_stages(dataclasses.replace(cfg, split_k=split_k, stages=4), cfg.tile_m, dtype)
+    if typical > 64:  # prefill tiles: 4 stages next to an output stored in chunks
+        cfg = chunked_output_config(cfg, cfg.tile_m, dtype, scale_itemsize=scale_itemsize)
     return cfg  # (the grouped kernel uses all of tile_m)
 
 
@@ -2118,7 +2130,13 @@ def nvfp4_grouped_matmul(
         )
     rows = x2d.shape[0]
     cfg = config or default_grouped_config(
-        rows, num_experts, n, k, dtype=x2d.dtype, k_group=k_group
+        rows,
+        num_experts,
+        n,
+        k,
+        dtype=x2d.dtype,
+        k_group=k_group,
+        scale_itemsize=prepared.scales.dtype.itemsize,
     )
     if cfg.stream_k or cfg.k_fold > 1:
         raise ValueError(f"the grouped product runs neither stream-K nor k_fold, got config {cfg}")
