@@ -692,6 +692,11 @@ def test_torch_gemm_serves_both_dtypes_from_one_layout_and_rejects_others():
     for cfg in (gemm.GemmConfig(tile_k=128, split_k=2), gemm.GemmConfig(tile_k=128, stream_k=3)):
         with pytest.raises(ValueError, match="config must be one kernel launch"):
             g.launcher_for(cfg, 2, torch.bfloat16, torch.device("cpu"))
+    for m in (1, 16, 64, 1024):  # the policy of a call: one kernel, no XLA work after it
+        cfg = g.config_for(m, torch.bfloat16)
+        assert not gemm._stores_partials(cfg), (m, cfg)
+        base = gemm.default_config(m, g.n, g.k, stream_k=False, k_group=g.k_group)
+        assert cfg == gemm.single_kernel_config(base, m, g.k, n=g.n)
 
 
 def test_torch_launch_function_is_one_mosaic_kernel():
