@@ -41,7 +41,8 @@ def sweep(m: int, n: int, k: int, k_group: int | None = None):
     XLA and (split-K 2 to 4; 8-CTA clusters measured slower) cluster reduction, K-folded
     (:func:`gemm.k_fold_config`, M <= 16), and stream-K over all SMs. Prefill:
     tile shapes, tile_k, stages (4 also with the output in 32-token chunks), with and
-    without ``overlap_decode``, and the dequantize route. ``k_group``: the prepared weight's (None: the default for ``k``)."""
+    without ``overlap_decode``, and the dequantize route. ``k_group``: the prepared
+    weight's (None: the default for ``k``)."""
     k_group = k_group or gemm.default_k_group(k)
     plan = pallas_plan(m, n, k, k_group=k_group)
     yield plan

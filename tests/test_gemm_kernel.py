@@ -776,7 +776,8 @@ def test_default_config_buckets():
         cfg = gemm.default_config(m, n, 4096, num_sms=132, tuned=False)
         assert (cfg.out_chunk, cfg.stages) == (chunk, stages), (m, n)
         assert gemm.smem_bytes(cfg, cfg.tile_m) <= gemm._SMEM_BYTES
-    assert gemm._out_chunk(gemm.default_config(1024, 4096, 4096, num_sms=132, tuned=False), 128) == 32
+    prefill = gemm.default_config(1024, 4096, 4096, num_sms=132, tuned=False)
+    assert gemm._out_chunk(prefill, 128) == 32
     assert gemm._out_chunk(G(tile_m=128, out_chunk=32), 24) == 24
     k64 = gemm.default_config(1024, 4096, 4096, num_sms=132, tuned=False, k_group=64)
     assert (k64.stages, k64.out_chunk) == (4, 0)
