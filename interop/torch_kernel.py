@@ -29,6 +29,13 @@ from nvfp4_jax.kernels import gemm
 _JAX_DTYPE = {torch.bfloat16: jnp.bfloat16, torch.float16: jnp.float16}
 
 
+def _jax_dtype(name: str, torch_dtype) -> jnp.dtype:
+    """The JAX dtype of an activation dtype the kernel takes; TypeError for others."""
+    if torch_dtype not in _JAX_DTYPE:
+        raise TypeError(f"{name} must be bfloat16 or float16, got {torch_dtype}")
+    return _JAX_DTYPE[torch_dtype]
+
+
 def kernel_fn(
     n: int, k: int, cfg: gemm.GemmConfig, m_rows: int, k_group: int = gemm.DEFAULT_K_GROUP
 ) -> Callable:
@@ -204,7 +211,7 @@ class TorchGemm:
         call, the JAX path's tiling without stream-K and with split-K reduced inside the
         kernel (K-folding, thread-block clusters); XLA-reduced partials would need three
         more torch ops per call (sum, scale, cast)."""
-        dtype = _JAX_DTYPE[torch_dtype]
+        dtype = _jax_dtype("torch_dtype", torch_dtype)
         cfg = gemm.default_config(
             m, self.n, self.k, dtype=dtype, stream_k=False, k_group=self.k_group
         )
@@ -222,6 +229,7 @@ class TorchGemm:
         no stream-K) for ``m`` tokens of ``torch_dtype``, with the weight's views it takes
         (K-folded where ``cfg.k_fold > 1``); not cached on this layer (``benchmarks/
         bench_torch_launch.py`` times tilings other than the one a call picks)."""
+        _jax_dtype("torch_dtype", torch_dtype)
         if gemm._stores_partials(cfg):
             raise ValueError(
                 f"config must be one kernel launch (split_k=1 or split_k_reduce='cluster',"
@@ -245,8 +253,7 @@ class TorchGemm:
 
     def __call__(self, x2d: torch.Tensor) -> torch.Tensor:
         """``x2d``: contiguous ``[M, K]`` bf16/fp16 CUDA tensor -> ``[M, N]`` of its dtype."""
-        if x2d.dtype not in _JAX_DTYPE:
-            raise TypeError(f"x2d must be bfloat16 or float16, got {x2d.dtype}")
+        _jax_dtype("x2d", x2d.dtype)
         m = x2d.shape[0]
         device = x2d.device
         launcher = self._launchers.get((m, x2d.dtype)) or self._launcher(m, x2d.dtype, device)

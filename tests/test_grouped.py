@@ -426,6 +426,9 @@ def test_default_grouped_config_fits_smem():
         cfg = gemm.default_grouped_config(rows, e, n, k, num_sms=132, scale_itemsize=itemsize)
         assert (cfg.tile_m, cfg.stages, cfg.out_chunk) == want, (rows, itemsize)
         assert gemm.smem_bytes(cfg, cfg.tile_m, scale_itemsize=itemsize) <= gemm._SMEM_BYTES
+    for bad in (0, 4):
+        with pytest.raises(ValueError, match=f"scale_itemsize must be 1 or 2 .* got {bad}"):
+            gemm.default_grouped_config(2048, 8, 28672, 4096, scale_itemsize=bad)
 
 
 def test_moe_example_runs(monkeypatch, capsys):

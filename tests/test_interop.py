@@ -692,6 +692,10 @@ def test_torch_gemm_serves_both_dtypes_from_one_layout_and_rejects_others():
     for cfg in (gemm.GemmConfig(tile_k=128, split_k=2), gemm.GemmConfig(tile_k=128, stream_k=3)):
         with pytest.raises(ValueError, match="config must be one kernel launch"):
             g.launcher_for(cfg, 2, torch.bfloat16, torch.device("cpu"))
+    with pytest.raises(TypeError, match="torch_dtype must be bfloat16 or float16"):
+        g.config_for(2, torch.float32)
+    with pytest.raises(TypeError, match="torch_dtype must be bfloat16 or float16"):
+        g.launcher_for(gemm.GemmConfig(tile_k=128), 2, torch.float32, torch.device("cpu"))
     for m in (1, 16, 64, 1024):  # the policy of a call: one kernel, no XLA work after it
         cfg = g.config_for(m, torch.bfloat16)
         assert not gemm._stores_partials(cfg), (m, cfg)

@@ -1585,7 +1585,12 @@ def fold_view(a, k_fold: int):
 
 
 def smem_bytes(cfg: GemmConfig, tile_m: int, dtype=jnp.bfloat16, scale_itemsize: int = 2) -> int:
-    """Upper estimate of one CTA's SMEM: pipeline buffers + scratch + barriers."""
+    """Upper estimate of one CTA's SMEM: pipeline buffers + scratch + barriers, with block
+    scales of ``scale_itemsize`` bytes (1: compact, 2: widened)."""
+    if scale_itemsize not in (1, 2):
+        raise ValueError(
+            f"scale_itemsize must be 1 or 2 (bytes per block scale), got {scale_itemsize!r}"
+        )
     itemsize = jnp.dtype(dtype).itemsize
     rows = cfg.cta_rows
     stage = (
