@@ -1,13 +1,13 @@
 """Kernel time of the GEMM launched straight from PyTorch (``interop.torch_kernel``) vs
-``F.linear`` in bf16, for two tiling policies of the one-kernel launch:
+``F.linear`` in bf16, for three tiling policies:
 
 * ``no split``: 128-feature decode tiles without split-K (the launch policy before cluster
-  split-K: XLA-reduced partials would need more torch ops per call);
-* ``cluster``: the JAX path's tiling with split-K reduced inside thread-block clusters
-  (``gemm.single_kernel_config(..., fold=False)``, the policy until 2026-12-03);
-* ``launch``: the current policy (``TorchGemm.config_for``: the JAX path's tiling without
-  stream-K, through ``gemm.single_kernel_config``): at M <= 16, 2 or 4 splits of
-  128-feature tiles run inside the CTA (K-folded), other splits in clusters.
+  split-K);
+* ``one kernel``: the JAX path's tiling as one launch (``gemm.single_kernel_config``, the
+  policy until 2026-12-04): at M <= 16, 2 or 4 splits of 128-feature tiles K-folded into the
+  CTA, other splits reduced inside thread-block clusters;
+* ``launch``: the current policy (``TorchGemm.config_for``): the JAX path's tiling without
+  stream-K, split-K partials summed by a second kernel (``split_k.add_partials``).
 
 Times are CUDA kernel times from ``torch.profiler`` (CUPTI), summed per call, rotating
 over enough weight copies to exceed 2x the L2. Run on a GPU with torch and jax:
@@ -84,7 +84,7 @@ def main() -> None:
             base = gemm.default_config(m, n, k, stream_k=False)  # (as TorchGemm asks)
             policies = {
                 "no split": gemm.default_config(m, n, k, tuned=False, split_k=False),
-                "cluster": gemm.single_kernel_config(base, m, k, n=n, fold=False),
+                "one kernel": gemm.single_kernel_config(base, m, k, n=n),
                 "launch": weights[0].config_for(m, torch.bfloat16),
             }
             row = [m, n, k, t_bf16]
@@ -106,7 +106,7 @@ def main() -> None:
         "torch_launch",
         "GEMM launched from PyTorch (interop.torch_kernel): kernel time vs F.linear bf16",
         ["M", "N", "K", "F.linear bf16", "no split", "vs bf16", "config"]
-        + ["cluster", "vs bf16", "config", "launch", "vs bf16", "config"],
+        + ["one kernel", "vs bf16", "config", "launch", "vs bf16", "config"],
         rows,
         [
             (

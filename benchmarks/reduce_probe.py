@@ -1,4 +1,5 @@
-"""Split-K reduction: XLA's fusion against a minimal Mosaic GPU kernel (probe).
+"""Split-K reduction: XLA's fusion against a minimal Mosaic GPU kernel (probe) and the
+library's ``split_k.add_partials`` (8-row x 128-column blocks, the torch launch path's).
 
     PYTHONPATH=. python benchmarks/reduce_probe.py
 """
@@ -13,6 +14,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from benchmarks import common
+from nvfp4_jax.kernels import split_k
 
 
 def xla_reduce(p, ts):
@@ -50,8 +52,10 @@ def mgpu_reduce(p, ts, *, chunk):
 
 def main():
     print(common.device_line())
-    print("| S x M x N | XLA us | " + " | ".join(f"mgpu chunk {c} us" for c in (64, 128, 256)) + " |")
-    for s, m, n in ((4, 8, 4096), (4, 16, 4096), (8, 16, 4096), (4, 64, 4096)):
+    chunks = " | ".join(f"mgpu chunk {c} us" for c in (64, 128, 256))
+    print(f"| S x M x N | XLA us | {chunks} | add_partials us |")
+    cases = ((4, 8, 4096), (4, 16, 4096), (8, 16, 4096), (4, 64, 4096), (8, 1, 4096))
+    for s, m, n in cases + ((4, 16, 14336), (4, 256, 4096)):
         ps = [jax.random.normal(jax.random.key(i), (s, m, n), jnp.float32) for i in range(8)]
         ts = jnp.array([0.37], jnp.float32)
         ref = xla_reduce(ps[0], ts)
@@ -66,6 +70,11 @@ def main():
                 cells.append(f"{t:.2f} (err {err:.2g})")
             except Exception as e:  # noqa: BLE001
                 cells.append("fail: " + str(e).splitlines()[0][:80])
+        add = functools.partial(split_k.add_partials, out_dtype=jnp.bfloat16)
+        got = add(ps[0], ts)
+        err = float(jnp.max(jnp.abs(got.astype(jnp.float32) - ref.astype(jnp.float32))))
+        t = common.time_per_call(add, [(p, ts) for p in ps], 50)
+        cells.append(f"{t:.2f} (err {err:.2g})")
         print(f"| {s}x{m}x{n} | {cells[0]:.2f} | " + " | ".join(cells[1:]) + " |", flush=True)
 
 

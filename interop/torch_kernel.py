@@ -2,12 +2,14 @@
 
 :class:`TorchGemm` holds one NVFP4 weight prepared once in JAX
 (``kernels.gemm.prepare_weight``, shared with torch zero-copy) and one compiled kernel per
-row count ``M`` (shared by every layer of the same shapes). Per call it allocates the output
-and launches the kernel on torch's current stream, so stream semantics are those of
-``F.linear``. The launch uses the module that ``plgpu.as_torch_kernel`` would compile, minus
-that wrapper's per-call work (:class:`_DirectLaunch`); if jax's private entry points it needs
-are missing, it falls back to ``as_torch_kernel``, which launches on the default stream
-(ordered against the current one with events).
+row count ``M`` (shared by every layer of the same shapes); a split-K tiling adds a second
+compiled kernel that sums its float32 partials (``kernels.split_k.add_partials``, what XLA
+fuses on the JAX path). Per call it allocates the output and launches the kernel(s) on
+torch's current stream, so stream semantics are those of ``F.linear``. A launch uses the
+module that ``plgpu.as_torch_kernel`` would compile, minus that wrapper's per-call work
+(:class:`_DirectLaunch`); if jax's private entry points it needs are missing, it falls back
+to ``as_torch_kernel``, which launches on the default stream (ordered against the current
+one with events).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch.nn.functional as F
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from interop.dlpack import to_torch
-from nvfp4_jax.kernels import gemm
+from nvfp4_jax.kernels import gemm, split_k
 
 _JAX_DTYPE = {torch.bfloat16: jnp.bfloat16, torch.float16: jnp.float16}
 
@@ -147,14 +149,13 @@ class _DirectLaunch:
         return out
 
 
-def _compile(
-    n: int, k: int, cfg: gemm.GemmConfig, m_rows: int, k_group: int, args
-) -> tuple[Callable, bool]:
-    """(launcher, on_current_stream) for :func:`kernel_fn` on tensors shaped like ``args``;
-    shared by every layer of the same shapes."""
-    key = (n, k, cfg, m_rows, k_group, tuple((tuple(a.shape), a.dtype) for a in args))
+def _compile(key: tuple, make_fn: Callable[[], Callable], args) -> tuple[Callable, bool]:
+    """(launcher, on_current_stream) of the one-kernel JAX function ``make_fn()`` on
+    tensors shaped like ``args``, cached under ``key`` (shared by every layer of the same
+    shapes)."""
+    key = key + tuple((tuple(a.shape), a.dtype) for a in args)
     if key not in _LAUNCHERS:
-        fn = _kernel_fn_cached(n, k, cfg, m_rows, k_group)
+        fn = make_fn()
         try:
             _LAUNCHERS[key] = (_DirectLaunch(fn, args), True)
         except (ImportError, AttributeError, NotImplementedError, OSError, RuntimeError) as e:
@@ -168,6 +169,27 @@ def _compile(
 
 
 _LAUNCHERS: dict[tuple, tuple[Callable, bool]] = {}
+
+
+def reduce_fn(dtype) -> Callable:
+    """The JAX function ``(partials, ts[, bias])`` -> ``dtype [rows, n_out]``: the split-K
+    sum as one Mosaic GPU kernel (:func:`split_k.add_partials`)."""
+
+    def fn(partials, ts, *bias):
+        return split_k.add_partials_kernel(partials, ts, *bias, out_dtype=dtype)
+
+    return fn
+
+
+class _SplitKLaunch:
+    """A split-K tiling from torch: the GEMM kernel stores float32 partial sums, a second
+    kernel adds them, scales and adds the bias (both on the same stream)."""
+
+    def __init__(self, gemm_launch: Callable, reduce_launch: Callable):
+        self._gemm, self._reduce = gemm_launch, reduce_launch
+
+    def __call__(self, x, data, scales, ts, *bias):
+        return self._reduce(self._gemm(x, data, scales, ts), ts, *bias)
 
 
 @dataclasses.dataclass
@@ -207,15 +229,22 @@ class TorchGemm:
         self._launchers: dict[tuple[int, torch.dtype], _Launcher] = {}
 
     def config_for(self, m: int, torch_dtype: torch.dtype) -> gemm.GemmConfig:
-        """The tiling a call with ``m`` tokens of ``torch_dtype`` runs: one launch per
-        call, the JAX path's tiling without stream-K and with split-K reduced inside the
-        kernel (K-folding, thread-block clusters); XLA-reduced partials would need three
-        more torch ops per call (sum, scale, cast)."""
+        """The tiling a call with ``m`` tokens of ``torch_dtype`` runs: the JAX path's
+        (``gemm.default_config``) without stream-K, whose partial sums only XLA adds; its
+        split-K partials are added by a second kernel (``split_k.add_partials``). Where that
+        kernel has no block for the partials (fewer than 128 output columns and one row),
+        one kernel: ``gemm.single_kernel_config`` (K-folding or cluster split-K)."""
         dtype = _jax_dtype("torch_dtype", torch_dtype)
         cfg = gemm.default_config(
             m, self.n, self.k, dtype=dtype, stream_k=False, k_group=self.k_group
         )
-        return gemm.single_kernel_config(cfg, m, self.k, dtype, n=self.n)
+        if gemm._stores_partials(cfg):
+            n_out = -(-self.n // cfg.tile_n) * cfg.tile_n
+            try:
+                split_k.block_shape(cfg.split_k, gemm.launch_rows(m), n_out)
+            except ValueError:
+                return gemm.single_kernel_config(cfg, m, self.k, dtype, n=self.n)
+        return cfg
 
     def _launcher(self, m: int, torch_dtype: torch.dtype, device: torch.device) -> _Launcher:
         launcher = self.launcher_for(self.config_for(m, torch_dtype), m, torch_dtype, device)
@@ -225,19 +254,24 @@ class TorchGemm:
     def launcher_for(
         self, cfg: gemm.GemmConfig, m: int, torch_dtype: torch.dtype, device: torch.device
     ) -> _Launcher:
-        """The compiled launch of tiling ``cfg`` (one kernel: no split-K reduced by XLA,
-        no stream-K) for ``m`` tokens of ``torch_dtype``, with the weight's views it takes
-        (K-folded where ``cfg.k_fold > 1``); not cached on this layer (``benchmarks/
-        bench_torch_launch.py`` times tilings other than the one a call picks)."""
-        _jax_dtype("torch_dtype", torch_dtype)
-        if gemm._stores_partials(cfg):
+        """The compiled launch of tiling ``cfg`` for ``m`` tokens of ``torch_dtype``: one
+        kernel, or with XLA-style split-K (``split_k > 1``, ``split_k_reduce="xla"``) the
+        GEMM and :func:`split_k.add_partials`; with the weight's views it takes (K-folded
+        where ``cfg.k_fold > 1``). Not cached on this layer (``benchmarks/
+        bench_torch_launch.py`` times tilings other than the one a call picks). Stream-K
+        (``cfg.stream_k``) is refused with a ``ValueError``: its partial sums need XLA."""
+        jax_dtype = _jax_dtype("torch_dtype", torch_dtype)
+        if cfg.stream_k:
             raise ValueError(
-                f"config must be one kernel launch (split_k=1 or split_k_reduce='cluster',"
-                f" stream_k=0), got {cfg}; see gemm.single_kernel_config"
+                f"stream-K tilings are not launched from torch (their partial sums are added"
+                f" by XLA), got {cfg}; see TorchGemm.config_for"
             )
         fold = cfg.k_fold
         rows = gemm.launch_rows(m, fold)
         n_out = -(-self.n // cfg.tile_n) * cfg.tile_n
+        partials = gemm._stores_partials(cfg)
+        if partials:  # ValueError (before compiling) where the sum kernel has no block
+            split_k.block_shape(cfg.split_k, rows, n_out)
         data, scales = self.data, self.scales
         if fold > 1:
             data, scales = gemm.fold_view(data, fold), gemm.fold_view(scales, fold)
@@ -246,9 +280,19 @@ class TorchGemm:
         bias = None
         if self.bias is not None:
             bias = F.pad(self.bias, (0, n_out - self.n)).contiguous()
-            args.append(bias)
+            if not partials:  # (the sum kernel adds it)
+                args.append(bias)
+        key = (self.n, self.k, cfg, rows, self.k_group)
         with torch.cuda.device(device):
-            apply, on_current = _compile(self.n, self.k, cfg, rows, self.k_group, args)
+            make = lambda: _kernel_fn_cached(self.n, self.k, cfg, rows, self.k_group)  # noqa: E731
+            apply, on_current = _compile(key, make, args)
+            if partials:
+                sums = [torch.empty(cfg.split_k, rows, n_out, dtype=torch.float32, device=device)]
+                sums += [self.tensor_scale] + ([bias] if bias is not None else [])
+                add, add_on_current = _compile(
+                    ("add_partials", jax_dtype), lambda: reduce_fn(jax_dtype), sums
+                )
+                apply, on_current = _SplitKLaunch(apply, add), on_current and add_on_current
         return _Launcher(apply, on_current, rows, bias, fold, data, scales)
 
     def __call__(self, x2d: torch.Tensor) -> torch.Tensor:

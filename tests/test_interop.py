@@ -689,18 +689,41 @@ def test_torch_gemm_serves_both_dtypes_from_one_layout_and_rejects_others():
         g(torch.ones(2, 128))
     from nvfp4_jax.kernels import gemm
 
-    for cfg in (gemm.GemmConfig(tile_k=128, split_k=2), gemm.GemmConfig(tile_k=128, stream_k=3)):
-        with pytest.raises(ValueError, match="config must be one kernel launch"):
-            g.launcher_for(cfg, 2, torch.bfloat16, torch.device("cpu"))
+    with pytest.raises(ValueError, match="stream-K tilings are not launched from torch"):
+        g.launcher_for(gemm.GemmConfig(tile_k=128, stream_k=3), 2, torch.bfloat16, "cpu")
+    with pytest.raises(ValueError, match="no block of partials"):  # 64 columns, one row
+        g.launcher_for(gemm.GemmConfig(tile_n=64, tile_k=64, split_k=2), 1, torch.bfloat16, "cpu")
     with pytest.raises(TypeError, match="torch_dtype must be bfloat16 or float16"):
         g.config_for(2, torch.float32)
     with pytest.raises(TypeError, match="torch_dtype must be bfloat16 or float16"):
         g.launcher_for(gemm.GemmConfig(tile_k=128), 2, torch.float32, torch.device("cpu"))
-    for m in (1, 16, 64, 1024):  # the policy of a call: one kernel, no XLA work after it
+    for m in (1, 2, 16, 64, 1024):  # the policy of a call: the JAX path's tiling, no stream-K
         cfg = g.config_for(m, torch.bfloat16)
-        assert not gemm._stores_partials(cfg), (m, cfg)
         base = gemm.default_config(m, g.n, g.k, stream_k=False, k_group=g.k_group)
-        assert cfg == gemm.single_kernel_config(base, m, g.k, n=g.n)
+        if m == 1 and base.split_k > 1:  # 64 columns, one row: no sum kernel, one launch
+            assert cfg == gemm.single_kernel_config(base, m, g.k, n=g.n), cfg
+            assert not gemm._stores_partials(cfg)
+        else:
+            assert cfg == base, (m, cfg)
+
+
+def test_torch_launch_split_k_sum_is_one_mosaic_kernel():
+    """A split-K launch from torch is the GEMM (float32 partials) and the sum kernel
+    (``split_k.add_partials``): lower the sum as ``_DirectLaunch`` compiles it, for an
+    abstract H100 on the CPU, with and without a bias; the operands keep the wrapper's
+    order."""
+    from cross_lowering import h100_mesh
+
+    from interop.torch_kernel import kernel_module, reduce_fn
+
+    for bias in (False, True):
+        args = [jnp.zeros((4, 16, 4096), jnp.float32), jnp.ones((1,), jnp.float32)]
+        args += [jnp.zeros(4096, jnp.bfloat16)] if bias else []
+        with jax.sharding.use_abstract_mesh(h100_mesh()):
+            asm, order, out = kernel_module(reduce_fn(jnp.bfloat16), args, ("cuda",))
+        assert isinstance(asm, bytes) and asm
+        assert order == list(range(len(args))) and out.shape == (16, 4096)
+        assert out.dtype == jnp.bfloat16
 
 
 def test_torch_launch_function_is_one_mosaic_kernel():
@@ -763,23 +786,36 @@ def test_torch_launch_function_k_fold_is_one_mosaic_kernel():
 
 
 @_apply_marks
-@pytest.mark.parametrize("rows", [1, 5, 16])
-def test_gpu_torch_launch_k_fold(rows):
-    """N = 4096, K = 1024: 32 tiles x 4 splits, launched from torch as one K-folded kernel."""
+@pytest.mark.parametrize("rows", [1, 5, 13, 64])
+def test_gpu_torch_launch_decode_tilings(rows):
+    """N = 4096, K = 1024: 32 tiles x 4 splits, launched from torch as one K-folded kernel
+    (M <= 8) or as the split-K GEMM and the kernel that sums its partials and adds the bias
+    (M = 13, 64), on torch's current stream."""
+    from interop.torch_kernel import _SplitKLaunch
+
     lin = _layer(k=1024, n=4096, seed=rows).cuda()
     layer = NVFP4Linear.from_linear(lin)
     sd = layer.state_dict()
     w_dq = _torch_dequantize(sd["weight"], sd["weight_scale"], sd["weight_scale_2"])
     x = torch.randn(rows, 1024, dtype=torch.bfloat16, device="cuda")
-    with torch.no_grad():
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad(), torch.cuda.stream(side):
         y = layer(x)
         y16 = layer(x.half())
+    torch.cuda.current_stream().wait_stream(side)
     launchers = [ln for g in layer._jax_state()[4] for ln in g._launchers.values()]
-    assert launchers and all(ln.k_fold == 4 for ln in launchers)
+    assert len(launchers) == 2 and all(ln.on_current_stream for ln in launchers)
+    if rows <= 8:
+        assert all(ln.k_fold == 4 for ln in launchers)
+    else:
+        assert all(isinstance(ln.apply, _SplitKLaunch) for ln in launchers)
     ref = F.linear(x.cpu().double(), w_dq, lin.bias.detach().cpu().double())
     assert y.shape == (rows, 4096) and y.dtype == torch.bfloat16 and _rel(y.cpu(), ref) <= 1e-2
     ref16 = F.linear(x.half().cpu().double(), w_dq, lin.bias.detach().cpu().double())
     assert y16.dtype == torch.float16 and _rel(y16.cpu(), ref16) <= 2e-3
+    err = (y.cpu().double() - ref).abs()  # no element left unwritten
+    assert float(err.max()) <= 0.05 * float(ref.abs().max())
 
 
 @_apply_marks

@@ -573,7 +573,8 @@ def k_fold_config(
 def single_kernel_config(
     cfg: GemmConfig, m: int, k: int, dtype=jnp.bfloat16, *, n: int | None = None, fold: bool = True
 ) -> GemmConfig:
-    """``cfg`` as one kernel launch with no XLA work after it (e.g. launched from torch):
+    """``cfg`` as one kernel launch with no work after it (what a launch from torch runs where
+    the split-K sum kernel, ``split_k.add_partials``, has no block for the partials):
     at M <= 16, 2 or 4 splits of 128-feature tiles K-folded into the CTA
     (:func:`k_fold_config`; ``fold=False`` leaves them to clusters), other split-K reduced
     inside clusters of at most 4 CTAs (the largest divisor of the K steps
