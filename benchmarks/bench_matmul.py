@@ -40,9 +40,9 @@ def sweep(m: int, n: int, k: int, k_group: int | None = None):
     short), and the two largest split-K values that keep the grid within one wave, with
     XLA and (split-K 2 to 4; 8-CTA clusters measured slower) cluster reduction, K-folded
     (:func:`gemm.k_fold_config`, M <= 16), and stream-K over all SMs. Prefill:
-    tile shapes, tile_k, stages (4 also with the output in 32-token chunks), with and
-    without ``overlap_decode``, and the dequantize route. ``k_group``: the prepared
-    weight's (None: the default for ``k``)."""
+    tile shapes, tile_k, stages (4 also with the output in 32-token chunks, 3 of 256-token
+    tiles in 16-token chunks), with and without ``overlap_decode``, and the dequantize
+    route. ``k_group``: the prepared weight's (None: the default for ``k``)."""
     k_group = k_group or gemm.default_k_group(k)
     plan = pallas_plan(m, n, k, k_group=k_group)
     yield plan
@@ -85,6 +85,8 @@ def sweep(m: int, n: int, k: int, k_group: int | None = None):
             yield cfg
             if cfg.stages == 4:  # the output in 32-token chunks leaves SMEM for 4 stages
                 yield dataclasses.replace(cfg, out_chunk=32)
+            if cfg.stages == 3 and cfg.tile_m == 256:  # (16-token chunks: 3 stages of m256)
+                yield dataclasses.replace(cfg, out_chunk=16)
         if plan != DEQUANTIZE:
             yield DEQUANTIZE
 

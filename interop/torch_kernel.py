@@ -236,7 +236,13 @@ class TorchGemm:
         one kernel: ``gemm.single_kernel_config`` (K-folding or cluster split-K)."""
         dtype = _jax_dtype("torch_dtype", torch_dtype)
         cfg = gemm.default_config(
-            m, self.n, self.k, dtype=dtype, stream_k=False, k_group=self.k_group
+            m,
+            self.n,
+            self.k,
+            dtype=dtype,
+            stream_k=False,
+            k_group=self.k_group,
+            scale_itemsize=self.scales.dtype.itemsize,
         )
         if gemm._stores_partials(cfg):
             n_out = -(-self.n // cfg.tile_n) * cfg.tile_n

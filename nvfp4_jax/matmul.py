@@ -59,7 +59,13 @@ DEQUANTIZE = "dequantize"
 
 
 def pallas_plan(
-    m: int, n: int, k: int, dtype=jnp.bfloat16, config=None, k_group: int | None = None
+    m: int,
+    n: int,
+    k: int,
+    dtype=jnp.bfloat16,
+    config=None,
+    k_group: int | None = None,
+    scale_itemsize: int = 1,
 ):
     """How the ``"pallas"`` backend computes an ``[m, k] x [k, n]`` product: a
     :class:`~nvfp4_jax.kernels.gemm.GemmConfig` for the fused kernel, or
@@ -67,11 +73,14 @@ def pallas_plan(
     overrides; None picks :data:`DEQUANTIZE` for ``m >= DEQUANTIZE_DOT_MIN_M`` (the
     tensor cores bound the product, and the fused kernel's in-loop decode costs more than
     one pass over the weight) and :func:`gemm.default_config` below (for a weight prepared
-    with ``k_group``; None: the default for ``k``, :func:`gemm.default_k_group`)."""
+    with ``k_group`` and block scales of ``scale_itemsize`` bytes; None and 1: the default
+    layout for ``k``, :func:`gemm.default_k_group`, compact scales)."""
     if config is None:
         if m >= DEQUANTIZE_DOT_MIN_M:
             return DEQUANTIZE
-        return gemm.default_config(m, n, k, dtype=dtype, k_group=k_group)
+        return gemm.default_config(
+            m, n, k, dtype=dtype, k_group=k_group, scale_itemsize=scale_itemsize
+        )
     if config != DEQUANTIZE and not isinstance(config, gemm.GemmConfig):
         raise TypeError(
             f"config must be a kernels.gemm.GemmConfig, {DEQUANTIZE!r} or None, got {config!r}"
@@ -90,7 +99,8 @@ def _pallas_matmul(x2d, w: NVFP4Array, bias, out_dtype, config=None) -> jax.Arra
     interpret = backends.interpret_pallas()
     prepared = w.prepared
     k_group = None if prepared is None else prepared.k_group
-    plan = pallas_plan(x2d.shape[0], n, k, x2d.dtype, config, k_group)
+    itemsize = 1 if prepared is None else prepared.scales.dtype.itemsize  # 1: compact
+    plan = pallas_plan(x2d.shape[0], n, k, x2d.dtype, config, k_group, itemsize)
     if plan == DEQUANTIZE:
         backends.note("matmul", Backend.PALLAS, DEQUANTIZE)
         return _dequantize_dot(x2d, w, bias, out_dtype, interpret)

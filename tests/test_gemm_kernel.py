@@ -781,6 +781,27 @@ def test_default_config_buckets():
     assert gemm._out_chunk(G(tile_m=128, out_chunk=32), 24) == 24
     k64 = gemm.default_config(1024, 4096, 4096, num_sms=132, tuned=False, k_group=64)
     assert (k64.stages, k64.out_chunk) == (4, 0)
+    # 128 x 256 tiles instead of as many 256 x 128 ones without split-K, M in [512, 2048)
+    # spanning an even number of 128-token tiles, where 3 stages fit (compact scales)
+    for m, n, wide in (
+        (1024, 4096, True),
+        (768, 4096, True),  # 96 tiles either way
+        (1024, 28672, True),
+        (512, 14336, True),
+        (1024, 14336, False),  # 152-token tiles
+        (640, 4096, False),  # 5 token tiles of 128: 3 of 256 would be 6 of 128 x 256
+        (2048, 4096, False),  # the dequantize route's range
+        (256, 4096, False),  # split-K
+    ):
+        cfg = gemm.default_config(m, n, 4096, num_sms=132, tuned=False, scale_itemsize=1)
+        shape = (cfg.tile_n, cfg.tile_m, cfg.stages, cfg.out_chunk, cfg.num_compute_wgs)
+        assert (shape == (128, 256, 3, 16, 2)) == wide, (m, n, cfg)
+        assert gemm.smem_bytes(cfg, cfg.tile_m, scale_itemsize=1) <= gemm._SMEM_BYTES
+    two_byte = gemm.default_config(1024, 4096, 4096, num_sms=132, tuned=False)
+    assert (two_byte.tile_n, two_byte.tile_m) == (256, 128)  # 3 wide stages would not fit
+    assert gemm.wide_token_config(k64, 1024) is None  # measured at tile_k 128 only
+    with pytest.raises(ValueError, match="scale_itemsize must be 1 or 2"):
+        gemm.default_config(1024, 4096, 4096, scale_itemsize=4)
     assert (small.out_chunk, long_k.out_chunk) == (0, 0)  # no stage to gain
     # Prefill beyond a wave: the token tile with the least waves * (tile_m + 64) where that
     # is predicted at least 8% faster than 128
@@ -1098,6 +1119,14 @@ _LOWER_CASES = {
         G(tile_n=256, tile_m=128, tile_k=128, stages=4, out_chunk=32),
         True,
     ),
+    # wide_token_config: 128 x 256 tiles, 3 stages, 16-token output chunks (compact scales)
+    "prefill_wide_tokens": (
+        1000,
+        4096,
+        4096,
+        G(tile_n=128, tile_m=256, tile_k=128, stages=3, out_chunk=16),
+        True,
+    ),
     # f32 partial sums of 128-token tiles, staged through SMEM 64 tokens at a time
     "prefill_split_k_chunked_store": (
         200,
@@ -1223,6 +1252,20 @@ def _gpu_check(
     assert y.shape == (m, n) and y.dtype == dtype
     err = _rel_err(y, _reference64(x, data, scales, ts, b))
     assert err <= _tolerance(dtype), err
+
+
+@gpu
+@pytest.mark.parametrize("m,n", [(1000, 520), (1024, 4096), (768, 4096)])
+def test_gpu_wide_token_tiles(m, n):
+    """``wide_token_config``'s 128 x 256 tiles (3 stages, 16-token output chunks) with the
+    compact block scales they need: explicitly (the last token tile ragged at M = 1000),
+    and as the default plan at M = 1024 and 768 (N = K = 4096)."""
+    wide = G(tile_n=128, tile_m=256, tile_k=128, stages=3, out_chunk=16)
+    _gpu_check(m, n, 4096, wide, bias=True, scale_dtype=None)
+    if n == 4096:
+        plan = gemm.default_config(m, n, 4096, num_sms=132, tuned=False, scale_itemsize=1)
+        assert plan == wide
+        _gpu_check(m, n, 4096, None, bias=False, scale_dtype=None, dtype=jnp.float16)
 
 
 @gpu

@@ -91,9 +91,9 @@ wgmma per k-group instead of one per quarter (``group_wgmma``, from 3 pipeline s
 another 0-3% (benchmarks/results/scale_pairs-2026-12-02.md).
 
 Public entry points: :class:`GemmConfig`, :func:`default_config`,
-:func:`single_kernel_config`, :func:`prefill_token_tile`, :func:`default_grouped_config`,
-:class:`StreamK`, :func:`prepare_weight`, :func:`nvfp4_matmul`,
-:func:`nvfp4_grouped_matmul` and :func:`reference`.
+:func:`single_kernel_config`, :func:`prefill_token_tile`, :func:`wide_token_config`,
+:func:`default_grouped_config`, :class:`StreamK`, :func:`prepare_weight`,
+:func:`nvfp4_matmul`, :func:`nvfp4_grouped_matmul` and :func:`reference`.
 """
 
 from __future__ import annotations
@@ -409,12 +409,15 @@ def default_config(
     stream_k: bool = True,
     split_k: bool = True,
     k_group: int | None = None,
+    scale_itemsize: int = 2,
 ) -> GemmConfig:
     """Tiling for one product: the measured best of :mod:`gemm_tuned` for this device and
     shape where the table has one (``tuned``), else a heuristic per shape bucket (decode:
     M <= 64, prefill: M > 64). ``k_group`` is the prepared weight's (None: the default
     for ``k``, :func:`default_k_group`); tile_k is a multiple of it, and table entries
-    measured on another k-group are not used.
+    measured on another k-group are not used. ``scale_itemsize``: bytes per block scale of
+    the prepared weight (1: compact, the default layout; 2, the default here, fits either),
+    which decides how many pipeline stages fit SMEM.
 
     Decode is bound by streaming the weights: two compute warpgroups and a token tile of
     ``round_up(M, 8)``. While the 128-feature tiles fit in one wave, 64 rows per
@@ -434,7 +437,9 @@ def default_config(
     tile of :func:`prefill_token_tile`), with split-K where the tiles do not fill the SMs,
     unless its f32 partial sums would outweigh the weight
     (N = K = 4096, M = 256: 4 splits write 2x the weight's bytes): then 128 x 128 tiles
-    and half the splits (measured 1.17x against 0.95x of bf16 there). Stages are the
+    and half the splits (measured 1.17x against 0.95x of bf16 there). Where 256 x 128
+    tiles need no split-K and M (512 to 2047) spans an even number of 128-token tiles,
+    128 x 256 tiles instead (:func:`wide_token_config`). Stages are the
     most that fit in SMEM (at most 4). Measured on H100 (jax 0.11.2) with
     ``benchmarks/bench_matmul.py --configs`` (results in
     benchmarks/results/matmul_sweep-*.md and scales-2026-11-23.md).
@@ -443,9 +448,10 @@ def default_config(
         k_group = default_k_group(k)
     _check_k_group(k_group, k)
     num_sms = sm_count(num_sms)
+    itemsize = _check_scale_itemsize(scale_itemsize)
     entry = gemm_tuned.lookup(device_info().device_kind, m, n, k, k_group) if tuned else None
     if entry is not None and (stream_k or not entry.stream_k):
-        return _fit_stages(tuned_config(entry), m, dtype)
+        return _fit_stages(tuned_config(entry), m, dtype, itemsize)
     if m <= 64:
         tile_m = _round_up(max(m, 1), 8)
         if -(-n // 128) > num_sms:  # more than a wave of 128-feature tiles
@@ -457,7 +463,7 @@ def default_config(
     if _round_up(n, _WGMMA_ROWS) < cfg.tile_n:  # no warpgroup without output features
         cfg = dataclasses.replace(cfg, tile_n=_round_up(n, _WGMMA_ROWS))
     if not split_k:
-        return _fit_stages(cfg, m, dtype)
+        return _fit_stages(cfg, m, dtype, itemsize)
     k_steps = -(-k // cfg.tile_k)
     ctas = -(-n // cfg.tile_n) * -(-max(m, 1) // cfg.tile_m)  # (M = 0 plans as M = 1)
     splits = _largest_divisor_at_most(k_steps, max(1, num_sms // ctas))
@@ -468,16 +474,20 @@ def default_config(
         and ctas * splits < 0.9 * num_sms
         and ctas * -(-k // k_group) >= num_sms  # at least one k-group unit per CTA
     ):
-        return _fit_stages(dataclasses.replace(cfg, tile_k=k_group, stream_k=num_sms), m, dtype)
+        cfg = dataclasses.replace(cfg, tile_k=k_group, stream_k=num_sms)
+        return _fit_stages(cfg, m, dtype, itemsize)
     folded = k_fold_config(dataclasses.replace(cfg, split_k=splits), m, k, max_tokens=8)
     if folded is not None:
-        return _fit_stages(folded, m, dtype)
+        return _fit_stages(folded, m, dtype, itemsize)
     partial_bytes = splits * _round_up(m, 8) * n * 4
     if m > 64 and splits > 1 and partial_bytes > n * k // 2 and cfg.tile_n == 256:
         cfg = dataclasses.replace(cfg, tile_n=128)
         splits = _largest_divisor_at_most(k_steps, max(1, num_sms // (2 * ctas)))
-    cfg = _fit_stages(dataclasses.replace(cfg, split_k=splits), m, dtype)
-    return chunked_output_config(cfg, m, dtype) if m > 64 else cfg
+    cfg = _fit_stages(dataclasses.replace(cfg, split_k=splits), m, dtype, itemsize)
+    if m <= 64:
+        return cfg
+    wide = wide_token_config(cfg, m, dtype, scale_itemsize=itemsize)
+    return wide or chunked_output_config(cfg, m, dtype, scale_itemsize=itemsize)
 
 
 def chunked_output_config(
@@ -495,6 +505,36 @@ def chunked_output_config(
     chunked = dataclasses.replace(cfg, stages=4, out_chunk=32)
     chunked = _fit_stages(chunked, m, dtype, scale_itemsize=scale_itemsize)
     return chunked if chunked.stages == 4 else cfg
+
+
+# M range of wide_token_config's 128 x 256 tiles (measured at M = 1024; the dequantize route
+# takes nvfp4_jax.matmul from M = 2048 on, and below 512 the tiles do not fill the SMs).
+_WIDE_TOKEN_M = (512, 2048)
+
+
+def wide_token_config(
+    cfg: GemmConfig, m: int, dtype=jnp.bfloat16, *, scale_itemsize: int = 2
+) -> GemmConfig | None:
+    """The 128-feature x 256-token tiling (two warpgroups of 64 rows, m64n256 wgmmas, 3
+    stages, the output in 16-token chunks) that replaces ``cfg``'s 256 x 128 tiles at
+    tile_k 128 with as many tiles where M (512 to 2047) spans an even number of 128-token
+    tiles and ``cfg`` needs no split-K; None elsewhere, or where 3 stages do not fit SMEM
+    (two-byte scales: 512 bytes short).
+    Each weight is decoded once per 256 tokens instead of 128: on the H200 at M = 1024,
+    44.7 against 46.2 us at 4096x4096, 144 against 152 at 4096x14336, 598 against 616 at
+    28672x8192 (benchmarks/results/wide_tokens-2026-12-03.md)."""
+    fits = (
+        _WIDE_TOKEN_M[0] <= m < _WIDE_TOKEN_M[1]
+        and -(-m // 128) % 2 == 0
+        and (cfg.tile_n, cfg.tile_m, cfg.tile_k) == (256, 128, 128)
+        and (cfg.split_k, cfg.stream_k, cfg.k_fold) == (1, 0, 1)
+        and cfg.compute_wgs is None
+    )
+    if not fits:
+        return None
+    wide = dataclasses.replace(cfg, tile_n=128, tile_m=256, stages=3, out_chunk=16)
+    wide = _fit_stages(wide, m, dtype, scale_itemsize)
+    return wide if wide.stages == 3 else None
 
 
 # Token tiles prefill_token_tile chooses from: 64 to 176 (the largest measured to fit 2
@@ -1585,13 +1625,18 @@ def fold_view(a, k_fold: int):
     return a.reshape(k_fold, a.shape[0] // k_fold, *a.shape[1:])
 
 
-def smem_bytes(cfg: GemmConfig, tile_m: int, dtype=jnp.bfloat16, scale_itemsize: int = 2) -> int:
-    """Upper estimate of one CTA's SMEM: pipeline buffers + scratch + barriers, with block
-    scales of ``scale_itemsize`` bytes (1: compact, 2: widened)."""
+def _check_scale_itemsize(scale_itemsize) -> int:
     if scale_itemsize not in (1, 2):
         raise ValueError(
             f"scale_itemsize must be 1 or 2 (bytes per block scale), got {scale_itemsize!r}"
         )
+    return scale_itemsize
+
+
+def smem_bytes(cfg: GemmConfig, tile_m: int, dtype=jnp.bfloat16, scale_itemsize: int = 2) -> int:
+    """Upper estimate of one CTA's SMEM: pipeline buffers + scratch + barriers, with block
+    scales of ``scale_itemsize`` bytes (1: compact, 2: widened)."""
+    _check_scale_itemsize(scale_itemsize)
     itemsize = jnp.dtype(dtype).itemsize
     rows = cfg.cta_rows
     stage = (
@@ -1949,7 +1994,9 @@ def nvfp4_matmul(
     m = x2d.shape[0]
     if m == 0:  # nothing to launch
         return jnp.zeros((0, n), out_dtype)
-    cfg = config or default_config(m, n, k, dtype=x2d.dtype, k_group=k_group)
+    cfg = config or default_config(
+        m, n, k, dtype=x2d.dtype, k_group=k_group, scale_itemsize=prepared.scales.dtype.itemsize
+    )
     k_steps = _check_config(cfg, k, k_group, interpret)
     stream = stream_k_schedule(cfg, n, k)
 
