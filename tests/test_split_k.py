@@ -125,8 +125,10 @@ def test_errors():
         split_k.add_partials(p, ts, out_dtype=jnp.int8)
     with pytest.raises(ValueError, match="no block of partials"):
         split_k.block_shape(2, 1, 64)
-    with pytest.raises(ValueError, match="no block of partials"):
-        split_k.block_shape(400, 8, 128)
+    with pytest.raises(ValueError, match="at most 256 splits"):
+        split_k.block_shape(257, 1, 128)
+    assert split_k.block_shape(256, 8, 128) == (1, 128)
+    assert split_k.block_shape(3, 5, 64) == (4, 64)
 
 
 @pytest.mark.gpu

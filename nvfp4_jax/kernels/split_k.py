@@ -36,14 +36,20 @@ _OUT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.fl
 _THREADS = 128  # one warpgroup
 _MAX_BLOCK_ROWS = 8
 _SMEM_BUDGET = 160 * 1024  # bytes of partial sums per CTA
+_MAX_SPLITS = 256  # the largest TMA box dimension
 
 
 def block_shape(splits: int, rows: int, cols: int) -> tuple[int, int]:
     """The ``(rb, cb)`` block of :func:`add_partials` for ``[splits, rows, cols]`` partials:
     128 columns (``cols`` if fewer) by at most 8 rows, fewer where ``splits`` blocks would
     not fit SMEM; ``rb * cb`` is a multiple of 128 (one warpgroup's strided layout).
-    Raises ``ValueError`` if no block qualifies (fewer than 128 columns with too few rows,
-    e.g. 64 columns and an odd row count below 8)."""
+    Raises ``ValueError`` if no block qualifies (fewer than 128 columns and one row, or
+    more than 256 splits: one TMA box)."""
+    if splits > _MAX_SPLITS:
+        raise ValueError(
+            f"add_partials: at most {_MAX_SPLITS} splits (one TMA box), got partials"
+            f" [{splits}, {rows}, {cols}]"
+        )
     cb = min(cols, _THREADS)
     rb = min(rows, _MAX_BLOCK_ROWS)
     while rb > 1 and splits * rb * cb * 4 > _SMEM_BUDGET:
