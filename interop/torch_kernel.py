@@ -245,12 +245,15 @@ class TorchGemm:
             scale_itemsize=self.scales.dtype.itemsize,
         )
         if gemm._stores_partials(cfg):
-            n_out = -(-self.n // cfg.tile_n) * cfg.tile_n
             try:
-                split_k.block_shape(cfg.split_k, gemm.launch_rows(m), n_out)
+                split_k.block_shape(cfg.split_k, gemm.launch_rows(m), self._padded_n(cfg))
             except ValueError:
                 return gemm.single_kernel_config(cfg, m, self.k, dtype, n=self.n)
         return cfg
+
+    def _padded_n(self, cfg: gemm.GemmConfig) -> int:
+        """Output columns of a launch: N padded to whole ``cfg.tile_n`` tiles."""
+        return -(-self.n // cfg.tile_n) * cfg.tile_n
 
     def _launcher(self, m: int, torch_dtype: torch.dtype, device: torch.device) -> _Launcher:
         launcher = self.launcher_for(self.config_for(m, torch_dtype), m, torch_dtype, device)
@@ -274,7 +277,7 @@ class TorchGemm:
             )
         fold = cfg.k_fold
         rows = gemm.launch_rows(m, fold)
-        n_out = -(-self.n // cfg.tile_n) * cfg.tile_n
+        n_out = self._padded_n(cfg)
         partials = gemm._stores_partials(cfg)
         if partials:  # ValueError (before compiling) where the sum kernel has no block
             split_k.block_shape(cfg.split_k, rows, n_out)

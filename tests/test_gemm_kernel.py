@@ -801,6 +801,8 @@ def test_default_config_buckets():
     assert (two_byte.tile_n, two_byte.tile_m) == (256, 128)  # 3 wide stages would not fit
     assert gemm.wide_token_config(k64, 1024) is None  # measured at tile_k 128 only
     with pytest.raises(ValueError, match="scale_itemsize must be 1 or 2"):
+        gemm.wide_token_config(two_byte, 1024, scale_itemsize=0)
+    with pytest.raises(ValueError, match="scale_itemsize must be 1 or 2"):
         gemm.default_config(1024, 4096, 4096, scale_itemsize=4)
     assert (small.out_chunk, long_k.out_chunk) == (0, 0)  # no stage to gain
     # Prefill beyond a wave: the token tile with the least waves * (tile_m + 64) where that

@@ -125,6 +125,10 @@ def test_errors():
         split_k.add_partials(p, ts, out_dtype=jnp.int8)
     with pytest.raises(ValueError, match="no block of partials"):
         split_k.block_shape(2, 1, 64)
+    with pytest.raises(ValueError, match="rows must be an int >= 1, got 0"):
+        split_k.add_partials(p[:, :0], ts, out_dtype=jnp.bfloat16)
+    with pytest.raises(ValueError, match="splits must be an int >= 1, got 0"):
+        split_k.block_shape(0, 8, 128)
     with pytest.raises(ValueError, match="at most 256 splits"):
         split_k.block_shape(257, 1, 128)
     assert split_k.block_shape(256, 8, 128) == (1, 128)

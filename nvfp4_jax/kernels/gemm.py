@@ -523,6 +523,7 @@ def wide_token_config(
     Each weight is decoded once per 256 tokens instead of 128: on the H200 at M = 1024,
     44.7 against 46.2 us at 4096x4096, 144 against 152 at 4096x14336, 598 against 616 at
     28672x8192 (benchmarks/results/wide_tokens-2026-12-03.md)."""
+    _check_scale_itemsize(scale_itemsize)
     fits = (
         _WIDE_TOKEN_M[0] <= m < _WIDE_TOKEN_M[1]
         and -(-m // 128) % 2 == 0

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -45,6 +46,9 @@ def block_shape(splits: int, rows: int, cols: int) -> tuple[int, int]:
     not fit SMEM; ``rb * cb`` is a multiple of 128 (one warpgroup's strided layout).
     Raises ``ValueError`` if no block qualifies (fewer than 128 columns and one row, or
     more than 256 splits: one TMA box)."""
+    for name, value in (("splits", splits), ("rows", rows), ("cols", cols)):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"add_partials: {name} must be an int >= 1, got {value!r}")
     if splits > _MAX_SPLITS:
         raise ValueError(
             f"add_partials: at most {_MAX_SPLITS} splits (one TMA box), got partials"
