@@ -4,8 +4,8 @@
 * ``no split``: 128-feature decode tiles without split-K (the launch policy before cluster
   split-K);
 * ``one kernel``: the JAX path's tiling as one launch (``gemm.single_kernel_config``, the
-  policy until 2026-12-04): at M <= 16, 2 or 4 splits of 128-feature tiles K-folded into the
-  CTA, other splits reduced inside thread-block clusters;
+  policy until 2026-12-03, session 22): at M <= 16, 2 or 4 splits of 128-feature tiles
+  K-folded into the CTA, other splits reduced inside thread-block clusters;
 * ``launch``: the current policy (``TorchGemm.config_for``): the JAX path's tiling without
   stream-K, split-K partials summed by a second kernel (``split_k.add_partials``).
 
