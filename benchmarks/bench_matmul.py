@@ -41,8 +41,9 @@ def sweep(m: int, n: int, k: int, k_group: int | None = None):
     XLA and (split-K 2 to 4; 8-CTA clusters measured slower) cluster reduction, K-folded
     (:func:`gemm.k_fold_config`, M <= 16), and stream-K over all SMs. Prefill:
     tile shapes, tile_k, stages (4 also with the output in 32-token chunks, 3 of 256-token
-    tiles in 16-token chunks), with and without ``overlap_decode``, and the dequantize
-    route. ``k_group``: the prepared weight's (None: the default for ``k``)."""
+    tiles in 16-token chunks), with and without ``overlap_decode``, the candidates of
+    :func:`gemm.prefill_tilings` (k-group 128), and the dequantize route. ``k_group``: the
+    prepared weight's (None: the default for ``k``)."""
     k_group = k_group or gemm.default_k_group(k)
     plan = pallas_plan(m, n, k, k_group=k_group)
     yield plan
@@ -87,6 +88,8 @@ def sweep(m: int, n: int, k: int, k_group: int | None = None):
                 yield dataclasses.replace(cfg, out_chunk=32)
             if cfg.stages == 3 and cfg.tile_m == 256:  # (16-token chunks: 3 stages of m256)
                 yield dataclasses.replace(cfg, out_chunk=16)
+        if k_group == 128:  # the cost model's candidates (compact scales, the default layout)
+            yield from gemm.prefill_tilings(m, n, k, num_sms=num_sms, scale_itemsize=1)
         if plan != DEQUANTIZE:
             yield DEQUANTIZE
 

@@ -370,18 +370,22 @@ def test_interpret_multi_warpgroup_tiles():
 
 
 def test_interpret_prefill_token_tiles():
-    """Token tiles that prefill_token_tile picks beyond a wave of 128-token tiles (64..176),
-    over a token count that leaves the last tile partly empty."""
+    """Token tiles that prefill_token_tile (64..176 of 256 features) and prefill_tiling
+    (64..256 of 128 features, 16-token output chunks) pick, over a token count that leaves
+    the last tile partly empty."""
     m, n, k = 250, 256, 256
     data, scales, ts = _random_weight(n, k, seed=23)
     x = _random_x(m, k, jnp.bfloat16, seed=24)
     prep = gemm.prepare_weight(jnp.asarray(data), jnp.asarray(scales), ts)
     ref = _reference64(x, data, scales, ts)
-    for tile_m in (112, 152):
-        cfg = G(tile_n=256, tile_m=tile_m, tile_k=128, stages=2, a_operand="smem")
+    for cfg in (
+        G(tile_n=256, tile_m=112, tile_k=128, stages=2, a_operand="smem"),
+        G(tile_n=256, tile_m=152, tile_k=128, stages=2, a_operand="smem"),
+        G(tile_n=128, tile_m=200, tile_k=128, stages=3, out_chunk=16, a_operand="smem"),
+    ):
         y = gemm.nvfp4_matmul(x, prep, n=n, k=k, config=cfg, interpret=True)
-        assert y.shape == (m, n) and np.isfinite(np.asarray(y, np.float32)).all(), tile_m
-        assert _rel_err(y, ref) <= _tolerance(jnp.bfloat16), tile_m
+        assert y.shape == (m, n) and np.isfinite(np.asarray(y, np.float32)).all(), cfg
+        assert _rel_err(y, ref) <= _tolerance(jnp.bfloat16), cfg
 
 
 @pytest.mark.parametrize(
@@ -781,32 +785,31 @@ def test_default_config_buckets():
     assert gemm._out_chunk(G(tile_m=128, out_chunk=32), 24) == 24
     k64 = gemm.default_config(1024, 4096, 4096, num_sms=132, tuned=False, k_group=64)
     assert (k64.stages, k64.out_chunk) == (4, 0)
-    # 128 x 256 tiles instead of as many 256 x 128 ones without split-K, M in [512, 2048)
-    # spanning an even number of 128-token tiles, where 3 stages fit (compact scales)
-    for m, n, wide in (
-        (1024, 4096, True),
-        (768, 4096, True),  # 96 tiles either way
-        (1024, 28672, True),
-        (512, 14336, True),
-        (1024, 14336, False),  # 152-token tiles
-        (640, 4096, False),  # 5 token tiles of 128: 3 of 256 would be 6 of 128 x 256
-        (2048, 4096, False),  # the dequantize route's range
-        (256, 4096, False),  # split-K
+    # M in [512, 2048) at tile_k 128: prefill_tiling's cost model over 128- and 256-feature
+    # tiles (its SMEM, stage and tie rules: test_prefill_tiling)
+    for m, n, scale_itemsize, tiling in (
+        (768, 4096, 1, (128, 192, 3, 1, 16)),  # 128 tiles, not 96 of 128 x 256
+        (1024, 4096, 1, (128, 256, 3, 1, 16)),
+        (1024, 4096, 2, (256, 128, 4, 1, 32)),  # 3 stages of 128 x 256 need compact scales
+        (1536, 14336, 1, (128, 224, 3, 1, 16)),  # 784 tiles: 5.94 waves
+        (768, 14336, 1, (256, 112, 4, 1, 32)),  # the rule's tiling is the cheapest
+        (2048, 4096, 1, (256, 128, 4, 1, 32)),  # the dequantize route's range: old rule
+        (256, 4096, 1, (128, 128, 4, 2, 0)),  # below it: the split-K rule
     ):
-        cfg = gemm.default_config(m, n, 4096, num_sms=132, tuned=False, scale_itemsize=1)
-        shape = (cfg.tile_n, cfg.tile_m, cfg.stages, cfg.out_chunk, cfg.num_compute_wgs)
-        assert (shape == (128, 256, 3, 16, 2)) == wide, (m, n, cfg)
-        assert gemm.smem_bytes(cfg, cfg.tile_m, scale_itemsize=1) <= gemm._SMEM_BYTES
-    two_byte = gemm.default_config(1024, 4096, 4096, num_sms=132, tuned=False)
-    assert (two_byte.tile_n, two_byte.tile_m) == (256, 128)  # 3 wide stages would not fit
-    assert gemm.wide_token_config(k64, 1024) is None  # measured at tile_k 128 only
-    with pytest.raises(ValueError, match="scale_itemsize must be 1 or 2"):
-        gemm.wide_token_config(two_byte, 1024, scale_itemsize=0)
+        cfg = gemm.default_config(
+            m, n, 4096, num_sms=132, tuned=False, scale_itemsize=scale_itemsize
+        )
+        assert (cfg.tile_n, cfg.tile_m, cfg.stages, cfg.split_k, cfg.out_chunk) == tiling, (m, n)
+        assert gemm.smem_bytes(cfg, cfg.tile_m, scale_itemsize=scale_itemsize) <= gemm._SMEM_BYTES
+    k64 = gemm.default_config(1024, 4096, 4096, num_sms=132, tuned=False, k_group=64)
+    assert (k64.tile_n, k64.tile_m, k64.tile_k) == (256, 128, 64)  # modelled at tile_k 128
+    no_split = gemm.default_config(1024, 4096, 4096, num_sms=132, tuned=False, split_k=False)
+    assert (no_split.tile_n, no_split.tile_m, no_split.out_chunk) == (256, 128, 0)
     with pytest.raises(ValueError, match="scale_itemsize must be 1 or 2"):
         gemm.default_config(1024, 4096, 4096, scale_itemsize=4)
     assert (small.out_chunk, long_k.out_chunk) == (0, 0)  # no stage to gain
-    # Prefill beyond a wave: the token tile with the least waves * (tile_m + 64) where that
-    # is predicted at least 8% faster than 128
+    # Prefill beyond a wave outside prefill_tiling's range: the token tile with the least
+    # waves * (tile_m + 64) where that is predicted at least 8% faster than 128
     for m, n, tile_m in (
         (1024, 14336, 152),  # 392 tiles, 3 waves (128 tokens: 448 tiles, 4 waves)
         (1536, 14336, 176),
@@ -820,9 +823,11 @@ def test_default_config_buckets():
         (256, 14336, 128),  # one wave
         (100, 28672, 128),  # one token tile
     ):
-        cfg = gemm.default_config(m, n, 4096, num_sms=132, tuned=False)
-        assert (cfg.tile_n, cfg.tile_m) == (256, tile_m), (m, n)
-        assert gemm.smem_bytes(cfg, tile_m) <= gemm._SMEM_BYTES
+        assert gemm.prefill_token_tile(m, n, 132) == tile_m, (m, n)
+        if not 512 <= m < 2048:
+            cfg = gemm.default_config(m, n, 4096, num_sms=132, tuned=False)
+            assert (cfg.tile_n, cfg.tile_m) == (256, tile_m), (m, n)
+            assert gemm.smem_bytes(cfg, tile_m) <= gemm._SMEM_BYTES
     assert [gemm.prefill_token_tile(1024, 14336, sms) for sms in (132, 114)] == [152, 128]
     for bad in ((-1, 256, 132, "m"), (8, 0, 132, "n"), (8, 256, 0, "num_sms"), (8.0, 256, 1, "m")):
         with pytest.raises(ValueError, match=f"{bad[3]} must be an int"):
@@ -833,6 +838,69 @@ def test_default_config_buckets():
         assert (cfg.tile_n, cfg.split_k, cfg.stream_k) == (tile_n, 1, 0)
     grouped = gemm.default_grouped_config(6144, 64, 2816, 2048, num_sms=132)
     assert (grouped.tile_n, grouped.tile_m, grouped.split_k) == (256, 128, 1)
+
+
+def test_prefill_tiling():
+    """prefill_tiling's candidates, cost model and choice (without a kernel)."""
+    for m, n, k, itemsize in (
+        (512, 4096, 4096, 1),
+        (768, 14336, 4096, 2),
+        (1000, 200, 1040, 1),
+        (2047, 28672, 8192, 1),
+    ):
+        tilings = gemm.prefill_tilings(m, n, k, num_sms=132, scale_itemsize=itemsize)
+        assert tilings and len({(c.tile_n, -(-m // c.tile_m)) for c in tilings}) == len(tilings)
+        for cfg in tilings:
+            assert cfg.tile_k == 128 and cfg.tile_n in (128, 256) and 64 <= cfg.tile_m <= 256
+            assert gemm.smem_bytes(cfg, cfg.tile_m, scale_itemsize=itemsize) <= gemm._SMEM_BYTES
+            assert (-(-k // 128)) % cfg.split_k == 0
+            ctas = -(-n // cfg.tile_n) * -(-m // cfg.tile_m)
+            assert cfg.split_k == 1 or ctas * cfg.split_k <= 132
+            if cfg.tile_n == 128:
+                assert cfg.stages >= 3 and cfg.out_chunk == 16
+            else:
+                assert cfg.tile_m <= 176
+        cheapest = min(gemm.prefill_tiling_cost(c, m, n, k, 132) for c in tilings)
+        pick = gemm.prefill_tiling(m, n, k, num_sms=132, scale_itemsize=itemsize)
+        assert pick in tilings
+        assert gemm.prefill_tiling_cost(pick, m, n, k, 132) <= 1.03 * cheapest
+    # The model's pick replaces default_config's rule only where predicted 3% cheaper:
+    # 14336x4096 at M = 1024, 448 tiles of 128 x 256 (4 waves) are predicted cheaper than
+    # the rule's 392 of 256 x 152 (3 waves), by less than that
+    tilings = gemm.prefill_tilings(1024, 14336, 4096, num_sms=132, scale_itemsize=1)
+    pick = gemm.prefill_tiling(1024, 14336, 4096, num_sms=132, scale_itemsize=1)
+    assert (pick.tile_n, pick.tile_m) == (128, 256)
+    rule = next(c for c in tilings if (c.tile_n, c.tile_m) == (256, 152))
+    cost = [gemm.prefill_tiling_cost(c, 1024, 14336, 4096, 132) for c in (pick, rule)]
+    assert cost[0] < cost[1] < cost[0] / 0.97
+    kept = gemm.prefill_tiling(
+        1024, 14336, 4096, num_sms=132, scale_itemsize=1, incumbent=rule
+    )
+    assert kept == rule == gemm.default_config(1024, 14336, 4096, num_sms=132, tuned=False)
+    worse = dataclasses.replace(rule, tile_m=64)  # 896 tiles, 7 waves
+    assert gemm.prefill_tiling(1024, 14336, 4096, incumbent=worse, scale_itemsize=1) == pick
+    with pytest.raises(ValueError, match="incumbent must be a 128- or 256-feature"):
+        gemm.prefill_tiling(1024, 14336, 4096, incumbent=dataclasses.replace(rule, tile_k=256))
+    # waves: 96 and 128 tiles of one shape cost one wave each; split-K adds its partial sums
+    one = gemm.GemmConfig(tile_n=128, tile_m=192, tile_k=128, stages=3, out_chunk=16)
+    assert gemm.prefill_tiling_cost(one, 768, 4096, 4096, 132) == pytest.approx(
+        gemm.prefill_tiling_cost(one, 576, 4096, 4096, 132)
+    )
+    assert gemm.prefill_tiling_cost(one, 768, 4096, 4096, 64) == pytest.approx(
+        2 * gemm.prefill_tiling_cost(one, 768, 4096, 4096, 132)
+    )
+    split = dataclasses.replace(one, split_k=2)
+    halves = gemm.prefill_tiling_cost(split, 384, 4096, 4096, 132)
+    assert halves > gemm.prefill_tiling_cost(one, 384, 4096, 4096, 132) / 2
+    # no 128-feature warpgroup has output features at N <= 64
+    assert gemm.prefill_tiling(1024, 64, 4096) is None
+    for bad, name in (((0, 4096, 4096), "m"), ((512, 0, 4096), "n"), ((512, 64, 0.5), "k")):
+        with pytest.raises(ValueError, match=f"{name} must be an int"):
+            gemm.prefill_tiling(*bad)
+    with pytest.raises(ValueError, match="num_sms must be an int"):
+        gemm.prefill_tilings(512, 4096, 4096, num_sms=True)
+    with pytest.raises(ValueError, match="scale_itemsize must be 1 or 2"):
+        gemm.prefill_tiling(512, 4096, 4096, scale_itemsize=4)
 
 
 def test_token_tile_and_sm_count():
@@ -1121,7 +1189,22 @@ _LOWER_CASES = {
         G(tile_n=256, tile_m=128, tile_k=128, stages=4, out_chunk=32),
         True,
     ),
-    # wide_token_config: 128 x 256 tiles, 3 stages, 16-token output chunks (compact scales)
+    # prefill_tiling's 128-feature tiles: 3 stages of 256 tokens next to 16-token output
+    # chunks (compact scales), 200 tokens (m64n200 wgmmas), and split-K at N = 200
+    "prefill_narrow_200": (
+        1000,
+        4096,
+        4096,
+        G(tile_n=128, tile_m=200, tile_k=128, stages=3, out_chunk=16),
+        True,
+    ),
+    "prefill_narrow_split_k": (
+        512,
+        200,
+        4096,
+        G(tile_n=128, tile_m=64, tile_k=128, stages=4, split_k=8, out_chunk=16),
+        True,
+    ),
     "prefill_wide_tokens": (
         1000,
         4096,
@@ -1257,17 +1340,34 @@ def _gpu_check(
 
 
 @gpu
-@pytest.mark.parametrize("m,n", [(1000, 520), (1024, 4096), (768, 4096)])
-def test_gpu_wide_token_tiles(m, n):
-    """``wide_token_config``'s 128 x 256 tiles (3 stages, 16-token output chunks) with the
-    compact block scales they need: explicitly (the last token tile ragged at M = 1000),
-    and as the default plan at M = 1024 and 768 (N = K = 4096)."""
-    wide = G(tile_n=128, tile_m=256, tile_k=128, stages=3, out_chunk=16)
-    _gpu_check(m, n, 4096, wide, bias=True, scale_dtype=None)
-    if n == 4096:
-        plan = gemm.default_config(m, n, 4096, num_sms=132, tuned=False, scale_itemsize=1)
-        assert plan == wide
-        _gpu_check(m, n, 4096, None, bias=False, scale_dtype=None, dtype=jnp.float16)
+@pytest.mark.parametrize(
+    "m,n,tile_m,stages", [(1000, 520, 256, 3), (990, 520, 200, 3), (700, 4104, 152, 4)]
+)
+def test_gpu_prefill_narrow_tiles(m, n, tile_m, stages):
+    """128-feature prefill tiles (two 64-row warpgroups, 16-token output chunks) with the
+    compact block scales they are planned for: the last token tile and feature tile ragged."""
+    cfg = G(tile_n=128, tile_m=tile_m, tile_k=128, stages=stages, out_chunk=16)
+    _gpu_check(m, n, 4096, cfg, bias=True, scale_dtype=None)
+
+
+@gpu
+@pytest.mark.parametrize(
+    "m,n,k,tiling",
+    [
+        (768, 4096, 4096, (128, 192, 1)),
+        (1024, 4096, 4096, (128, 256, 1)),
+        (1100, 3072, 4096, (128, 224, 1)),
+        (512, 200, 4096, (128, 64, 8)),
+        (768, 14336, 4096, (256, 112, 1)),
+    ],
+)
+def test_gpu_prefill_tiling_plans(m, n, k, tiling):
+    """``prefill_tiling``'s plans (compact scales, the default layout) in fp16, bias on odd
+    sizes: 128 x 192, 128 x 256, 128 x 224 tiles, 128-feature split-K at N = 200, and a
+    256 x 112 tiling."""
+    plan = gemm.default_config(m, n, k, num_sms=132, tuned=False, scale_itemsize=1)
+    assert (plan.tile_n, plan.tile_m, plan.split_k) == tiling
+    _gpu_check(m, n, k, None, bias=n % 7 == 0, scale_dtype=None, dtype=jnp.float16)
 
 
 @gpu

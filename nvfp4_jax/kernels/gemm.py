@@ -78,8 +78,11 @@ faster at N=K=4096 and 2.58-3.06x at 14336x4096 .. 28672x8192; M = 64 2.02-2.40x
 M = 256 0.98-1.11x; M = 1024 0.79-0.94x, so ``nvfp4_jax.matmul`` dequantizes and calls
 XLA's dot from M = 2048 on instead (0.86-0.96x at M = 4096;
 benchmarks/results/prefill-2026-11-23.md). Tried and
-measured worse for prefill: 128-feature x 256-token tiles (1.3-1.45x slower) and
-keeping a step's wgmmas in flight across pipeline steps (at most 3% faster, up to
+measured worse for prefill: 128-feature x 256-token tiles with 2 stages (1.3-1.45x
+slower; with 3 stages next to 16-token output chunks they are among the tilings of
+:func:`prefill_tiling`, which picks 128- or 256-feature tiles of 64-256 tokens by a cost
+model of waves on the SMs, 0.6-60% faster than 256-feature tiles alone at M = 576-1792,
+benchmarks/results/prefill_tiles-2026-12-03.md) and keeping a step's wgmmas in flight across pipeline steps (at most 3% faster, up to
 60% slower, and wrong with 128-token tiles), and making the compute warpgroups take
 turns at the tensor cores (within 1% at prefill, 2-12% slower at decode;
 benchmarks/results/pingpong-2026-12-02.md). With its decode replaced by a bitcast the
@@ -91,7 +94,7 @@ wgmma per k-group instead of one per quarter (``group_wgmma``, from 3 pipeline s
 another 0-3% (benchmarks/results/scale_pairs-2026-12-02.md).
 
 Public entry points: :class:`GemmConfig`, :func:`default_config`,
-:func:`single_kernel_config`, :func:`prefill_token_tile`, :func:`wide_token_config`,
+:func:`single_kernel_config`, :func:`prefill_tiling`, :func:`prefill_token_tile`,
 :func:`default_grouped_config`, :class:`StreamK`, :func:`prepare_weight`,
 :func:`nvfp4_matmul`, :func:`nvfp4_grouped_matmul` and :func:`reference`.
 """
@@ -394,6 +397,13 @@ def _check_k_group(k_group, k: int) -> None:
         )
 
 
+def _check_ints(*named: tuple[str, object, int]) -> None:
+    """Raises ValueError unless every ``(name, value, least)`` has an int ``value >= least``."""
+    for name, value, least in named:
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < least:
+            raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+
+
 def _largest_divisor_at_most(n: int, bound: int) -> int:
     return max(d for d in range(1, max(1, min(n, bound)) + 1) if n % d == 0)
 
@@ -433,13 +443,13 @@ def default_config(
     that follow from them (the grouped kernel, which sizes its own split).
 
     Prefill is bound by the tensor cores and by the decode ALU work, which is amortized
-    over 128-token tiles and 128-row warpgroups (256 x 128 tiles; beyond a wave, the token
-    tile of :func:`prefill_token_tile`), with split-K where the tiles do not fill the SMs,
-    unless its f32 partial sums would outweigh the weight
+    over the token tile and the feature rows of the tile. At M = 512-2047 (tile_k 128,
+    ``split_k`` allowed) the tiling of :func:`prefill_tiling`, a cost model over 128- and
+    256-feature tiles of 64-256 tokens and their wave counts. Elsewhere 256 x 128 tiles
+    (beyond a wave, the token tile of :func:`prefill_token_tile`), with split-K where the
+    tiles do not fill the SMs, unless its f32 partial sums would outweigh the weight
     (N = K = 4096, M = 256: 4 splits write 2x the weight's bytes): then 128 x 128 tiles
-    and half the splits (measured 1.17x against 0.95x of bf16 there). Where 256 x 128
-    tiles need no split-K and M (512 to 2047) spans an even number of 128-token tiles,
-    128 x 256 tiles instead (:func:`wide_token_config`). Stages are the
+    and half the splits (measured 1.17x against 0.95x of bf16 there). Stages are the
     most that fit in SMEM (at most 4). Measured on H100 (jax 0.11.2) with
     ``benchmarks/bench_matmul.py --configs`` (results in
     benchmarks/results/matmul_sweep-*.md and scales-2026-11-23.md).
@@ -486,8 +496,12 @@ def default_config(
     cfg = _fit_stages(dataclasses.replace(cfg, split_k=splits), m, dtype, itemsize)
     if m <= 64:
         return cfg
-    wide = wide_token_config(cfg, m, dtype, scale_itemsize=itemsize)
-    return wide or chunked_output_config(cfg, m, dtype, scale_itemsize=itemsize)
+    cfg = chunked_output_config(cfg, m, dtype, scale_itemsize=itemsize)
+    if k_group == 128 and _PREFILL_MODEL_M[0] <= m < _PREFILL_MODEL_M[1]:
+        return prefill_tiling(
+            m, n, k, dtype=dtype, num_sms=num_sms, scale_itemsize=itemsize, incumbent=cfg
+        )
+    return cfg
 
 
 def chunked_output_config(
@@ -507,35 +521,120 @@ def chunked_output_config(
     return chunked if chunked.stages == 4 else cfg
 
 
-# M range of wide_token_config's 128 x 256 tiles (measured at M = 1024; the dequantize route
-# takes nvfp4_jax.matmul from M = 2048 on, and below 512 the tiles do not fill the SMs).
-_WIDE_TOKEN_M = (512, 2048)
+# M range of prefill_tiling's cost model (fit at M = 512-1536; the dequantize route takes
+# nvfp4_jax.matmul from M = 2048 on, and below 512 the tuned table and prefill_token_tile do).
+_PREFILL_MODEL_M = (512, 2048)
+# Largest token tile per tile_n that prefill_tiling considers (the largest measured: 176
+# fits 2 pipeline stages next to 256-feature tiles, 256 fits 3 next to 128-feature ones).
+_PREFILL_MAX_TOKENS = {128: 256, 256: 176}
+# Time of one wave of tiles of T tokens, us on the H200 at tile_k 128 with compact scales:
+# (a * T + b) * K / 4096 + c, per (tile_n, pipeline stages >= 3): least squares over 79
+# timings of 16 shapes at M = 512-1536, rms error 2.9%, 1.5% and 3.5%, at most 6-8%
+# (benchmarks/results/prefill_tiles-2026-12-03.md).
+_PREFILL_WAVE_US = {
+    (128, True): (0.128, 7.0, 3.55),
+    (256, True): (0.231, 12.9, 3.6),
+    (256, False): (0.271, 12.0, 5.9),  # T > 128: 2 stages fit
+}
+# Split-K's f32 partial sums: bytes per us that the XLA reduction adds to a launch.
+_PARTIAL_SUM_BYTES_PER_US = 3.0e6
+# The least predicted gain for prefill_tiling's pick over default_config's rule without it
+# (the model's rms error).
+_TILING_MIN_GAIN = 0.03
 
 
-def wide_token_config(
-    cfg: GemmConfig, m: int, dtype=jnp.bfloat16, *, scale_itemsize: int = 2
+def prefill_tiling_cost(cfg: GemmConfig, m: int, n: int, k: int, num_sms: int) -> float:
+    """Predicted time (us, H200) of a prefill launch of ``cfg``: its waves of ``num_sms``
+    CTAs (a partly full wave costs a whole one) times the per-wave time of its tile
+    (:data:`_PREFILL_WAVE_US`), plus the XLA reduction of split-K partial sums."""
+    a, b, c = _PREFILL_WAVE_US[cfg.tile_n, cfg.stages >= 3]
+    ctas = -(-n // cfg.tile_n) * -(-m // cfg.tile_m) * cfg.split_k
+    us = -(-ctas // num_sms) * ((a * cfg.tile_m + b) * k / cfg.split_k / 4096 + c)
+    if cfg.split_k > 1:
+        us += cfg.split_k * _round_up(m, 8) * n * 4 / _PARTIAL_SUM_BYTES_PER_US
+    return us
+
+
+def prefill_tilings(
+    m: int, n: int, k: int, *, dtype=jnp.bfloat16, num_sms: int = 132, scale_itemsize: int = 2
+) -> list[GemmConfig]:
+    """The tilings :func:`prefill_tiling` chooses from at tile_k 128: 128- and 256-feature
+    tiles of every token count ``ceil(m / T)`` with T from 64 to 256 (128 features, two
+    64-row warpgroups, m64nT wgmmas, output in 16-token chunks, at least 3 pipeline stages)
+    or 176 (256 features, two 128-row warpgroups; 4 stages with 32-token output chunks where
+    they fit, else the most that fit), each at its smallest T (a multiple of 8), with split-K
+    where its tiles do not fill the ``num_sms`` SMs. ``scale_itemsize``: bytes per block
+    scale of the prepared weight (:func:`smem_bytes`)."""
+    _check_ints(("m", m, 1), ("n", n, 1), ("k", k, 1), ("num_sms", num_sms, 1))
+    itemsize = _check_scale_itemsize(scale_itemsize)
+    k_steps = -(-k // 128)
+    out = []
+    for tile_n, most in _PREFILL_MAX_TOKENS.items():
+        if tile_n > _round_up(n, _WGMMA_ROWS):  # no warpgroup without output features
+            continue
+        for count in sorted({-(-m // t) for t in range(64, most + 1, 8)}):
+            tile_m = _round_up(-(-m // count), 8)
+            if not 64 <= tile_m <= most:
+                continue
+            tiles = -(-n // tile_n) * count
+            splits = _largest_divisor_at_most(k_steps, max(1, num_sms // tiles))
+            if tile_n == 128:
+                cfg = GemmConfig(tile_n, tile_m, 128, stages=4, split_k=splits, out_chunk=16)
+                cfg = _fit_stages(cfg, m, dtype, itemsize)
+                if cfg.stages < 3:  # not modelled (one measured 20% above its prediction)
+                    continue
+            else:
+                cfg = GemmConfig(tile_n, tile_m, 128, split_k=splits)
+                cfg = _fit_stages(cfg, m, dtype, itemsize)
+                if splits == 1:
+                    cfg = chunked_output_config(cfg, m, dtype, scale_itemsize=itemsize)
+            out.append(cfg)
+    return out
+
+
+def prefill_tiling(
+    m: int,
+    n: int,
+    k: int,
+    *,
+    dtype=jnp.bfloat16,
+    num_sms: int = 132,
+    scale_itemsize: int = 2,
+    incumbent: GemmConfig | None = None,
 ) -> GemmConfig | None:
-    """The 128-feature x 256-token tiling (two warpgroups of 64 rows, m64n256 wgmmas, 3
-    stages, the output in 16-token chunks) that replaces ``cfg``'s 256 x 128 tiles at
-    tile_k 128 with as many tiles where M (512 to 2047) spans an even number of 128-token
-    tiles and ``cfg`` needs no split-K; None elsewhere, or where 3 stages do not fit SMEM
-    (two-byte scales: 512 bytes short).
-    Each weight is decoded once per 256 tokens instead of 128: on the H200 at M = 1024,
-    44.7 against 46.2 us at 4096x4096, 144 against 152 at 4096x14336, 598 against 616 at
-    28672x8192 (benchmarks/results/wide_tokens-2026-12-03.md)."""
-    _check_scale_itemsize(scale_itemsize)
-    fits = (
-        _WIDE_TOKEN_M[0] <= m < _WIDE_TOKEN_M[1]
-        and -(-m // 128) % 2 == 0
-        and (cfg.tile_n, cfg.tile_m, cfg.tile_k) == (256, 128, 128)
-        and (cfg.split_k, cfg.stream_k, cfg.k_fold) == (1, 0, 1)
-        and cfg.compute_wgs is None
+    """The tiling of :func:`prefill_tilings` with the least :func:`prefill_tiling_cost`
+    (the smaller token tile on ties). With an ``incumbent`` (a 128- or 256-feature tiling
+    at tile_k 128: :func:`default_config`'s rule without the model), the pick replaces it
+    only where predicted :data:`_TILING_MIN_GAIN` (3%, the model's rms error) cheaper, so
+    choices inside the model's error stay measured ones. None where there is no candidate
+    and no incumbent (N <= 64).
+
+    Wave quantization decides prefill on 132 SMs, and 128-feature tiles of up to 256 tokens
+    give it more tile counts to choose from. On the H200 (tile_k 128, compact scales), over
+    16 shapes at M = 512-1536 :func:`default_config`'s pick was the measured best of 4-6
+    candidates or within 0.8% of it, and on 17 other shapes (M = 576-1792, outside the fit)
+    as fast as the rule before or 0.6-60% faster: e.g. 4096x4096 at M = 576, 128 x 144 tiles
+    instead of 256 x 128, 28.1 against 43.6 us; 28672x8192 at M = 1280, 128 x 256 tiles, 752
+    against 879 us
+    (benchmarks/results/prefill_tiles-2026-12-03.md)."""
+    tilings = prefill_tilings(
+        m, n, k, dtype=dtype, num_sms=num_sms, scale_itemsize=scale_itemsize
     )
-    if not fits:
-        return None
-    wide = dataclasses.replace(cfg, tile_n=128, tile_m=256, stages=3, out_chunk=16)
-    wide = _fit_stages(wide, m, dtype, scale_itemsize)
-    return wide if wide.stages == 3 else None
+    if not tilings:
+        return incumbent
+
+    def cost(cfg: GemmConfig) -> float:
+        return prefill_tiling_cost(cfg, m, n, k, num_sms)
+
+    best = min(tilings, key=lambda cfg: (cost(cfg), cfg.tile_m))
+    if incumbent is None:
+        return best
+    if (incumbent.tile_n, incumbent.tile_k) not in ((128, 128), (256, 128)):
+        raise ValueError(
+            "incumbent must be a 128- or 256-feature tiling at tile_k 128 (the model's), got"
+            f" tile_n={incumbent.tile_n}, tile_k={incumbent.tile_k}"
+        )
+    return best if cost(best) <= (1 - _TILING_MIN_GAIN) * cost(incumbent) else incumbent
 
 
 # Token tiles prefill_token_tile chooses from: 64 to 176 (the largest measured to fit 2
@@ -564,9 +663,7 @@ def prefill_token_tile(m: int, n: int, num_sms: int) -> int:
     tokens, 137 against 146 us; 28672x8192 at M = 768: 112 tokens, 526 against 558 us
     (benchmarks/results/prefill_token_tile-2026-12-02.md).
     """
-    for name, value, least in (("m", m, 0), ("n", n, 1), ("num_sms", num_sms, 1)):
-        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < least:
-            raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+    _check_ints(("m", m, 0), ("n", n, 1), ("num_sms", num_sms, 1))
     n_tiles = -(-n // 256)
     m = max(m, 1)
 
