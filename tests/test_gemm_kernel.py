@@ -785,7 +785,7 @@ def test_default_config_buckets():
     assert gemm._out_chunk(G(tile_m=128, out_chunk=32), 24) == 24
     k64 = gemm.default_config(1024, 4096, 4096, num_sms=132, tuned=False, k_group=64)
     assert (k64.stages, k64.out_chunk) == (4, 0)
-    # M in [512, 2048) at tile_k 128: prefill_tiling's cost model over 128- and 256-feature
+    # M in [256, 2048) at tile_k 128: prefill_tiling's cost model over 128- and 256-feature
     # tiles (its SMEM, stage and tie rules: test_prefill_tiling)
     for m, n, scale_itemsize, tiling in (
         (768, 4096, 1, (128, 192, 3, 1, 16)),  # 128 tiles, not 96 of 128 x 256
@@ -794,7 +794,9 @@ def test_default_config_buckets():
         (1536, 14336, 1, (128, 224, 3, 1, 16)),  # 784 tiles: 5.94 waves
         (768, 14336, 1, (256, 112, 4, 1, 32)),  # the rule's tiling is the cheapest
         (2048, 4096, 1, (256, 128, 4, 1, 32)),  # the dequantize route's range: old rule
-        (256, 4096, 1, (128, 128, 4, 2, 0)),  # below it: the split-K rule
+        (256, 4096, 1, (128, 128, 4, 2, 0)),  # the split-K rule's tiling, as cheap
+        (320, 4096, 1, (128, 160, 4, 2, 16)),  # 128 x 160 in 2 splits, not 128 x 128 in 3
+        (192, 4096, 1, (128, 128, 4, 2, 0)),  # below the range: the split-K rule
     ):
         cfg = gemm.default_config(
             m, n, 4096, num_sms=132, tuned=False, scale_itemsize=scale_itemsize
@@ -824,7 +826,7 @@ def test_default_config_buckets():
         (100, 28672, 128),  # one token tile
     ):
         assert gemm.prefill_token_tile(m, n, 132) == tile_m, (m, n)
-        if not 512 <= m < 2048:
+        if not 256 <= m < 2048:
             cfg = gemm.default_config(m, n, 4096, num_sms=132, tuned=False)
             assert (cfg.tile_n, cfg.tile_m) == (256, tile_m), (m, n)
             assert gemm.smem_bytes(cfg, tile_m) <= gemm._SMEM_BYTES
@@ -1358,13 +1360,14 @@ def test_gpu_prefill_narrow_tiles(m, n, tile_m, stages):
         (1024, 4096, 4096, (128, 256, 1)),
         (1100, 3072, 4096, (128, 224, 1)),
         (512, 200, 4096, (128, 64, 8)),
+        (320, 4096, 4096, (128, 160, 2)),
         (768, 14336, 4096, (256, 112, 1)),
     ],
 )
 def test_gpu_prefill_tiling_plans(m, n, k, tiling):
     """``prefill_tiling``'s plans (compact scales, the default layout) in fp16, bias on odd
-    sizes: 128 x 192, 128 x 256, 128 x 224 tiles, 128-feature split-K at N = 200, and a
-    256 x 112 tiling."""
+    sizes: 128 x 192, 128 x 256, 128 x 224 tiles, 128-feature split-K at N = 200 and of
+    160-token tiles, and a 256 x 112 tiling."""
     plan = gemm.default_config(m, n, k, num_sms=132, tuned=False, scale_itemsize=1)
     assert (plan.tile_n, plan.tile_m, plan.split_k) == tiling
     _gpu_check(m, n, k, None, bias=n % 7 == 0, scale_dtype=None, dtype=jnp.float16)

@@ -81,7 +81,7 @@ benchmarks/results/prefill-2026-11-23.md). Tried and
 measured worse for prefill: 128-feature x 256-token tiles with 2 stages (1.3-1.45x
 slower; with 3 stages next to 16-token output chunks they are among the tilings of
 :func:`prefill_tiling`, which picks 128- or 256-feature tiles of 64-256 tokens by a cost
-model of waves on the SMs, 0.6-60% faster than 256-feature tiles alone at M = 576-1792,
+model of waves on the SMs, up to 60% faster than 256-feature tiles alone at M = 256-1792,
 benchmarks/results/prefill_tiles-2026-12-03.md) and keeping a step's wgmmas in flight across pipeline steps (at most 3% faster, up to
 60% slower, and wrong with 128-token tiles), and making the compute warpgroups take
 turns at the tensor cores (within 1% at prefill, 2-12% slower at decode;
@@ -443,13 +443,14 @@ def default_config(
     that follow from them (the grouped kernel, which sizes its own split).
 
     Prefill is bound by the tensor cores and by the decode ALU work, which is amortized
-    over the token tile and the feature rows of the tile. At M = 512-2047 (tile_k 128,
-    ``split_k`` allowed) the tiling of :func:`prefill_tiling`, a cost model over 128- and
-    256-feature tiles of 64-256 tokens and their wave counts. Elsewhere 256 x 128 tiles
-    (beyond a wave, the token tile of :func:`prefill_token_tile`), with split-K where the
+    over the token tile and the feature rows of the tile: 256 x 128 tiles (beyond a wave,
+    the token tile of :func:`prefill_token_tile`), with split-K where the
     tiles do not fill the SMs, unless its f32 partial sums would outweigh the weight
     (N = K = 4096, M = 256: 4 splits write 2x the weight's bytes): then 128 x 128 tiles
-    and half the splits (measured 1.17x against 0.95x of bf16 there). Stages are the
+    and half the splits (measured 1.17x against 0.95x of bf16 there). At M = 256-2047
+    (tile_k 128, ``split_k`` allowed) that tiling is replaced by :func:`prefill_tiling`'s,
+    a cost model over 128- and 256-feature tiles of 64-256 tokens and their wave counts,
+    where predicted 3% cheaper. Stages are the
     most that fit in SMEM (at most 4). Measured on H100 (jax 0.11.2) with
     ``benchmarks/bench_matmul.py --configs`` (results in
     benchmarks/results/matmul_sweep-*.md and scales-2026-11-23.md).
@@ -521,9 +522,10 @@ def chunked_output_config(
     return chunked if chunked.stages == 4 else cfg
 
 
-# M range of prefill_tiling's cost model (fit at M = 512-1536; the dequantize route takes
-# nvfp4_jax.matmul from M = 2048 on, and below 512 the tuned table and prefill_token_tile do).
-_PREFILL_MODEL_M = (512, 2048)
+# M range of prefill_tiling's cost model in default_config (fit at M = 512-1536, checked at
+# 256-1792; the dequantize route takes nvfp4_jax.matmul from M = 2048 on, and below 256 the
+# tuned table and the split-K rule do).
+_PREFILL_MODEL_M = (256, 2048)
 # Largest token tile per tile_n that prefill_tiling considers (the largest measured: 176
 # fits 2 pipeline stages next to 256-feature tiles, 256 fits 3 next to 128-feature ones).
 _PREFILL_MAX_TOKENS = {128: 256, 256: 176}
@@ -612,10 +614,11 @@ def prefill_tiling(
     Wave quantization decides prefill on 132 SMs, and 128-feature tiles of up to 256 tokens
     give it more tile counts to choose from. On the H200 (tile_k 128, compact scales), over
     16 shapes at M = 512-1536 :func:`default_config`'s pick was the measured best of 4-6
-    candidates or within 0.8% of it, and on 17 other shapes (M = 576-1792, outside the fit)
-    as fast as the rule before or 0.6-60% faster: e.g. 4096x4096 at M = 576, 128 x 144 tiles
-    instead of 256 x 128, 28.1 against 43.6 us; 28672x8192 at M = 1280, 128 x 256 tiles, 752
-    against 879 us
+    candidates or within 0.8% of it; outside the fit, on 17 shapes at M = 576-1792 it was as
+    fast as the rule before or 0.6-60% faster (e.g. 4096x4096 at M = 576, 128 x 144 tiles
+    instead of 256 x 128, 28.1 against 43.6 us), and on 16 at M = 256-448 the measured best
+    of all its candidates or within 1% of it on 14, never slower than the default before, up
+    to 44% faster (4096x14336 at M = 320: 128 x 160 tiles in 2 splits, 55.1 against 79.1 us)
     (benchmarks/results/prefill_tiles-2026-12-03.md)."""
     tilings = prefill_tilings(
         m, n, k, dtype=dtype, num_sms=num_sms, scale_itemsize=scale_itemsize
