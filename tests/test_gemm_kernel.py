@@ -881,8 +881,15 @@ def test_prefill_tiling():
     assert kept == rule == gemm.default_config(1024, 14336, 4096, num_sms=132, tuned=False)
     worse = dataclasses.replace(rule, tile_m=64)  # 896 tiles, 7 waves
     assert gemm.prefill_tiling(1024, 14336, 4096, incumbent=worse, scale_itemsize=1) == pick
-    with pytest.raises(ValueError, match="incumbent must be a 128- or 256-feature"):
-        gemm.prefill_tiling(1024, 14336, 4096, incumbent=dataclasses.replace(rule, tile_k=256))
+    for unmodelled in (
+        dataclasses.replace(rule, tile_k=256),
+        dataclasses.replace(rule, tile_n=128, stages=2),
+        dataclasses.replace(rule, tile_n=64),
+    ):
+        with pytest.raises(ValueError, match="prefill_tiling_cost models 128-feature tiles"):
+            gemm.prefill_tiling(1024, 14336, 4096, incumbent=unmodelled)
+    narrow = gemm.default_config(512, 64, 4096, num_sms=132, tuned=False)  # no candidate
+    assert (narrow.tile_n, narrow.tile_m) == (64, 128)
     # waves: 96 and 128 tiles of one shape cost one wave each; split-K adds its partial sums
     one = gemm.GemmConfig(tile_n=128, tile_m=192, tile_k=128, stages=3, out_chunk=16)
     assert gemm.prefill_tiling_cost(one, 768, 4096, 4096, 132) == pytest.approx(

@@ -82,8 +82,9 @@ measured worse for prefill: 128-feature x 256-token tiles with 2 stages (1.3-1.4
 slower; with 3 stages next to 16-token output chunks they are among the tilings of
 :func:`prefill_tiling`, which picks 128- or 256-feature tiles of 64-256 tokens by a cost
 model of waves on the SMs, up to 60% faster than 256-feature tiles alone at M = 256-1792,
-benchmarks/results/prefill_tiles-2026-12-03.md) and keeping a step's wgmmas in flight across pipeline steps (at most 3% faster, up to
-60% slower, and wrong with 128-token tiles), and making the compute warpgroups take
+benchmarks/results/prefill_tiles-2026-12-03.md) and keeping a step's wgmmas in flight
+across pipeline steps (at most 3% faster, up to 60% slower, and wrong with 128-token
+tiles), and making the compute warpgroups take
 turns at the tensor cores (within 1% at prefill, 2-12% slower at decode;
 benchmarks/results/pingpong-2026-12-02.md). With its decode replaced by a bitcast the
 kernel matches or beats bf16 at prefill: the decode (11-24% of the time there) is the
@@ -498,7 +499,7 @@ def default_config(
     if m <= 64:
         return cfg
     cfg = chunked_output_config(cfg, m, dtype, scale_itemsize=itemsize)
-    if k_group == 128 and _PREFILL_MODEL_M[0] <= m < _PREFILL_MODEL_M[1]:
+    if _PREFILL_MODEL_M[0] <= m < _PREFILL_MODEL_M[1] and _modelled(cfg):
         return prefill_tiling(
             m, n, k, dtype=dtype, num_sms=num_sms, scale_itemsize=itemsize, incumbent=cfg
         )
@@ -545,10 +546,29 @@ _PARTIAL_SUM_BYTES_PER_US = 3.0e6
 _TILING_MIN_GAIN = 0.03
 
 
+def _modelled(cfg: GemmConfig) -> bool:
+    """Whether :data:`_PREFILL_WAVE_US` has ``cfg``'s tile family (tile_k 128, the default
+    warpgroups, no stream-K or K-folding)."""
+    return (
+        (cfg.tile_n, cfg.stages >= 3) in _PREFILL_WAVE_US
+        and cfg.tile_k == 128
+        and (cfg.compute_wgs, cfg.stream_k, cfg.k_fold) == (None, 0, 1)
+    )
+
+
 def prefill_tiling_cost(cfg: GemmConfig, m: int, n: int, k: int, num_sms: int) -> float:
     """Predicted time (us, H200) of a prefill launch of ``cfg``: its waves of ``num_sms``
     CTAs (a partly full wave costs a whole one) times the per-wave time of its tile
-    (:data:`_PREFILL_WAVE_US`), plus the XLA reduction of split-K partial sums."""
+    (:data:`_PREFILL_WAVE_US`), plus the XLA reduction of split-K partial sums. Raises
+    ValueError for tilings the model does not cover: other than 128 features with 3 or more
+    stages or 256 features, tile_k 128, default warpgroups, no stream-K or K-folding."""
+    if not _modelled(cfg):
+        raise ValueError(
+            "prefill_tiling_cost models 128-feature tiles with >= 3 stages and 256-feature"
+            " tiles at tile_k 128 without compute_wgs, stream_k or k_fold, got"
+            f" tile_n={cfg.tile_n}, stages={cfg.stages}, tile_k={cfg.tile_k},"
+            f" compute_wgs={cfg.compute_wgs}, stream_k={cfg.stream_k}, k_fold={cfg.k_fold}"
+        )
     a, b, c = _PREFILL_WAVE_US[cfg.tile_n, cfg.stages >= 3]
     ctas = -(-n // cfg.tile_n) * -(-m // cfg.tile_m) * cfg.split_k
     us = -(-ctas // num_sms) * ((a * cfg.tile_m + b) * k / cfg.split_k / 4096 + c)
@@ -605,8 +625,8 @@ def prefill_tiling(
     incumbent: GemmConfig | None = None,
 ) -> GemmConfig | None:
     """The tiling of :func:`prefill_tilings` with the least :func:`prefill_tiling_cost`
-    (the smaller token tile on ties). With an ``incumbent`` (a 128- or 256-feature tiling
-    at tile_k 128: :func:`default_config`'s rule without the model), the pick replaces it
+    (the smaller token tile on ties). With an ``incumbent`` (a tiling the model covers, see
+    :func:`prefill_tiling_cost`: :func:`default_config`'s rule without it), the pick replaces it
     only where predicted :data:`_TILING_MIN_GAIN` (3%, the model's rms error) cheaper, so
     choices inside the model's error stay measured ones. None where there is no candidate
     and no incumbent (N <= 64).
@@ -632,11 +652,6 @@ def prefill_tiling(
     best = min(tilings, key=lambda cfg: (cost(cfg), cfg.tile_m))
     if incumbent is None:
         return best
-    if (incumbent.tile_n, incumbent.tile_k) not in ((128, 128), (256, 128)):
-        raise ValueError(
-            "incumbent must be a 128- or 256-feature tiling at tile_k 128 (the model's), got"
-            f" tile_n={incumbent.tile_n}, tile_k={incumbent.tile_k}"
-        )
     return best if cost(best) <= (1 - _TILING_MIN_GAIN) * cost(incumbent) else incumbent
 
 
