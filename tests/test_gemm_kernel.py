@@ -908,6 +908,10 @@ def test_prefill_tiling():
             gemm.prefill_tiling(*bad)
     with pytest.raises(ValueError, match="num_sms must be an int"):
         gemm.prefill_tilings(512, 4096, 4096, num_sms=True)
+    with pytest.raises(ValueError, match="num_sms must be an int"):
+        gemm.prefill_tiling_cost(one, 768, 4096, 4096, 0)
+    with pytest.raises(ValueError, match="k must be an int"):
+        gemm.prefill_tiling_cost(one, 768, 4096, -16, 132)
     with pytest.raises(ValueError, match="scale_itemsize must be 1 or 2"):
         gemm.prefill_tiling(512, 4096, 4096, scale_itemsize=4)
 

@@ -562,6 +562,7 @@ def prefill_tiling_cost(cfg: GemmConfig, m: int, n: int, k: int, num_sms: int) -
     (:data:`_PREFILL_WAVE_US`), plus the XLA reduction of split-K partial sums. Raises
     ValueError for tilings the model does not cover: other than 128 features with 3 or more
     stages or 256 features, tile_k 128, default warpgroups, no stream-K or K-folding."""
+    _check_ints(("m", m, 1), ("n", n, 1), ("k", k, 1), ("num_sms", num_sms, 1))
     if not _modelled(cfg):
         raise ValueError(
             "prefill_tiling_cost models 128-feature tiles with >= 3 stages and 256-feature"
