@@ -83,6 +83,14 @@ def axis(axis: Any, ndim: int, name: str = "axis") -> int:
     return int(axis) - ndim if axis >= 0 else int(axis)
 
 
+def ints_at_least(*named: tuple[str, Any, int], context: str = "") -> None:
+    """Raises ValueError unless every ``(name, value, least)`` holds an int (Python or NumPy,
+    not a bool) ``value >= least``; ``context`` prefixes the message."""
+    for name, value, least in named:
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < least:
+            raise ValueError(f"{context}{name} must be an int >= {least}, got {value!r}")
+
+
 def block_multiple(length: int, name: str, what: str = "block axis") -> None:
     if length % 16:
         raise ValueError(

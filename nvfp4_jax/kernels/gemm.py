@@ -113,6 +113,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from nvfp4_jax import _checks
 from nvfp4_jax import reference as nvfp4_reference
 from nvfp4_jax.backends import device_info
 from nvfp4_jax.kernels import gemm_tuned
@@ -398,13 +399,6 @@ def _check_k_group(k_group, k: int) -> None:
         )
 
 
-def _check_ints(*named: tuple[str, object, int]) -> None:
-    """Raises ValueError unless every ``(name, value, least)`` has an int ``value >= least``."""
-    for name, value, least in named:
-        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < least:
-            raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
-
-
 def _largest_divisor_at_most(n: int, bound: int) -> int:
     return max(d for d in range(1, max(1, min(n, bound)) + 1) if n % d == 0)
 
@@ -562,7 +556,7 @@ def prefill_tiling_cost(cfg: GemmConfig, m: int, n: int, k: int, num_sms: int) -
     (:data:`_PREFILL_WAVE_US`), plus the XLA reduction of split-K partial sums. Raises
     ValueError for tilings the model does not cover: other than 128 features with 3 or more
     stages or 256 features, tile_k 128, default warpgroups, no stream-K or K-folding."""
-    _check_ints(("m", m, 1), ("n", n, 1), ("k", k, 1), ("num_sms", num_sms, 1))
+    _checks.ints_at_least(("m", m, 1), ("n", n, 1), ("k", k, 1), ("num_sms", num_sms, 1))
     if not _modelled(cfg):
         raise ValueError(
             "prefill_tiling_cost models 128-feature tiles with >= 3 stages and 256-feature"
@@ -588,7 +582,7 @@ def prefill_tilings(
     they fit, else the most that fit), each at its smallest T (a multiple of 8), with split-K
     where its tiles do not fill the ``num_sms`` SMs. ``scale_itemsize``: bytes per block
     scale of the prepared weight (:func:`smem_bytes`)."""
-    _check_ints(("m", m, 1), ("n", n, 1), ("k", k, 1), ("num_sms", num_sms, 1))
+    _checks.ints_at_least(("m", m, 1), ("n", n, 1), ("k", k, 1), ("num_sms", num_sms, 1))
     itemsize = _check_scale_itemsize(scale_itemsize)
     k_steps = -(-k // 128)
     out = []
@@ -682,7 +676,7 @@ def prefill_token_tile(m: int, n: int, num_sms: int) -> int:
     tokens, 137 against 146 us; 28672x8192 at M = 768: 112 tokens, 526 against 558 us
     (benchmarks/results/prefill_token_tile-2026-12-02.md).
     """
-    _check_ints(("m", m, 0), ("n", n, 1), ("num_sms", num_sms, 1))
+    _checks.ints_at_least(("m", m, 0), ("n", n, 1), ("num_sms", num_sms, 1))
     n_tiles = -(-n // 256)
     m = max(m, 1)
 
@@ -1723,8 +1717,7 @@ def _gemm_kernel(
 def launch_rows(m: int, k_fold: int = 1) -> int:
     """Rows of x a launch for ``m`` tokens runs on: ``m`` padded so that its ``m *
     k_fold`` kernel rows are at most 8 or a multiple of 8 (TMA of (8, .)-tiled views)."""
-    if not isinstance(m, (int, np.integer)) or isinstance(m, bool) or m < 0:
-        raise ValueError(f"m must be an int >= 0, got {m!r}")
+    _checks.ints_at_least(("m", m, 0))
     if k_fold not in (1, 2, 4):
         raise ValueError(f"k_fold must be 1, 2 or 4, got {k_fold!r}")
     rows = m * k_fold

@@ -27,10 +27,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from nvfp4_jax import _checks
 from nvfp4_jax.kernels.quantize import interpret_params
 
 _OUT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
@@ -46,9 +46,9 @@ def block_shape(splits: int, rows: int, cols: int) -> tuple[int, int]:
     not fit SMEM; ``rb * cb`` is a multiple of 128 (one warpgroup's strided layout).
     Raises ``ValueError`` if no block qualifies (fewer than 128 columns and one row, or
     more than 256 splits: one TMA box)."""
-    for name, value in (("splits", splits), ("rows", rows), ("cols", cols)):
-        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"add_partials: {name} must be an int >= 1, got {value!r}")
+    _checks.ints_at_least(
+        ("splits", splits, 1), ("rows", rows, 1), ("cols", cols, 1), context="add_partials: "
+    )
     if splits > _MAX_SPLITS:
         raise ValueError(
             f"add_partials: at most {_MAX_SPLITS} splits (one TMA box), got partials"
